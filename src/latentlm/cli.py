@@ -1,0 +1,207 @@
+"""``latentlm <command>``: a thin argument layer over the library's functions.
+
+User errors (:class:`LatentLMError`) print one line and exit with status 2; ``--debug`` shows
+the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from latentlm.errors import LatentLMError
+
+
+def _tokenizer(name: str, path: str | None):
+    from latentlm.data.tokenizers import load_tokenizer
+
+    return load_tokenizer(name, path)
+
+
+def cmd_prepare(a: argparse.Namespace) -> None:
+    from latentlm.data.prepare import prepare
+
+    m = prepare(a.source, _tokenizer(a.tokenizer, a.tokenizer_path), a.out, val_fraction=a.val_fraction,
+                seed=a.seed, workers=a.workers, text_field=a.text_field, limit=a.limit,
+                overwrite=a.overwrite, progress=not a.quiet)
+    s = m["splits"]
+    print(f"wrote {a.out}: train {s['train']['tokens']:,} tokens / {s['train']['documents']:,} docs, "
+          f"val {s['val']['tokens']:,} tokens / {s['val']['documents']:,} docs ({m['dtype']})")
+
+
+def cmd_tokenizer_train(a: argparse.Namespace) -> None:
+    from latentlm.data.sources import iter_documents
+    from latentlm.data.tokenizers import train_bpe
+
+    tok = train_bpe(iter_documents(a.source, text_field=a.text_field, limit=a.limit), a.vocab_size, a.out)
+    print(f"wrote {a.out}: byte-level BPE, vocab {tok.vocab_size}; use it with "
+          f"`latentlm prepare --tokenizer bpe --tokenizer-path {a.out}`")
+
+
+def cmd_train(a: argparse.Namespace, overrides: list[str]) -> None:
+    from latentlm.config import make_config
+    from latentlm.train.trainer import train
+
+    cfg = make_config(a.config, overrides)
+    train(cfg, resume=a.resume)
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    from latentlm.data.loader import TokenSplit
+    from latentlm.data.tokenizers import load_tokenizer
+    from latentlm.eval.perplexity import evaluate_text, evaluate_tokens
+    from latentlm.train.checkpoint import load_method
+
+    method, cfg, manifest = load_method(a.checkpoint, a.device)
+    tok = manifest["tokenizer"]
+    tokenizer = load_tokenizer(tok["name"], tok.get("path"))
+    seq_len = a.seq_len or cfg.seq_len
+    kw = dict(seq_len=seq_len, batch_size=a.batch_size, stride=a.stride, max_tokens=a.max_tokens, progress=not a.quiet)
+    if a.text:
+        p = Path(a.text)
+        if not p.is_file():
+            raise LatentLMError(f"--text {p} does not exist")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise LatentLMError(f"--text {p} is not UTF-8 text") from None
+        r, where = evaluate_text(method, tokenizer, text, **kw), str(p)
+    else:
+        data = a.data or manifest["data"]
+        from latentlm.data.prepare import check_tokenizer, load_manifest
+
+        check_tokenizer(load_manifest(data), tokenizer, vocab_size=cfg.model.vocab_size)
+        r = evaluate_tokens(method, TokenSplit(data, a.split), byte_lengths=tokenizer.token_byte_lengths(), **kw)
+        where = f"{data} [{a.split}]"
+    r.update({"checkpoint": str(a.checkpoint), "on": where, "seq_len": seq_len, "stride": a.stride or seq_len})
+    if a.json:
+        print(json.dumps(r))
+    else:
+        print(f"{where}: loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  bpb {r['bpb']:.4f}  ({r['tokens']:,} tokens, "
+              f"window {seq_len}, stride {r['stride']})")
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    from latentlm.data.tokenizers import load_tokenizer
+    from latentlm.generate import generate
+    from latentlm.train.checkpoint import load_method
+
+    method, _, manifest = load_method(a.checkpoint, a.device)
+    tok = manifest["tokenizer"]
+    tokenizer = load_tokenizer(tok["name"], tok.get("path"))
+    prompts = a.prompt or [""]
+    ids = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
+    outs = generate(method, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                    top_p=a.top_p, eot_id=tokenizer.eot_id, stop_at_eot=not a.no_stop, seed=a.seed)
+    for p, o in zip(prompts, outs):
+        print(p + tokenizer.decode(o))
+        if len(prompts) > 1:
+            print("-" * 40)
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    from latentlm.demo import run_demo
+
+    run_demo(a.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    p = argparse.ArgumentParser(prog="latentlm", parents=[common],
+                                description="Pretrain language models that think in continuous space.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(parent, name: str, **kw) -> argparse.ArgumentParser:
+        return parent.add_parser(name, parents=[common], **kw)  # --debug after the command too
+
+    s = add(sub, "prepare", help="tokenize a corpus into token shards + manifest")
+    s.add_argument("--source", default="wiki", help="wiki (embedded default), a text/JSONL file, a directory, "
+                   "a glob, or hf:NAME_OR_PATH[:split]")
+    s.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "bpe", "byte"])
+    s.add_argument("--tokenizer-path", help="tokenizer.json for --tokenizer bpe")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--val-fraction", type=float, default=0.01)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=0, help="tokenizer processes (0 = up to 2)")
+    s.add_argument("--text-field", default="text", help="JSONL / datasets field holding the text")
+    s.add_argument("--limit", type=int, help="use only the first N documents")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_prepare)
+
+    s = add(sub, "tokenizer", help="tokenizer tools")
+    tsub = s.add_subparsers(dest="tokcmd", required=True)
+    t = add(tsub, "train", help="train a byte-level BPE tokenizer on a corpus")
+    t.add_argument("--source", default="wiki")
+    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--out", required=True, help="path of the tokenizer.json to write")
+    t.add_argument("--text-field", default="text")
+    t.add_argument("--limit", type=int)
+    t.set_defaults(fn=cmd_tokenizer_train)
+
+    s = add(sub, "train", help="train a model; any config key can be overridden as --section.key VALUE",
+                       epilog="example: latentlm train --config configs/tiny.yaml --train.max_steps 200")
+    s.add_argument("--config", help="YAML config (see configs/)")
+    s.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    s.set_defaults(fn=cmd_train, takes_overrides=True)
+
+    s = add(sub, "eval", help="perplexity and bits per byte of a checkpoint")
+    s.add_argument("checkpoint", help="run directory (latest checkpoint) or checkpoints/step_* directory")
+    s.add_argument("--text", help="evaluate on this UTF-8 text file instead of the prepared split")
+    s.add_argument("--data", help="prepared data directory (default: the one the model was trained on)")
+    s.add_argument("--split", default="val", choices=["train", "val"])
+    s.add_argument("--seq-len", type=int, help="window length (default: training length)")
+    s.add_argument("--stride", type=int, help="sliding-window stride (default: window length)")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--max-tokens", type=int, help="score at most this many tokens")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_eval)
+
+    s = add(sub, "generate", help="sample text from a checkpoint (KV cache, batched prompts)")
+    s.add_argument("checkpoint")
+    s.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-stop", action="store_true", help="do not stop at end-of-text")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(fn=cmd_generate)
+
+    s = add(sub, "demo", help="the embedded-default run: prepare, train, evaluate, sample")
+    s.add_argument("--out", default="runs/demo")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args, rest = parser.parse_known_args(argv)
+    debug = args.debug
+    try:
+        if getattr(args, "takes_overrides", False):
+            args.fn(args, rest)
+        else:
+            if rest:
+                parser.error(f"unrecognized arguments: {' '.join(rest)}")
+            args.fn(args)
+    except LatentLMError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""Training objectives. Adding one = a module here and a line in :data:`METHODS`."""
+
+from __future__ import annotations
+
+from latentlm.config import Config
+from latentlm.methods.base import Method
+from latentlm.methods.ntp import NTP
+from latentlm.model.transformer import Transformer
+
+METHODS: dict[str, type[Method]] = {"ntp": NTP}
+
+
+def build_method(cfg: Config) -> Method:
+    """The configured method around a freshly initialised core model."""
+    return METHODS[cfg.train.method](Transformer(cfg.model), cfg)

@@ -1,0 +1,51 @@
+"""The seam between the trainer / generator and a training objective.
+
+A method owns the core :class:`~latentlm.model.transformer.Transformer` (as ``self.model``)
+plus any parameters of its own, and answers four questions:
+
+- ``forward(x, y)`` -> ``(loss, metrics)`` for a training batch (called through the wrapper
+  so DDP/FSDP hooks fire); ``forward(x, y, nll=True)`` -> per-token NLL [B, T] of the language
+  model part alone, for perplexity and bits per byte.
+- :meth:`train_flops_per_token` for MFU and compute-matched comparisons.
+- :meth:`step` how a chunk of tokens advances a KV cache during generation, and
+  :meth:`cache_slots` how many cache slots ``n`` tokens need.
+
+The trainer and the generation loop know nothing else about methods.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from latentlm.config import Config
+from latentlm.model.flops import train_flops_per_token
+from latentlm.model.transformer import KVCache, Transformer
+
+
+class Method(nn.Module):
+    name = "base"
+
+    def __init__(self, model: Transformer, cfg: Config):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, nll: bool = False):
+        raise NotImplementedError
+
+    def train_flops_per_token(self, seq_len: int) -> float:
+        return train_flops_per_token(self.model.cfg, seq_len)
+
+    def cache_slots(self, n_tokens: int) -> int:
+        """KV-cache slots per layer needed to hold ``n_tokens`` tokens."""
+        return n_tokens
+
+    def new_cache(self, batch: int, n_tokens: int) -> KVCache:
+        return self.model.new_cache(batch, self.cache_slots(n_tokens))
+
+    def step(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor,
+             cache: KVCache) -> torch.Tensor:
+        """Feed tokens ``idx`` [B, T] (token positions ``position_ids``, ``valid`` False for
+        padding) through the cache; return next-token logits [B, T, V]."""
+        raise NotImplementedError

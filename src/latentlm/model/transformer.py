@@ -1,0 +1,269 @@
+"""The one decoder-only transformer every method uses.
+
+Two presets (``ModelConfig.arch``): ``gpt2`` (learned positions, LayerNorm, GELU, tied
+embeddings, biases) and ``llama`` (RoPE, RMSNorm, SwiGLU, untied, no biases).
+
+Methods do not subclass or copy this model. They call its pieces:
+
+- :meth:`Transformer.embed` scaled token embeddings ``[B, T, d]``;
+- :meth:`Transformer.run_blocks` a slice ``blocks[start:end]`` on any ``inputs_embeds`` with
+  explicit ``position_ids`` (several slots may share one), optionally through a
+  :class:`KVCache` whose length may differ per layer;
+- :meth:`Transformer.head` final norm, then logits over the real (unpadded) vocabulary.
+
+Attention always runs through ``scaled_dot_product_attention``. Causality is by slot order,
+not by position id, which is what interleaved sequences (concepts, thoughts, pauses) need.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from latentlm.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd, cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables ``[B, 1, T, head_dim]`` for the given positions (rotate-half layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq  # [B, T, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Per-layer key/value buffers, preallocated to ``capacity`` slots.
+
+    Each layer keeps its own length, so a method may append 2 slots per token in later layers
+    and 1 in earlier ones. ``valid`` marks real (non-padding) key slots per layer; queries
+    never attend to invalid keys, which is how left-padded batches of unequal prompts work.
+    """
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, head_dim: int, capacity: int,
+                 device: torch.device | str, dtype: torch.dtype):
+        shape = (batch, n_kv_head, capacity, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.valid = [torch.zeros(batch, capacity, device=device, dtype=torch.bool) for _ in range(n_layer)]
+        self.lengths = [0] * n_layer
+        self.capacity = capacity
+        self.padded = False  # set by the caller when some slots are padding (needs masks)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor):
+        """Store ``k, v`` [B, H, T, hd] at the end of ``layer``; return all keys, values, validity."""
+        start, t = self.lengths[layer], k.shape[2]
+        if start + t > self.capacity:
+            raise RuntimeError(f"KV cache full: layer {layer} holds {start} of {self.capacity} slots, "
+                               f"cannot add {t}")
+        self.k[layer][:, :, start:start + t] = k
+        self.v[layer][:, :, start:start + t] = v
+        self.valid[layer][:, start:start + t] = valid
+        self.lengths[layer] = end = start + t
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end], self.valid[layer][:, :end]
+
+
+def attention_mask(n_query: int, past: int, key_valid: torch.Tensor | None,
+                   device: torch.device) -> torch.Tensor:
+    """Boolean SDPA mask ``[B or 1, 1, Tq, past + Tq]``: causal by slot, invalid keys hidden.
+
+    A query may always see itself, so a padding query never has an empty row (which would give
+    NaN); its output is garbage and is never used.
+    """
+    q = torch.arange(n_query, device=device)[:, None] + past
+    k = torch.arange(past + n_query, device=device)[None, :]
+    mask = k <= q
+    if key_valid is not None:
+        mask = (mask & key_valid[:, None, None, :]) | (k == q)
+    return mask if mask.dim() == 4 else mask[None, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.o_proj.is_residual_out = True
+        self.dropout = cfg.dropout
+
+    def forward(self, x, rope, cache: KVCache | None, valid: torch.Tensor | None, mask):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            if valid is None:
+                valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
+            past = cache.lengths[self.layer]
+            k, v, key_valid = cache.append(self.layer, k, v, valid)
+            # One decode step over an unpadded batch needs no mask: the fast kernels apply.
+            mask = None if T == 1 and not cache.padded else \
+                attention_mask(T, past, key_valid if cache.padded else None, x.device)
+        elif mask is None and valid is not None:
+            mask = attention_mask(T, 0, valid, x.device)
+        if self.n_kv_head != self.n_head:
+            rep = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and cache is None)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        self.up = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=cfg.bias)
+        if self.swiglu:
+            self.gate = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=cfg.bias)
+        self.down = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=cfg.bias)
+        self.down.is_residual_out = True
+
+    def forward(self, x):
+        h = F.silu(self.gate(x)) * self.up(x) if self.swiglu else F.gelu(self.up(x), approximate="tanh")
+        return self.down(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = Attention(cfg, layer)
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, cache=None, valid=None, mask=None):
+        x = x + self.drop(self.attn(self.norm1(x), rope, cache, valid, mask))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg = cfg.resolved()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights, zero biases; residual output projections are scaled
+        by 1/sqrt(2 n_layer) (GPT-2) so the residual stream's variance does not grow with depth."""
+        std = self.cfg.init_std
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                s = std / math.sqrt(2 * self.cfg.n_layer) if getattr(m, "is_residual_out", False) else std
+                nn.init.normal_(m.weight, 0.0, s)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, std)
+            elif isinstance(m, (nn.LayerNorm, RMSNorm)):
+                nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+
+    # --- pieces ---------------------------------------------------------------------------
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token embeddings times ``embed_scale`` (no positions)."""
+        x = self.wte(idx)
+        return x * self.cfg.embed_scale if self.cfg.embed_scale != 1.0 else x
+
+    def run_blocks(self, x: torch.Tensor, position_ids: torch.Tensor, start: int = 0,
+                   end: int | None = None, cache: KVCache | None = None,
+                   valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Run ``blocks[start:end]`` on ``x`` [B, T, d].
+
+        ``position_ids`` [B, T] or [T] drive RoPE (learned positions are added by
+        :meth:`add_positions` at the input only). ``valid`` [B, T] marks real slots (False for
+        left padding); ``cache`` appends this call's keys and values per layer.
+        """
+        if position_ids.dim() == 1:
+            position_ids = position_ids[None].expand(x.shape[0], -1)
+        rope = None
+        if self.cfg.pos == "rope":
+            rope = rope_cos_sin(position_ids, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_theta, x.dtype)
+        mask = attention_mask(x.shape[1], 0, valid, x.device) if (valid is not None and cache is None) else None
+        for block in self.blocks[start:end]:
+            x = block(x, rope, cache, valid, mask)
+        return x
+
+    def add_positions(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Input-side position handling: learned embeddings are added, RoPE adds nothing here."""
+        if self.wpe is not None:
+            x = x + self.wpe(position_ids)
+        return self.drop(x)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and logits over the real vocabulary (padded rows are never scored)."""
+        return self.lm_head(self.norm_f(h))[..., : self.cfg.vocab_size]
+
+    # --- plain language model ---------------------------------------------------------------
+
+    def forward(self, idx: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] of an ordinary left-to-right pass (positions default to 0..T-1,
+        continuing after the cache)."""
+        x = self.embed(idx) if inputs_embeds is None else inputs_embeds
+        if position_ids is None:
+            past = cache.lengths[0] if cache is not None else 0
+            position_ids = torch.arange(past, past + x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
+        x = self.add_positions(x, position_ids)
+        return self.head(self.run_blocks(x, position_ids, cache=cache, valid=valid))
+
+    def new_cache(self, batch: int, capacity: int, device=None, dtype=None) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.cfg.n_layer, batch, self.cfg.n_kv_head, self.cfg.n_embd // self.cfg.n_head,
+                       capacity, device or p.device, dtype or p.dtype)
+
+    def num_params(self, embeddings: bool = True) -> int:
+        """Parameter count (tied weights once). ``embeddings=False`` drops token and position
+        embeddings, the usual 'non-embedding' count."""
+        n = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        if not embeddings:
+            n -= self.wte.weight.numel() if not self.cfg.tie_embeddings else 0
+            n -= self.wpe.weight.numel() if self.wpe is not None else 0
+        return n

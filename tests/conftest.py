@@ -1,0 +1,63 @@
+"""Shared fixtures for the test suite."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def bpe_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tokenizer.json of a small byte-level BPE (512 ids) trained on 300 wiki documents."""
+    from latentlm.data.sources import iter_documents
+    from latentlm.data.tokenizers import train_bpe
+
+    path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
+    train_bpe(iter_documents("wiki", limit=300), 512, path)
+    return path
+
+
+@pytest.fixture
+def write_jsonl(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: write documents as a JSONL file under tmp_path and return its path."""
+
+    def write(docs: list[str], name: str = "corpus.jsonl", field: str = "text") -> Path:
+        path = tmp_path / name
+        with open(path, "w", encoding="utf-8") as f:
+            for doc in docs:
+                f.write(json.dumps({field: doc}) + "\n")
+        return path
+
+    return write
+
+
+TINY_MODEL = {"arch": "gpt2", "vocab_size": 257, "block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 32}
+
+
+@pytest.fixture(scope="session")
+def byte_wiki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Byte-level token shards of 400 real Wikipedia lead sections (the embedded corpus)."""
+    from latentlm.data.prepare import prepare
+    from latentlm.data.tokenizers import load_tokenizer
+
+    out = tmp_path_factory.mktemp("data") / "wiki-byte"
+    prepare("wiki", load_tokenizer("byte"), out, val_fraction=0.05, limit=400, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture
+def tiny_config(byte_wiki: Path, tmp_path: Path):
+    """Factory: a validated tiny NTP config on ``byte_wiki`` writing to tmp_path/run."""
+    from latentlm.config import make_config
+
+    def make(**train) -> "latentlm.config.Config":  # noqa: F821
+        base = {"model": dict(TINY_MODEL), "data": {"path": str(byte_wiki)},
+                "train": {"out_dir": str(tmp_path / "run"), "batch_size": 4, "max_steps": 12, "lr": 3e-3,
+                          "min_lr": 3e-4, "warmup_steps": 2, "eval_every": 0, "eval_batches": 2,
+                          "ckpt_every": 0, "log_every": 1, "progress": False, **train}}
+        return make_config(base=base)
+
+    return make
