@@ -63,3 +63,27 @@ def test_bad_input_one_line_exit_2_no_output(args, needle, tmp_path):
 def test_debug_shows_traceback():
     p = run_cli("train", "--model.n_layers", "2", "--debug")
     assert p.returncode != 0 and "Traceback" in p.stderr
+
+
+def test_trained_bpe_travels_with_data_and_checkpoint(bpe_path, tmp_path, capsys):
+    """The tokenizer.json is copied into the prepared directory and every checkpoint, so eval
+    and generate keep working after the original file is gone."""
+    import shutil
+
+    tok = tmp_path / "tok.json"
+    shutil.copyfile(bpe_path, tok)
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert main(["prepare", "--tokenizer", "bpe", "--tokenizer-path", str(tok), "--limit", "60",
+                 "--out", str(data), "--quiet"]) == 0
+    model = [a if a != "257" else "512" for a in MODEL]
+    assert main(["train", *model, "--data.path", str(data), "--train.out_dir", str(run), "--train.max_steps", "2",
+                 "--train.batch_size", "2", "--train.progress", "false"]) == 0
+    tok.unlink()
+    assert (data / "tokenizer.json").is_file()
+    ckpt = next((run / "checkpoints").iterdir())
+    assert json.loads((ckpt / "manifest.json").read_text())["tokenizer"]["path"] == "tokenizer.json"
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "Paris is", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("Paris is")
+    assert main(["eval", str(run), "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] > 0

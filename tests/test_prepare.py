@@ -154,7 +154,8 @@ def test_prepare_bpe_in_worker_processes(tmp_path: Path, bpe_path: Path, write_j
     docs = [f"doc {i}: {'héllo wörld 🤖 ' * (i % 7)}<|endoftext|>" for i in range(300)]
     corpus = write_jsonl(docs)
     manifest = prepare(str(corpus), tok, tmp_path / "out", workers=2, val_fraction=0.2, progress=False)
-    assert manifest["tokenizer"] == tok.describe()
+    assert manifest["tokenizer"] == {**tok.describe(), "path": "tokenizer.json"}  # a copy travels with the data
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == bpe_path.read_bytes()
     for split in ("train", "val"):
         assert read_split(tmp_path / "out", split).tolist() == expected_split(docs, tok, split, 0, 0.2)
 

@@ -50,13 +50,11 @@ def cmd_train(a: argparse.Namespace, overrides: list[str]) -> None:
 
 def cmd_eval(a: argparse.Namespace) -> None:
     from latentlm.data.loader import TokenSplit
-    from latentlm.data.tokenizers import load_tokenizer
     from latentlm.eval.perplexity import evaluate_text, evaluate_tokens
-    from latentlm.train.checkpoint import load_method
+    from latentlm.train.checkpoint import checkpoint_tokenizer, load_method
 
     method, cfg, manifest = load_method(a.checkpoint, a.device)
-    tok = manifest["tokenizer"]
-    tokenizer = load_tokenizer(tok["name"], tok.get("path"))
+    tokenizer = checkpoint_tokenizer(a.checkpoint, manifest)
     seq_len = a.seq_len or cfg.seq_len
     kw = dict(seq_len=seq_len, batch_size=a.batch_size, stride=a.stride, max_tokens=a.max_tokens, progress=not a.quiet)
     if a.text:
@@ -84,13 +82,11 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
-    from latentlm.data.tokenizers import load_tokenizer
     from latentlm.generate import generate
-    from latentlm.train.checkpoint import load_method
+    from latentlm.train.checkpoint import checkpoint_tokenizer, load_method
 
     method, _, manifest = load_method(a.checkpoint, a.device)
-    tok = manifest["tokenizer"]
-    tokenizer = load_tokenizer(tok["name"], tok.get("path"))
+    tokenizer = checkpoint_tokenizer(a.checkpoint, manifest)
     prompts = a.prompt or [""]
     ids = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
     outs = generate(method, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,

@@ -45,6 +45,7 @@ from latentlm.data.tokenizers import Tokenizer, load_tokenizer
 from latentlm.errors import LatentLMError
 
 FORMAT_VERSION = 1
+TOKENIZER_FILE = "tokenizer.json"
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val")
 VERIFY_MODES = ("size", "sha256")
@@ -234,6 +235,25 @@ def _check_destination(out_dir: Path, overwrite: bool) -> None:
         raise LatentLMError(f"{out_dir} exists and is not empty; pass --overwrite to replace it or choose another --out")
 
 
+def _own_tokenizer_copy(tokenizer: Tokenizer, directory: Path) -> dict[str, Any]:
+    """The tokenizer's manifest entry; a trained BPE's tokenizer.json is copied next to the
+    shards and recorded relative to them, so a prepared directory is self-contained."""
+    desc = tokenizer.describe()
+    if "path" in desc:
+        shutil.copyfile(desc["path"], directory / TOKENIZER_FILE)
+        desc["path"] = TOKENIZER_FILE
+    return desc
+
+
+def tokenizer_for(manifest: Mapping[str, Any], data_dir: str | Path) -> Tokenizer:
+    """Load the tokenizer a prepared directory was made with (relative paths resolve in it)."""
+    desc = manifest["tokenizer"]
+    path = desc.get("path")
+    if path is not None:
+        path = Path(data_dir) / path
+    return load_tokenizer(desc["name"], path)
+
+
 def prepare(
     source: str,
     tokenizer: Tokenizer,
@@ -308,7 +328,7 @@ def prepare(
             "format_version": FORMAT_VERSION,
             "latentlm_version": latentlm.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "tokenizer": tokenizer.describe(),
+            "tokenizer": _own_tokenizer_copy(tokenizer, tmp),
             "dtype": dtype.name,
             "byte_order": "little",
             "source": source_info,

@@ -35,6 +35,7 @@ from latentlm.fileio import fsync_file, publish_dir, sha256_file, write_json_ato
 from latentlm.train.distributed import DistInfo, barrier
 
 FORMAT = 1
+TOKENIZER_FILE = "tokenizer.json"
 TIED_KEY = "model.lm_head.weight"  # equal to model.wte.weight when embeddings are tied
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -83,6 +84,10 @@ def save_checkpoint(run_dir: str | Path, step: int, module: torch.nn.Module, opt
         torch.save(optim_sd, tmp / "optimizer.pt")
         torch.save({f"rank{r}_{k}": v for r, s in enumerate(rngs) for k, v in s.items()}, tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        extra = dict(extra or {})
+        if "path" in extra.get("tokenizer", {}):  # a trained BPE travels with the checkpoint
+            shutil.copyfile(extra["tokenizer"]["path"], tmp / TOKENIZER_FILE)
+            extra["tokenizer"] = {**extra["tokenizer"], "path": TOKENIZER_FILE}
         save_yaml(cfg, tmp / "config.yaml")
         files = {}
         for f in sorted(tmp.iterdir()):
@@ -91,7 +96,7 @@ def save_checkpoint(run_dir: str | Path, step: int, module: torch.nn.Module, opt
         manifest = {"format": FORMAT, "kind": "latentlm-checkpoint", "latentlm_version": latentlm.__version__,
                     "torch_version": torch.__version__, "method": cfg.train.method, "step": step,
                     "world_size": info.world_size, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    "files": files, **(extra or {})}
+                    "files": files, **extra}
         write_json_atomic(tmp / "manifest.json", manifest)
         publish_dir(tmp, final)
         for old in list_checkpoints(run_dir)[:-cfg.train.keep_last]:
@@ -164,6 +169,13 @@ def restore_training(ckpt: Path, module: torch.nn.Module, optimizer, cfg: Config
         if torch.cuda.is_available() and f"rank{info.rank}_cuda" in rng:
             torch.cuda.set_rng_state(rng[f"rank{info.rank}_cuda"])
     return json.loads((ckpt / "trainer_state.json").read_text())
+
+
+def checkpoint_tokenizer(ckpt: str | Path, manifest: dict[str, Any]):
+    """The tokenizer a checkpoint was trained with (a BPE's file is stored inside it)."""
+    from latentlm.data.prepare import tokenizer_for
+
+    return tokenizer_for(manifest, resolve_checkpoint(ckpt))
 
 
 def load_method(path: str | Path, device: str | torch.device = "cpu"):

@@ -15,8 +15,7 @@ from tqdm import tqdm
 
 from latentlm.config import Config, save_yaml
 from latentlm.data.loader import TokenSplit, WindowLoader
-from latentlm.data.prepare import check_tokenizer, load_manifest
-from latentlm.data.tokenizers import load_tokenizer
+from latentlm.data.prepare import check_tokenizer, load_manifest, tokenizer_for
 from latentlm.errors import LatentLMError
 from latentlm.eval.perplexity import evaluate_tokens
 from latentlm.methods import build_method
@@ -58,8 +57,7 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
     tc = cfg.train
     run_dir = Path(tc.out_dir)
     data_manifest = load_manifest(cfg.data.path)
-    tok_desc = data_manifest["tokenizer"]
-    tokenizer = load_tokenizer(tok_desc["name"], tok_desc.get("path"))
+    tokenizer = tokenizer_for(data_manifest, cfg.data.path)
     check_tokenizer(data_manifest, tokenizer, vocab_size=cfg.model.vocab_size)
     seq_len = cfg.seq_len
     loader = WindowLoader(TokenSplit(cfg.data.path, "train"), seq_len, tc.batch_size, seed=tc.seed,
@@ -97,7 +95,8 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
     flops_per_token = method.train_flops_per_token(seq_len)
     peak = tc.peak_flops or device_peak_flops(device)
     params = [p for p in module.parameters() if p.requires_grad]
-    ckpt_extra = {"tokenizer": tok_desc, "data": str(cfg.data.path), "params": method.model.num_params()}
+    ckpt_extra = {"tokenizer": tokenizer.describe(), "data": str(Path(cfg.data.path).resolve()),
+                  "params": method.model.num_params()}
 
     def evaluate() -> dict[str, float]:
         with amp:
