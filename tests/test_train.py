@@ -141,3 +141,50 @@ def test_data_vocab_mismatch_fails_before_training(tiny_config):
     with pytest.raises(LatentLMError, match="vocab_size 300 .* byte tokenizer has 257"):
         train(cfg)
     assert not (cfg.train.out_dir and __import__("pathlib").Path(cfg.train.out_dir).exists())
+
+
+def test_corrupt_shard_detected_before_training(tiny_config, tmp_path):
+    import shutil
+
+    cfg = tiny_config()
+    data = tmp_path / "data"
+    shutil.copytree(cfg.data.path, data)
+    shard = data / "train_000.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[100] ^= 0xFF  # same size, different content: only the checksum can tell
+    shard.write_bytes(bytes(raw))
+    cfg.data.path = str(data)
+    with pytest.raises(LatentLMError, match="train_000.bin"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_mfu_logged_when_peak_known(tiny_config):
+    cfg = tiny_config(max_steps=3, peak_flops=1e12)
+    train(cfg)
+    rec = [r for r in read_metrics(f"{cfg.train.out_dir}/metrics.jsonl") if "tok_per_s" in r][-1]
+    assert rec["flops_per_token"] == NTP.train_flops_per_token(ckpt_io.load_method(cfg.train.out_dir)[0], 64)
+    assert rec["mfu"] == pytest.approx(rec["flops_per_token"] * rec["tok_per_s"] / 1e12)
+    cfg2 = tiny_config(max_steps=1, out_dir=cfg.train.out_dir + "2")
+    train(cfg2)  # on CPU the peak is unknown: no MFU rather than a made-up one
+    assert all("mfu" not in r for r in read_metrics(f"{cfg2.train.out_dir}/metrics.jsonl"))
+
+
+@pytest.mark.slow
+def test_compile_matches_eager(tiny_config, tmp_path):
+    eager = tiny_config(max_steps=3, out_dir=str(tmp_path / "eager"))
+    comp = tiny_config(max_steps=3, out_dir=str(tmp_path / "compiled"), compile=True)
+    train(eager)
+    train(comp)
+    la = [r["loss"] for r in read_metrics(tmp_path / "eager" / "metrics.jsonl") if "loss" in r]
+    lb = [r["loss"] for r in read_metrics(tmp_path / "compiled" / "metrics.jsonl") if "loss" in r]
+    assert la == pytest.approx(lb, rel=1e-4)
+
+
+@pytest.mark.parametrize("sink", ["tensorboard", "wandb"])
+def test_optional_metric_sinks(sink, tiny_config, tmp_path, monkeypatch):
+    pytest.importorskip(sink, reason=f"{sink} is an optional extra (pip install 'latentlm[{sink}]')")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = tiny_config(max_steps=2, **{sink: True})
+    train(cfg)
+    assert (tmp_path / "run" / sink).exists() and len(list((tmp_path / "run" / sink).rglob("*"))) > 0

@@ -92,6 +92,7 @@ class DataConfig:
 
     path: str = "data/wiki-gpt2"
     seq_len: int | None = None  # training window in tokens; None = model.block_size
+    verify: Literal["sha256", "size"] = "sha256"  # shard check at start; size is instant on huge corpora
 
     def validate(self) -> None:
         if self.seq_len is not None and self.seq_len <= 0:

@@ -56,7 +56,7 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
            stop_after: int | None) -> dict[str, Any]:
     tc = cfg.train
     run_dir = Path(tc.out_dir)
-    data_manifest = load_manifest(cfg.data.path)
+    data_manifest = load_manifest(cfg.data.path, verify=cfg.data.verify)
     tokenizer = tokenizer_for(data_manifest, cfg.data.path)
     check_tokenizer(data_manifest, tokenizer, vocab_size=cfg.model.vocab_size)
     seq_len = cfg.seq_len
@@ -102,7 +102,6 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
         with amp:
             r = evaluate_tokens(compiled, val_split, seq_len=seq_len, batch_size=tc.batch_size,
                                 byte_lengths=byte_lengths, max_tokens=tc.eval_batches * tc.batch_size * seq_len)
-        module.train()
         return {"val_loss": r["loss"], "val_ppl": r["ppl"], "val_bpb": r["bpb"]}
 
     def save(at: int) -> None:
@@ -170,6 +169,7 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
             if logger:
                 logger.log(last)
             bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tok_s:,.0f}")
+        t_pause = time.perf_counter()  # evaluation and checkpoints do not count against tokens/s
         if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
             ev = evaluate()
             if logger:
@@ -180,6 +180,7 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
         # No checkpoint inside a non-finite streak: the latest one stays from before it.
         if ((tc.ckpt_every and step % tc.ckpt_every == 0) or step == end) and bad_in_row == 0:
             save(step)
+        t_log += time.perf_counter() - t_pause
     bar.close()
     result = dict(last)
     if step >= tc.max_steps:
