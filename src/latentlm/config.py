@@ -149,10 +149,31 @@ class TrainConfig:
 
 
 @dataclass
+class PonderConfig:
+    """PonderLM-2 latent thoughts (``train.method ponder``, docs/PONDER.md). The paper's
+    embedding scaling is not set here: pass ``--model.embed_scale`` (sqrt(2.5 d)) to ponder
+    runs and their vanilla controls alike."""
+
+    thoughts: int = 1  # K: latent thoughts per token before it predicts the next one
+    train_iters_min: int = 2  # Jacobi iterations per optimizer step: uniform in [min, max]
+    train_iters_max: int = 3
+    eval_iters: int = 3  # Jacobi iterations in evaluation (eval_mode jacobi)
+    eval_mode: Literal["jacobi", "exact"] = "jacobi"  # exact: sequential thoughts via the KV cache
+    checkpoint: Literal["none", "pass"] = "none"  # pass: recompute each pass's activations in backward
+
+    def validate(self) -> None:
+        _positive(self, "ponder", "thoughts", "train_iters_min", "eval_iters")
+        if self.train_iters_max < self.train_iters_min:
+            raise LatentLMError(f"ponder.train_iters_max={self.train_iters_max} is below "
+                                f"ponder.train_iters_min={self.train_iters_min}; n is drawn from [min, max]")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ponder: PonderConfig = field(default_factory=PonderConfig)
 
     @property
     def seq_len(self) -> int:
@@ -162,6 +183,7 @@ class Config:
         self.model.validate()
         self.data.validate()
         self.train.validate()
+        self.ponder.validate()
         from latentlm.methods import METHODS  # late import: methods import the model
 
         if self.train.method not in METHODS:

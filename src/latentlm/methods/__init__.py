@@ -5,9 +5,10 @@ from __future__ import annotations
 from latentlm.config import Config
 from latentlm.methods.base import Method
 from latentlm.methods.ntp import NTP
+from latentlm.methods.ponder import Ponder
 from latentlm.model.transformer import Transformer
 
-METHODS: dict[str, type[Method]] = {"ntp": NTP}
+METHODS: dict[str, type[Method]] = {"ntp": NTP, "ponder": Ponder}
 
 
 def build_method(cfg: Config) -> Method:

@@ -1,0 +1,157 @@
+"""PonderLM-2: latent thoughts trained in parallel by Jacobi iteration (arXiv 2509.23184).
+
+Before predicting token t+1 the model "thinks" K times at token t: the first thought is the
+final-normed hidden state at x_t's slot, each next thought is the final-normed hidden state
+at the previous thought's slot, and thoughts are fed back unchanged as input embeddings. The
+sequence is interleaved ``x_1, z_1^1..z_1^K, x_2, ...`` under plain causal attention, every
+thought sharing its token's position id; only the last thought of each token is scored.
+
+Training runs the interleaved sequence in parallel and refines all thoughts at once by Jacobi
+iteration (K growing init passes, n full passes, one scored pass; gradients flow through all).
+Exact evaluation and generation produce thoughts one slot at a time through the KV cache.
+See docs/PONDER.md.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from latentlm.config import Config
+from latentlm.methods.base import Method
+from latentlm.model.flops import forward_flops_per_slot
+from latentlm.model.transformer import KVCache, Transformer
+
+PAPER_EMBED_FACTOR = 2.5  # the paper scales token embeddings by sqrt(2.5 d)
+
+
+def paper_embed_scale(n_embd: int) -> float:
+    """The paper's ``model.embed_scale``: sqrt(2.5 d), bringing scaled token embeddings near
+    the size of the final-normed thoughts they are interleaved with."""
+    return math.sqrt(PAPER_EMBED_FACTOR * n_embd)
+
+
+class Ponder(Method):
+    name = "ponder"
+
+    def __init__(self, model: Transformer, cfg: Config):
+        super().__init__(model, cfg)
+        self.k = cfg.ponder.thoughts
+        # Training forward calls so far; a buffer so checkpoints carry it and a resumed run
+        # draws the same iteration counts. ``_calls`` mirrors it on the host (no device sync).
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self._calls: int | None = None
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_calls", None))
+
+    # --- the number of Jacobi iterations --------------------------------------------------------
+
+    @torch.compiler.disable
+    def _train_iters(self) -> int:
+        """n for this training call: uniform over [train_iters_min, train_iters_max], drawn from
+        a generator seeded by (train seed, optimizer step); step = calls // grad_accum, so all
+        micro-batches of a step and all ranks use the same n, and a resume continues the stream."""
+        if self._calls is None:
+            self._calls = int(self.calls)
+        step = self._calls // self.cfg.train.grad_accum
+        self._calls += 1
+        self.calls.fill_(self._calls)
+        p = self.cfg.ponder
+        g = torch.Generator().manual_seed((self.cfg.train.seed * 1_000_003 + step) % 2**63)
+        return int(torch.randint(p.train_iters_min, p.train_iters_max + 1, (1,), generator=g))
+
+    # --- parallel (Jacobi) forward --------------------------------------------------------------
+
+    def _pass(self, emb: torch.Tensor, thoughts: torch.Tensor) -> torch.Tensor:
+        """One causal pass over tokens interleaved with their thoughts.
+
+        ``emb`` [B, T, d] scaled token embeddings, ``thoughts`` [B, T, S-1, d] the inputs of the
+        thought slots; returns the raw hidden states per slot [B, T, S, d].
+        """
+        b, t, d = emb.shape
+        slots = torch.cat([emb[:, :, None], thoughts.to(emb.dtype)], dim=2)
+        s = slots.shape[2]
+        pos = torch.arange(t, device=emb.device).repeat_interleave(s)
+        x = self.model.add_positions(slots.reshape(b, t * s, d), pos)
+        return self.model.run_blocks(x, pos).view(b, t, s, -1)
+
+    def _run(self, emb: torch.Tensor, thoughts: torch.Tensor) -> torch.Tensor:
+        if self.cfg.ponder.checkpoint == "pass" and torch.is_grad_enabled():
+            return checkpoint(self._pass, emb, thoughts, use_reentrant=False)
+        return self._pass(emb, thoughts)
+
+    def jacobi_logits(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token logits [B, T, V] after K init passes and ``n`` >= 1 Jacobi iterations, and
+        the Jacobi residual: mean |change| of the thoughts in the last iteration."""
+        emb = self.model.embed(x)
+        thoughts = emb.new_zeros(*emb.shape[:2], 0, emb.shape[2])  # no thought slots yet
+        for _ in range(self.k):  # init passes of T, 2T, ..., KT slots
+            thoughts = self.model.norm_f(self._run(emb, thoughts))
+        for _ in range(n):
+            previous = thoughts
+            thoughts = self.model.norm_f(self._run(emb, thoughts)[:, :, :self.k])
+        residual = (thoughts - previous).abs().mean().detach()
+        return self.model.head(self._run(emb, thoughts)[:, :, self.k]), residual
+
+    # --- sequential (exact) forward -------------------------------------------------------------
+
+    def _advance(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor | None,
+                 cache: KVCache) -> torch.Tensor:
+        """Feed each token of ``idx`` [B, T] and then its K thoughts, one cached slot at a time
+        (all at the token's position id, validity shared); return logits [B, T, V]."""
+        out = []
+        for i in range(idx.shape[1]):
+            pos = position_ids[:, i:i + 1]
+            ok = None if valid is None else valid[:, i:i + 1]
+            slot = self.model.embed(idx[:, i:i + 1])
+            for k in range(self.k + 1):
+                h = self.model.run_blocks(self.model.add_positions(slot, pos), pos, cache=cache, valid=ok)
+                if k < self.k:
+                    slot = self.model.norm_f(h)  # the next thought
+            out.append(self.model.head(h))
+        return torch.cat(out, dim=1)
+
+    def exact_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, V] of the sequential model: thoughts produced token by token."""
+        b, t = x.shape
+        pos = torch.arange(t, device=x.device)[None].expand(b, -1)
+        return self._advance(x, pos, None, self.new_cache(b, t))
+
+    # --- the Method seam ------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, nll: bool = False):
+        p = self.cfg.ponder
+        metrics: dict[str, torch.Tensor | float] = {}
+        if nll and p.eval_mode == "exact":
+            logits = self.exact_logits(x)
+        else:
+            n = self._train_iters() if self.training and not nll else p.eval_iters
+            logits, residual = self.jacobi_logits(x, n)
+            metrics = {"jacobi_residual": residual, "jacobi_iters": float(n)}
+        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        if nll:
+            return losses
+        loss = losses.mean()
+        return loss, {"ponder_loss": loss.detach(), **metrics}
+
+    def forward_flops_per_token(self, seq_len: int, n: float) -> float:
+        """Forward FLOPs per token of one Jacobi forward with ``n`` iterations: init passes of
+        kT slots (k = 1..K, context kT), n + 1 passes of (K+1)T slots, the head once per token."""
+        k, cfg = self.k, self.model.cfg
+        init = sum(j * forward_flops_per_slot(cfg, j * seq_len, head=False) for j in range(1, k + 1))
+        full = (k + 1) * forward_flops_per_slot(cfg, (k + 1) * seq_len, head=False)
+        head = forward_flops_per_slot(cfg, 0, n_layers=0)
+        return init + (n + 1) * full + head
+
+    def train_flops_per_token(self, seq_len: int) -> float:
+        """3 x forward (gradients flow through every pass) at the mean of the drawn n."""
+        p = self.cfg.ponder
+        return 3.0 * self.forward_flops_per_token(seq_len, (p.train_iters_min + p.train_iters_max) / 2)
+
+    def cache_slots(self, n_tokens: int) -> int:
+        return n_tokens * (self.k + 1)
+
+    def step(self, idx, position_ids, valid, cache):
+        return self._advance(idx, position_ids, valid, cache)

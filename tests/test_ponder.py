@@ -1,0 +1,203 @@
+"""PonderLM-2: Jacobi training vs the exact sequential model, checkpointing, the n draw,
+learning and resume with the trainer, cached generation, FLOPs, config checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from latentlm.config import make_config
+from latentlm.errors import LatentLMError
+from latentlm.generate import generate
+from latentlm.methods import build_method
+from latentlm.methods.ponder import Ponder, paper_embed_scale
+from latentlm.train.metrics import read_metrics
+from latentlm.train.trainer import train
+
+VOCAB, T = 64, 8
+
+
+def tiny_ponder(arch: str = "gpt2", k: int = 1, *extra: str, seed: int = 0) -> Ponder:
+    """2 layers, d 32, the paper's embedding scale; a wide init keeps thoughts far from trivial."""
+    torch.manual_seed(seed)
+    cfg = make_config(overrides=["--train.method", "ponder", "--model.arch", arch, "--model.n_layer", "2",
+                                 "--model.n_embd", "32", "--model.n_head", "2", "--model.block_size", "32",
+                                 "--model.vocab_size", str(VOCAB), "--model.init_std", "0.1",
+                                 "--model.embed_scale", str(paper_embed_scale(32)),
+                                 "--ponder.thoughts", str(k), *extra])
+    method = build_method(cfg)
+    assert isinstance(method, Ponder)
+    return method
+
+
+def tokens(batch: int = 2, length: int = T, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_jacobi_matches_sequential_within_the_exactness_bound(arch, k):
+    """After the K init passes the first token's K thoughts are exact, and each Jacobi iteration
+    makes the next thought (in slot order) exact, so after n iterations the first 1 + n // K
+    positions are exact: n + 1 for K = 1, all T once n >= K (T - 1). The bound is tight."""
+    method = tiny_ponder(arch, k).eval()
+    x = tokens()
+    with torch.no_grad():
+        exact = method.exact_logits(x)
+        for n in (1, 2, 3, 5):
+            logits, residual = method.jacobi_logits(x, n)
+            m = 1 + n // k
+            torch.testing.assert_close(logits[:, :m], exact[:, :m], atol=1e-5, rtol=0)
+            if n == 1:  # the next position is not exact yet
+                assert (logits[:, m] - exact[:, m]).abs().max() > 1e-4
+                assert residual > 1e-4
+        logits, residual = method.jacobi_logits(x, k * (T - 1))
+        torch.testing.assert_close(logits, exact, atol=1e-5, rtol=0)
+        # nll=True scores with the configured evaluation mode; both agree at full exactness
+        method.cfg.ponder.eval_iters = k * (T - 1)
+        jacobi_nll = method(x[:, :-1], x[:, 1:], nll=True)
+        method.cfg.ponder.eval_mode = "exact"
+        exact_nll = method(x[:, :-1], x[:, 1:], nll=True)
+    assert jacobi_nll.shape == (2, T - 1)
+    torch.testing.assert_close(jacobi_nll, exact_nll, atol=1e-5, rtol=0)
+    ce = torch.nn.functional.cross_entropy(exact[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="none")
+    torch.testing.assert_close(exact_nll.flatten(), ce, atol=1e-5, rtol=0)
+
+
+def test_checkpointing_changes_memory_not_results():
+    """Same loss and gradients with per-pass activation checkpointing (dropout on, so the
+    recomputation must replay the same random masks), and fewer saved activations."""
+    x, y = tokens(seed=2), tokens(seed=3)
+    results = {}
+    for mode in ("none", "pass"):
+        method = tiny_ponder("llama", 2, "--model.dropout", "0.1", "--ponder.checkpoint", mode)
+        method.train()
+        saved = []
+
+        def pack(t, saved=saved):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        torch.manual_seed(5)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, metrics = method(x, y)
+        loss.backward()
+        results[mode] = loss, metrics, {n: p.grad for n, p in method.named_parameters()}, sum(saved)
+    (l0, m0, g0, s0), (l1, m1, g1, s1) = results["none"], results["pass"]
+    assert torch.equal(l0, l1) and m0["jacobi_iters"] == m1["jacobi_iters"]
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        torch.testing.assert_close(g0[name], g1[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert s1 < s0 / 3
+
+
+def test_iteration_count_is_drawn_per_optimizer_step_and_resumes():
+    """n is uniform over [train_iters_min, train_iters_max], shared by the grad_accum
+    micro-batches of a step, unaffected by evaluation, and carried by the state dict."""
+    over = ("--ponder.train_iters_min", "1", "--ponder.train_iters_max", "3", "--train.grad_accum", "2")
+    method = tiny_ponder("gpt2", 1, *over).train()
+    x = tokens(length=4)
+
+    def draws(m: Ponder, calls: int) -> list[float]:
+        with torch.no_grad():
+            return [m(x, x)[1]["jacobi_iters"] for _ in range(calls)]
+
+    first = draws(method, 24)
+    assert first[0::2] == first[1::2] and set(first) == {1.0, 2.0, 3.0}
+    with torch.no_grad():
+        method.eval()
+        assert method(x, x)[1]["jacobi_iters"] == 3.0  # eval_iters; the counter does not move
+        method.train()
+    assert int(method.calls) == 24
+    later = draws(method, 8)
+    resumed = tiny_ponder("gpt2", 1, *over, seed=1).train()
+    resumed.load_state_dict(method.state_dict())
+    resumed.calls.fill_(24)
+    resumed.load_state_dict(resumed.state_dict())  # the host mirror follows a loaded counter
+    assert draws(resumed, 8) == later
+    other_seed = tiny_ponder("gpt2", 1, *over, "--train.seed", "7").train()
+    assert draws(other_seed, 24) != first
+
+
+def test_loss_decreases_on_real_text_and_resume_is_exact(tiny_config, tmp_path):
+    """The real trainer learns bytes of Wikipedia with 1 thought; a run stopped and resumed
+    (grad accumulation 2) gives the same per-step losses and n as an uninterrupted one."""
+    cfg = tiny_config(method="ponder", max_steps=60, eval_every=30, eval_batches=4)
+    cfg.data.seq_len = 32
+    cfg.model.embed_scale = paper_embed_scale(cfg.model.n_embd)
+    result = train(cfg)
+    records = [r for r in read_metrics(f"{cfg.train.out_dir}/metrics.jsonl") if "loss" in r]
+    first = sum(r["loss"] for r in records[:3]) / 3
+    assert abs(first - math.log(257)) < 0.5  # starts near uniform
+    evals = [r["val_loss"] for r in read_metrics(f"{cfg.train.out_dir}/metrics.jsonl") if "val_loss" in r]
+    assert result["loss"] < 3.5 and evals[-1] < evals[0] < first - 1.5 and evals[-1] < 3.4
+    assert {r["jacobi_iters"] for r in records} == {2.0, 3.0} and all(r["jacobi_residual"] > 0 for r in records)
+
+    losses = {}
+    for name, stops in (("full", [None]), ("part", [3, None])):
+        run = tiny_config(method="ponder", max_steps=6, grad_accum=2, out_dir=str(tmp_path / name))
+        run.data.seq_len = 16
+        for i, stop in enumerate(stops):
+            train(run, resume=i > 0, stop_after=stop)
+        losses[name] = [(r["loss"], r["jacobi_iters"])
+                        for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r]
+    assert losses["full"] == losses["part"] and len(losses["full"]) == 6
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_cached_generation_matches_exact_model(arch, k):
+    """Generation through ``step`` (left-padded batch of two prompts) reproduces the exact
+    sequential model's logits at every position of each row alone."""
+    method = tiny_ponder(arch, k)
+    assert method.cache_slots(5) == 5 * (k + 1)
+    prompts = [tokens(1, 3, seed=4)[0].tolist(), tokens(1, 6, seed=5)[0].tolist()]
+    seen, step = [], method.step
+
+    def recording(idx, position_ids, valid, cache):
+        logits = step(idx, position_ids, valid, cache)
+        seen.append(logits.clone())
+        return logits
+
+    method.step = recording
+    outs = generate(method, prompts, max_new_tokens=5, temperature=0.0)
+    assert [len(o) for o in outs] == [5, 5]
+    width = max(len(p) for p in prompts)
+    for row, (prompt, out) in enumerate(zip(prompts, outs)):
+        with torch.no_grad():
+            exact = method.exact_logits(torch.tensor([prompt + out]))[0]
+        pad = width - len(prompt)
+        prefill = seen[0][row, pad:]
+        torch.testing.assert_close(prefill, exact[:len(prompt)], atol=1e-4, rtol=0)
+        for i, logits in enumerate(seen[1:], start=1):
+            torch.testing.assert_close(logits[row, -1], exact[len(prompt) - 1 + i], atol=1e-4, rtol=0)
+        assert int(seen[0][row, -1].argmax()) == out[0]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_flops_formula_matches_counted_passes(arch, k):
+    """The per-token forward formula equals a FLOP count of the real passes (math attention
+    kernel: full score matrices, the convention of flops.py); training is 3x at the mean n."""
+    n = 2
+    method = tiny_ponder(arch, k, "--ponder.eval_iters", str(n)).eval()
+    x = tokens()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        method(x, x, nll=True)
+    assert counter.get_total_flops() == method.forward_flops_per_token(T, n) * x.numel()
+    assert method.train_flops_per_token(T) == 3 * method.forward_flops_per_token(T, 2.5)
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--ponder.thoughts", "0"], "ponder.thoughts=0 must be positive"),
+    (["--ponder.train_iters_min", "3", "--ponder.train_iters_max", "2"], "ponder.train_iters_max=2 is below"),
+    (["--ponder.eval_mode", "fast"], "ponder.eval_mode='fast' has the wrong type"),
+])
+def test_config_errors_name_the_key(override, message):
+    with pytest.raises(LatentLMError, match=message):
+        make_config(overrides=["--train.method", "ponder", *override])
