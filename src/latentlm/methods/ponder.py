@@ -45,10 +45,12 @@ class Ponder(Method):
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
         self._calls: int | None = None
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_calls", None))
+        # Host-side bookkeeping stays out of torch.compile graphs (wrapped here, not at import,
+        # because the wrapper imports the compiler).
+        self._draw_train_iters = torch.compiler.disable(Ponder._train_iters)  # unbound: copies stay correct
 
     # --- the number of Jacobi iterations --------------------------------------------------------
 
-    @torch.compiler.disable
     def _train_iters(self) -> int:
         """n for this training call: uniform over [train_iters_min, train_iters_max], drawn from
         a generator seeded by (train seed, optimizer step); step = calls // grad_accum, so all
@@ -127,7 +129,7 @@ class Ponder(Method):
         if nll and p.eval_mode == "exact":
             logits = self.exact_logits(x)
         else:
-            n = self._train_iters() if self.training and not nll else p.eval_iters
+            n = self._draw_train_iters(self) if self.training and not nll else p.eval_iters
             logits, residual = self.jacobi_logits(x, n)
             metrics = {"jacobi_residual": residual, "jacobi_iters": float(n)}
         losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
