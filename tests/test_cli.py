@@ -87,3 +87,31 @@ def test_trained_bpe_travels_with_data_and_checkpoint(bpe_path, tmp_path, capsys
     assert capsys.readouterr().out.startswith("Paris is")
     assert main(["eval", str(run), "--json", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] > 0
+
+
+def test_eval_reports_ponder_modes(tmp_path, byte_wiki, capsys):
+    run = tmp_path / "ponder"
+    assert main(["train", *MODEL, "--data.path", str(byte_wiki), "--train.out_dir", str(run), "--train.method", "ponder",
+                 "--train.max_steps", "4", "--train.batch_size", "2", "--train.lr", "3e-3", "--train.warmup_steps", "1",
+                 "--train.eval_batches", "1", "--train.progress", "false"]) == 0
+    final = json.loads((run / "final.json").read_text())
+    assert final["val_eval_mode"] == "jacobi" and final["val_jacobi_residual"] >= 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--mode", "all", "--json", "--quiet", "--max-tokens", "200"]) == 0
+    jac, exact = json.loads(capsys.readouterr().out)
+    assert (jac["eval_mode"], exact["eval_mode"]) == ("jacobi", "exact") and jac["jacobi_iters"] == 3
+    assert jac["tokens"] == exact["tokens"] == 200 and "jacobi_residual" not in exact
+    # for K=1, three Jacobi iterations leave only later positions approximate: the two agree closely
+    assert jac["loss"] == pytest.approx(exact["loss"], rel=0.05)
+    assert main(["eval", str(run), "--mode", "exact", "--quiet", "--max-tokens", "100"]) == 0
+    assert "[exact]" in capsys.readouterr().out
+
+
+def test_eval_mode_of_single_mode_method_is_an_error(tmp_path, capsys):
+    data, run = tmp_path / "data", tmp_path / "run"
+    main(["prepare", "--tokenizer", "byte", "--limit", "40", "--out", str(data), "--quiet"])
+    main(["train", *MODEL, "--data.path", str(data), "--train.out_dir", str(run), "--train.max_steps", "1",
+          "--train.batch_size", "2", "--train.progress", "false"])
+    capsys.readouterr()
+    assert main(["eval", str(run), "--mode", "exact"]) == 2
+    assert "method 'ntp' has no evaluation mode 'exact'" in capsys.readouterr().err

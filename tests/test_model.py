@@ -141,3 +141,19 @@ def test_flop_count_matches_module_weights():
         linear = sum(mod.weight.numel() for b in m.blocks for mod in b.modules() if isinstance(mod, torch.nn.Linear))
         assert matmul_params(m.cfg) == linear + m.lm_head.weight.numel()
         assert train_flops_per_token(m.cfg, 64) == 6 * matmul_params(m.cfg) + 12 * 3 * 64 * 64
+
+
+def test_cache_offset_gives_each_pass_its_own_layers():
+    """A stack applied twice with shared weights (a looped transformer) decodes through one
+    cache whose second half holds the second pass."""
+    m = tiny("llama")
+    idx = torch.randint(0, V, (1, 7))
+    pos = torch.arange(7)
+    ref = m.run_blocks(m.run_blocks(m.embed(idx), pos), pos)
+    cache = m.new_cache(1, 7, passes=2)
+    outs = []
+    for t in range(7):
+        h = m.run_blocks(m.embed(idx[:, t:t + 1]), pos[t:t + 1], cache=cache)
+        outs.append(m.run_blocks(h, pos[t:t + 1], cache=cache, cache_offset=m.cfg.n_layer))
+    torch.testing.assert_close(torch.cat(outs, 1), ref, rtol=0, atol=1e-5)
+    assert cache.lengths == [7] * 6

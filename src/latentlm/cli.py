@@ -49,14 +49,36 @@ def cmd_train(a: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
-    from latentlm.data.loader import TokenSplit
-    from latentlm.eval.perplexity import evaluate_text, evaluate_tokens
     from latentlm.train.checkpoint import checkpoint_tokenizer, load_method
 
     method, cfg, manifest = load_method(a.checkpoint, a.device)
     tokenizer = checkpoint_tokenizer(a.checkpoint, manifest)
     seq_len = a.seq_len or cfg.seq_len
     kw = dict(seq_len=seq_len, batch_size=a.batch_size, stride=a.stride, max_tokens=a.max_tokens, progress=not a.quiet)
+    modes = [None] if a.mode is None else list(method.eval_modes) if a.mode == "all" else [a.mode]
+    if a.mode is not None and a.mode != "all":
+        method.set_eval_mode(a.mode)  # a bad mode fails here, before any work
+    results = []
+    for mode in modes:
+        if mode is not None:
+            method.set_eval_mode(mode)
+        results.append(_eval_once(a, method, cfg, manifest, tokenizer, kw))
+    if a.json:
+        print(json.dumps(results[0] if len(results) == 1 else results))
+        return
+    for r in results:
+        mode = f" [{r['eval_mode']}" + (f", n={r['jacobi_iters']}" if "jacobi_iters" in r else "") + "]" \
+            if "eval_mode" in r else ""
+        resid = f"  jacobi residual {r['jacobi_residual']:.3g}" if "jacobi_residual" in r else ""
+        print(f"{r['on']}{mode}: loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  bpb {r['bpb']:.4f}  ({r['tokens']:,} tokens, "
+              f"window {r['seq_len']}, stride {r['stride']}){resid}")
+
+
+def _eval_once(a: argparse.Namespace, method, cfg, manifest: dict, tokenizer, kw: dict) -> dict:
+    from latentlm.data.loader import TokenSplit
+    from latentlm.data.prepare import check_tokenizer, load_manifest
+    from latentlm.eval.perplexity import evaluate_text, evaluate_tokens
+
     if a.text:
         p = Path(a.text)
         if not p.is_file():
@@ -68,17 +90,11 @@ def cmd_eval(a: argparse.Namespace) -> None:
         r, where = evaluate_text(method, tokenizer, text, **kw), str(p)
     else:
         data = a.data or manifest["data"]
-        from latentlm.data.prepare import check_tokenizer, load_manifest
-
         check_tokenizer(load_manifest(data), tokenizer, vocab_size=cfg.model.vocab_size)
         r = evaluate_tokens(method, TokenSplit(data, a.split), byte_lengths=tokenizer.token_byte_lengths(), **kw)
         where = f"{data} [{a.split}]"
-    r.update({"checkpoint": str(a.checkpoint), "on": where, "seq_len": seq_len, "stride": a.stride or seq_len})
-    if a.json:
-        print(json.dumps(r))
-    else:
-        print(f"{where}: loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  bpb {r['bpb']:.4f}  ({r['tokens']:,} tokens, "
-              f"window {seq_len}, stride {r['stride']})")
+    r.update({"checkpoint": str(a.checkpoint), "on": where, "seq_len": kw["seq_len"], "stride": a.stride or kw["seq_len"]})
+    return r
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
@@ -154,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--max-tokens", type=int, help="score at most this many tokens")
     s.add_argument("--device", default="cpu")
-    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--mode", help="evaluation mode of methods that have several, or 'all' "
+                   "(ponder: jacobi = eval_iters Jacobi iterations as the paper, exact = sequential thoughts)")
+    s.add_argument("--json", action="store_true", help="print one JSON object (a list with --mode all)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_eval)
 

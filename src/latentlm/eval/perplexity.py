@@ -115,6 +115,7 @@ def evaluate_tokens(method: Method, tokens: np.ndarray | TokenSource, *, seq_len
     n_bytes = 0
     was_training = method.training
     method.eval()
+    unwrap(method).pop_eval_metrics()  # start this evaluation's statistics afresh
     try:
         with tqdm(total=n_tokens - 1, disable=not progress, unit="tok", desc="perplexity") as bar:
             for batch in _batches(_windows(n_tokens, seq_len, stride), batch_size):
@@ -138,6 +139,7 @@ def evaluate_tokens(method: Method, tokens: np.ndarray | TokenSource, *, seq_len
     if byte_lengths is not None:
         result["bytes"] = n_bytes
         result["bpb"] = nats / (math.log(2) * n_bytes) if n_bytes else float("nan")
+    result.update(unwrap(method).pop_eval_metrics())  # e.g. ponder's mode and Jacobi residual
     return result
 
 

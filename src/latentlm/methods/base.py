@@ -19,12 +19,15 @@ import torch
 import torch.nn as nn
 
 from latentlm.config import Config
+from latentlm.errors import LatentLMError
 from latentlm.model.flops import train_flops_per_token
 from latentlm.model.transformer import KVCache, Transformer
 
 
 class Method(nn.Module):
     name = "base"
+    # Ways ``forward(..., nll=True)`` can evaluate, first = default (e.g. ponder: jacobi, exact).
+    eval_modes: tuple[str, ...] = ()
 
     def __init__(self, model: Transformer, cfg: Config):
         super().__init__()
@@ -36,6 +39,17 @@ class Method(nn.Module):
 
     def train_flops_per_token(self, seq_len: int) -> float:
         return train_flops_per_token(self.model.cfg, seq_len)
+
+    def set_eval_mode(self, mode: str) -> None:
+        """Choose how ``nll=True`` evaluates; only methods with several :attr:`eval_modes` have a choice."""
+        if mode not in self.eval_modes:
+            allowed = ", ".join(self.eval_modes) or "none (this method evaluates one way)"
+            raise LatentLMError(f"method {self.name!r} has no evaluation mode {mode!r}; choose from: {allowed}")
+
+    def pop_eval_metrics(self) -> dict[str, float]:
+        """Method-specific statistics gathered by ``nll=True`` calls since the last pop
+        (e.g. ponder's Jacobi residual); evaluation reports them next to the loss."""
+        return {}
 
     def cache_slots(self, n_tokens: int) -> int:
         """KV-cache slots per layer needed to hold ``n_tokens`` tokens."""

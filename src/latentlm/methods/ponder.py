@@ -36,6 +36,7 @@ def paper_embed_scale(n_embd: int) -> float:
 
 class Ponder(Method):
     name = "ponder"
+    eval_modes = ("jacobi", "exact")
 
     def __init__(self, model: Transformer, cfg: Config):
         super().__init__(model, cfg)
@@ -48,6 +49,7 @@ class Ponder(Method):
         # Host-side bookkeeping stays out of torch.compile graphs (wrapped here, not at import,
         # because the wrapper imports the compiler).
         self._draw_train_iters = torch.compiler.disable(Ponder._train_iters)  # unbound: copies stay correct
+        self._eval_residuals: list[torch.Tensor] = []  # per nll batch, popped by evaluation
 
     # --- the number of Jacobi iterations --------------------------------------------------------
 
@@ -132,11 +134,27 @@ class Ponder(Method):
             n = self._draw_train_iters(self) if self.training and not nll else p.eval_iters
             logits, residual = self.jacobi_logits(x, n)
             metrics = {"jacobi_residual": residual, "jacobi_iters": float(n)}
+            if nll:
+                self._eval_residuals.append(residual)
         losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
         if nll:
             return losses
         loss = losses.mean()
         return loss, {"ponder_loss": loss.detach(), **metrics}
+
+    def set_eval_mode(self, mode: str) -> None:
+        super().set_eval_mode(mode)
+        self.cfg.ponder.eval_mode = mode
+
+    def pop_eval_metrics(self) -> dict[str, float]:
+        p = self.cfg.ponder
+        out: dict[str, float] = {"eval_mode": p.eval_mode}
+        if p.eval_mode == "jacobi":
+            out["jacobi_iters"] = p.eval_iters
+        if self._eval_residuals:
+            out["jacobi_residual"] = float(torch.stack(self._eval_residuals).mean())
+        self._eval_residuals = []
+        return out
 
     def forward_flops_per_token(self, seq_len: int, n: float) -> float:
         """Forward FLOPs per token of one Jacobi forward with ``n`` iterations: init passes of

@@ -117,7 +117,7 @@ class Attention(nn.Module):
         self.o_proj.is_residual_out = True
         self.dropout = cfg.dropout
 
-    def forward(self, x, rope, cache: KVCache | None, valid: torch.Tensor | None, mask):
+    def forward(self, x, rope, cache: KVCache | None, valid: torch.Tensor | None, mask, cache_offset: int = 0):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -127,8 +127,9 @@ class Attention(nn.Module):
         if cache is not None:
             if valid is None:
                 valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
-            past = cache.lengths[self.layer]
-            k, v, key_valid = cache.append(self.layer, k, v, valid)
+            layer = self.layer + cache_offset
+            past = cache.lengths[layer]
+            k, v, key_valid = cache.append(layer, k, v, valid)
             # One decode step over an unpadded batch needs no mask: the fast kernels apply.
             mask = None if T == 1 and not cache.padded else \
                 attention_mask(T, past, key_valid if cache.padded else None, x.device)
@@ -167,8 +168,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, cache=None, valid=None, mask=None):
-        x = x + self.drop(self.attn(self.norm1(x), rope, cache, valid, mask))
+    def forward(self, x, rope=None, cache=None, valid=None, mask=None, cache_offset: int = 0):
+        x = x + self.drop(self.attn(self.norm1(x), rope, cache, valid, mask, cache_offset))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -213,12 +214,14 @@ class Transformer(nn.Module):
 
     def run_blocks(self, x: torch.Tensor, position_ids: torch.Tensor, start: int = 0,
                    end: int | None = None, cache: KVCache | None = None,
-                   valid: torch.Tensor | None = None) -> torch.Tensor:
+                   valid: torch.Tensor | None = None, cache_offset: int = 0) -> torch.Tensor:
         """Run ``blocks[start:end]`` on ``x`` [B, T, d].
 
         ``position_ids`` [B, T] or [T] drive RoPE (learned positions are added by
         :meth:`add_positions` at the input only). ``valid`` [B, T] marks real slots (False for
-        left padding); ``cache`` appends this call's keys and values per layer.
+        left padding); ``cache`` appends this call's keys and values per layer, at cache layer
+        ``layer + cache_offset`` (methods that reuse the blocks for several passes, e.g. a looped
+        stack, give each pass its own cache layers).
         """
         if position_ids.dim() == 1:
             position_ids = position_ids[None].expand(x.shape[0], -1)
@@ -227,7 +230,7 @@ class Transformer(nn.Module):
             rope = rope_cos_sin(position_ids, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_theta, x.dtype)
         mask = attention_mask(x.shape[1], 0, valid, x.device) if (valid is not None and cache is None) else None
         for block in self.blocks[start:end]:
-            x = block(x, rope, cache, valid, mask)
+            x = block(x, rope, cache, valid, mask, cache_offset)
         return x
 
     def add_positions(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -254,9 +257,10 @@ class Transformer(nn.Module):
         x = self.add_positions(x, position_ids)
         return self.head(self.run_blocks(x, position_ids, cache=cache, valid=valid))
 
-    def new_cache(self, batch: int, capacity: int, device=None, dtype=None) -> KVCache:
+    def new_cache(self, batch: int, capacity: int, device=None, dtype=None, passes: int = 1) -> KVCache:
+        """A cache for ``passes`` runs of the block stack (``passes * n_layer`` cache layers)."""
         p = self.lm_head.weight
-        return KVCache(self.cfg.n_layer, batch, self.cfg.n_kv_head, self.cfg.n_embd // self.cfg.n_head,
+        return KVCache(passes * self.cfg.n_layer, batch, self.cfg.n_kv_head, self.cfg.n_embd // self.cfg.n_head,
                        capacity, device or p.device, dtype or p.dtype)
 
     def num_params(self, embeddings: bool = True) -> int:

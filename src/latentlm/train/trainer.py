@@ -102,7 +102,8 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
         with amp:
             r = evaluate_tokens(compiled, val_split, seq_len=seq_len, batch_size=tc.batch_size,
                                 byte_lengths=byte_lengths, max_tokens=tc.eval_batches * tc.batch_size * seq_len)
-        return {"val_loss": r["loss"], "val_ppl": r["ppl"], "val_bpb": r["bpb"]}
+        extra = {f"val_{k}": v for k, v in r.items() if k not in ("loss", "ppl", "bpb", "tokens", "bytes")}
+        return {"val_loss": r["loss"], "val_ppl": r["ppl"], "val_bpb": r["bpb"], **extra}
 
     def save(at: int) -> None:
         state = {"step": at, "tokens_seen": tokens_seen, "skipped_steps": skipped,
