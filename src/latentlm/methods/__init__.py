@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from latentlm.config import Config
 from latentlm.methods.base import Method
+from latentlm.methods.loop import Loop
 from latentlm.methods.ntp import NTP
+from latentlm.methods.pause import Pause
 from latentlm.methods.ponder import Ponder
+from latentlm.methods.ponderlm import PonderLM
 from latentlm.model.transformer import Transformer
 
-METHODS: dict[str, type[Method]] = {"ntp": NTP, "ponder": Ponder}
+METHODS: dict[str, type[Method]] = {
+    "ntp": NTP,
+    "ponder": Ponder,
+    "pause": Pause,
+    "loop": Loop,
+    "ponderlm": PonderLM,
+}
 
 
 def build_method(cfg: Config) -> Method:

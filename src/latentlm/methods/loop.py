@@ -1,0 +1,61 @@
+"""Looped transformer: PonderLM-2's "loop" baseline (arXiv 2509.23184).
+
+The whole block stack is applied K+1 times with shared weights on the T token slots: the
+input (scaled embeddings + positions, added once) goes through the blocks, the output is fed
+back to the blocks K more times, then the final norm and head run once. RoPE uses the same
+position ids in every pass. K extra passes cost about as much block compute as K pause or
+thought slots per token, without lengthening attention's context. See docs/PONDER.md.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from latentlm.config import Config
+from latentlm.methods.base import Method
+from latentlm.model.flops import forward_flops_per_slot
+from latentlm.model.transformer import KVCache, Transformer
+
+
+class Loop(Method):
+    name = "loop"
+
+    def __init__(self, model: Transformer, cfg: Config):
+        super().__init__(model, cfg)
+        self.k = cfg.ponder.thoughts
+
+    def logits(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """K+1 passes of the block stack on ``idx`` [B, T]; pass p keeps its keys and values at
+        cache layers ``p * n_layer ...``. Returns logits [B, T, V]."""
+        h = self.model.add_positions(self.model.embed(idx), position_ids)
+        for p in range(self.k + 1):
+            h = self.model.run_blocks(h, position_ids, cache=cache, valid=valid,
+                                      cache_offset=p * self.model.cfg.n_layer)
+        return self.model.head(h)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, nll: bool = False):
+        pos = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
+        logits = self.logits(x, pos)
+        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        if nll:
+            return losses
+        loss = losses.mean()
+        return loss, {"loop_loss": loss.detach()}
+
+    def forward_flops_per_token(self, seq_len: int) -> float:
+        """K+1 passes of the blocks over a T context, the head once."""
+        cfg = self.model.cfg
+        blocks = (self.k + 1) * forward_flops_per_slot(cfg, seq_len, head=False)
+        return blocks + forward_flops_per_slot(cfg, 0, n_layers=0)
+
+    def train_flops_per_token(self, seq_len: int) -> float:
+        return 3.0 * self.forward_flops_per_token(seq_len)
+
+    def new_cache(self, batch: int, n_tokens: int) -> KVCache:
+        """One set of cache layers per pass (n_tokens slots each)."""
+        return self.model.new_cache(batch, self.cache_slots(n_tokens), passes=self.k + 1)
+
+    def step(self, idx, position_ids, valid, cache):
+        return self.logits(idx, position_ids, valid, cache)

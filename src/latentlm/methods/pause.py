@@ -1,0 +1,71 @@
+"""Pause tokens at the input: PonderLM-2's "pause" baseline (arXiv 2509.23184, after Goyal et al.).
+
+K learnable pause embeddings are inserted after every token, so the sequence is
+``x_1, p^1..p^K, x_2, p^1..p^K, ...`` ((K+1)T slots, plain causal attention), every pause slot
+sharing its token's position id. The last pause slot of token t predicts x_{t+1}; the other
+slots carry no loss. Unlike PonderLM-2's thoughts, pause inputs do not depend on the sequence,
+so training, evaluation and generation are all one exact parallel pass.
+
+This is the input-level pause of PonderLM-2, not CoCoMix's pause inserted at a middle layer.
+See docs/PONDER.md, section "Baselines".
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from latentlm.config import Config
+from latentlm.methods.base import Method
+from latentlm.model.flops import forward_flops_per_slot
+from latentlm.model.transformer import KVCache, Transformer
+
+
+class Pause(Method):
+    name = "pause"
+
+    def __init__(self, model: Transformer, cfg: Config):
+        super().__init__(model, cfg)
+        self.k = cfg.ponder.thoughts
+        # Drawn after the core is built, so the core's init is the same as every other method's.
+        # Initialised and scaled (``embed_scale``) like a token embedding.
+        self.pause = nn.Parameter(torch.empty(self.k, model.cfg.n_embd))
+        nn.init.normal_(self.pause, 0.0, model.cfg.init_std)
+
+    def logits(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Run tokens ``idx`` [B, T] each followed by the K pauses; logits [B, T, V] from the
+        last pause slot of each token. Positions and validity are repeated per slot."""
+        b, t = idx.shape
+        emb = self.model.embed(idx)
+        pauses = (self.pause * self.model.cfg.embed_scale).to(emb.dtype)
+        slots = torch.cat([emb[:, :, None], pauses.expand(b, t, -1, -1)], dim=2).flatten(1, 2)
+        pos = position_ids.repeat_interleave(self.k + 1, dim=1)
+        ok = None if valid is None else valid.repeat_interleave(self.k + 1, dim=1)
+        h = self.model.run_blocks(self.model.add_positions(slots, pos), pos, cache=cache, valid=ok)
+        return self.model.head(h.view(b, t, self.k + 1, -1)[:, :, self.k])
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, nll: bool = False):
+        pos = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
+        logits = self.logits(x, pos)
+        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        if nll:
+            return losses
+        loss = losses.mean()
+        return loss, {"pause_loss": loss.detach()}
+
+    def forward_flops_per_token(self, seq_len: int) -> float:
+        """K+1 slots per token through the blocks over a (K+1)T context, the head once."""
+        cfg = self.model.cfg
+        blocks = (self.k + 1) * forward_flops_per_slot(cfg, (self.k + 1) * seq_len, head=False)
+        return blocks + forward_flops_per_slot(cfg, 0, n_layers=0)
+
+    def train_flops_per_token(self, seq_len: int) -> float:
+        return 3.0 * self.forward_flops_per_token(seq_len)
+
+    def cache_slots(self, n_tokens: int) -> int:
+        return n_tokens * (self.k + 1)
+
+    def step(self, idx, position_ids, valid, cache):
+        return self.logits(idx, position_ids, valid, cache)

@@ -1,0 +1,75 @@
+"""PonderLM (v1, arXiv 2505.20674): pondering with probability-weighted embeddings (SPEC 3.4).
+
+After a pass over the tokens, each position's predicted distribution p (softmax of the
+logits over the real vocabulary) is turned back into an embedding, the p-weighted mean of the
+token embeddings, and added to the token's own embedding for the next pass:
+
+    e(0) = embed(x);  h(k-1) = blocks(e(k-1) + positions);  p(k-1) = softmax(head(h(k-1)))
+    e(k) = e(0) + p(k-1) @ (W_E[:V] * sqrt(d))      for k = 1..K
+
+and the pass on e(K) gives the logits. Every pass is a plain causal pass over T slots with
+shared weights; gradients flow through all of them. See docs/PONDER.md, section "Baselines".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from latentlm.config import Config
+from latentlm.methods.base import Method
+from latentlm.model.flops import forward_flops_per_slot
+from latentlm.model.transformer import KVCache, Transformer
+
+
+class PonderLM(Method):
+    name = "ponderlm"
+
+    def __init__(self, model: Transformer, cfg: Config):
+        super().__init__(model, cfg)
+        self.k = cfg.ponder.thoughts
+
+    def logits(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """K+1 passes on ``idx`` [B, T], each pondering on the previous pass's prediction; pass
+        p keeps its keys and values at cache layers ``p * n_layer ...``. Logits [B, T, V]."""
+        m = self.model
+        e0 = m.embed(idx)
+        # The SPEC scales the mixed embeddings by sqrt(d), independent of model.embed_scale.
+        w = m.wte.weight[: m.cfg.vocab_size] * math.sqrt(m.cfg.n_embd)
+        e = e0
+        for p in range(self.k + 1):
+            logits = m.head(m.run_blocks(m.add_positions(e, position_ids), position_ids, cache=cache,
+                                         valid=valid, cache_offset=p * m.cfg.n_layer))
+            if p < self.k:
+                probs = logits.float().softmax(-1)
+                e = e0 + probs.to(w.dtype) @ w
+        return logits
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, nll: bool = False):
+        pos = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
+        logits = self.logits(x, pos)
+        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        if nll:
+            return losses
+        loss = losses.mean()
+        return loss, {"ponderlm_loss": loss.detach()}
+
+    def forward_flops_per_token(self, seq_len: int) -> float:
+        """K+1 passes of the blocks over a T context and K+1 heads, plus K mixtures p @ W_E
+        (2 V d each, real vocabulary)."""
+        cfg = self.model.cfg
+        mix = 2.0 * cfg.vocab_size * cfg.n_embd
+        return (self.k + 1) * forward_flops_per_slot(cfg, seq_len) + self.k * mix
+
+    def train_flops_per_token(self, seq_len: int) -> float:
+        return 3.0 * self.forward_flops_per_token(seq_len)
+
+    def new_cache(self, batch: int, n_tokens: int) -> KVCache:
+        """One set of cache layers per pass (n_tokens slots each)."""
+        return self.model.new_cache(batch, self.cache_slots(n_tokens), passes=self.k + 1)
+
+    def step(self, idx, position_ids, valid, cache):
+        return self.logits(idx, position_ids, valid, cache)
