@@ -158,14 +158,14 @@ def test_loss_decreases_on_real_text_and_resume_is_exact(tiny_config, tmp_path):
     assert losses["full"] == losses["part"] and len(losses["full"]) == 6
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-@pytest.mark.parametrize("k", [1, 2])
-def test_cached_generation_matches_exact_model(arch, k):
-    """Generation through ``step`` (left-padded batch of two prompts) reproduces the exact
-    sequential model's logits at every position of each row alone."""
-    method = tiny_ponder(arch, k)
-    assert method.cache_slots(5) == 5 * (k + 1)
-    prompts = [tokens(1, 3, seed=4)[0].tolist(), tokens(1, 6, seed=5)[0].tolist()]
+def two_prompts() -> list[list[int]]:
+    """Prompts of 3 and 6 tokens: generation left-pads the first."""
+    return [tokens(1, 3, seed=4)[0].tolist(), tokens(1, 6, seed=5)[0].tolist()]
+
+
+def recorded_generate(method: Ponder, prompts: list[list[int]], max_new_tokens: int,
+                      ) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Greedy ``generate`` that also returns the logits of every ``step`` call (prefill first)."""
     seen, step = [], method.step
 
     def recording(idx, position_ids, valid, cache):
@@ -174,7 +174,20 @@ def test_cached_generation_matches_exact_model(arch, k):
         return logits
 
     method.step = recording
-    outs = generate(method, prompts, max_new_tokens=5, temperature=0.0)
+    outs = generate(method, prompts, max_new_tokens=max_new_tokens, temperature=0.0)
+    del method.step
+    return outs, seen
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_cached_generation_matches_exact_model(arch, k):
+    """Generation through ``step`` (left-padded batch of two prompts) reproduces the exact
+    sequential model's logits at every position of each row alone."""
+    method = tiny_ponder(arch, k)
+    assert method.cache_slots(5) == 5 * (k + 1)
+    prompts = two_prompts()
+    outs, seen = recorded_generate(method, prompts, max_new_tokens=5)
     assert [len(o) for o in outs] == [5, 5]
     width = max(len(p) for p in prompts)
     for row, (prompt, out) in enumerate(zip(prompts, outs)):
@@ -186,6 +199,49 @@ def test_cached_generation_matches_exact_model(arch, k):
         for i, logits in enumerate(seen[1:], start=1):
             torch.testing.assert_close(logits[row, -1], exact[len(prompt) - 1 + i], atol=1e-4, rtol=0)
         assert int(seen[0][row, -1].argmax()) == out[0]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_jacobi_prefill_with_enough_iterations_equals_exact_prefill(arch, k):
+    """With eval_iters >= K (T - 1) the Jacobi prefill of a left-padded batch gives the exact
+    prefill's logits and fills the cache with the same slots: every decode step agrees too."""
+    prompts = two_prompts()
+    width = max(len(p) for p in prompts)
+    exact_outs, exact = recorded_generate(tiny_ponder(arch, k), prompts, max_new_tokens=3)
+    method = tiny_ponder(arch, k, "--ponder.prefill", "jacobi", "--ponder.eval_iters", str(k * (width - 1)))
+    outs, seen = recorded_generate(method, prompts, max_new_tokens=3)
+    assert outs == exact_outs and len(seen) == len(exact) == 3
+    valid = torch.tensor([[i >= width - len(p) for i in range(width)] for p in prompts])
+    torch.testing.assert_close(seen[0][valid], exact[0][valid], atol=1e-4, rtol=0)  # pad rows are garbage
+    for logits, reference in zip(seen[1:], exact[1:]):
+        torch.testing.assert_close(logits, reference, atol=1e-4, rtol=0)
+
+
+def test_jacobi_prefill_with_one_iteration_is_exact_only_within_the_bound():
+    """K = 1, eval_iters 1: the first n + 1 = 2 positions of each prompt are exact, the third
+    is not (the prefill is a real approximation)."""
+    prompts = two_prompts()
+    width = max(len(p) for p in prompts)
+    _, (exact,) = recorded_generate(tiny_ponder("llama", 1), prompts, max_new_tokens=1)
+    method = tiny_ponder("llama", 1, "--ponder.prefill", "jacobi", "--ponder.eval_iters", "1")
+    _, (jacobi,) = recorded_generate(method, prompts, max_new_tokens=1)
+    for row, prompt in enumerate(prompts):
+        pad = width - len(prompt)
+        torch.testing.assert_close(jacobi[row, pad:pad + 2], exact[row, pad:pad + 2], atol=1e-5, rtol=0)
+        assert (jacobi[row, pad + 2] - exact[row, pad + 2]).abs().max() > 1e-4
+
+
+def test_generate_end_to_end_with_jacobi_prefill():
+    """Sampled generation runs with the Jacobi prefill (K = 2, gpt2): valid tokens, reproducible
+    by seed, and a batched row equals the same prompt alone."""
+    method = tiny_ponder("gpt2", 2, "--ponder.prefill", "jacobi", "--ponder.eval_iters", "2")
+    prompts = two_prompts()
+    outs = generate(method, prompts, max_new_tokens=4, temperature=1.0, seed=3)
+    assert [len(o) for o in outs] == [4, 4] and all(0 <= t < VOCAB for o in outs for t in o)
+    assert generate(method, prompts, max_new_tokens=4, temperature=1.0, seed=3) == outs
+    assert generate(method, prompts[1:], max_new_tokens=4, temperature=0.0) == \
+        generate(method, prompts, max_new_tokens=4, temperature=0.0)[1:]
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

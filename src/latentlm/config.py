@@ -160,6 +160,10 @@ class PonderConfig:
     eval_iters: int = 3  # Jacobi iterations in evaluation (eval_mode jacobi)
     eval_mode: Literal["jacobi", "exact"] = "jacobi"  # exact: sequential thoughts via the KV cache
     checkpoint: Literal["none", "pass"] = "none"  # pass: recompute each pass's activations in backward
+    # How generation fills the cache for a prompt: exact = sequential; jacobi = eval_iters parallel
+    # Jacobi iterations over the whole prompt, faster for long prompts, exact for the first
+    # 1 + floor(eval_iters / K) prompt positions.
+    prefill: Literal["exact", "jacobi"] = "exact"
 
     def validate(self) -> None:
         _positive(self, "ponder", "thoughts", "train_iters_min", "eval_iters")

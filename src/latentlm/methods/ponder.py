@@ -68,36 +68,47 @@ class Ponder(Method):
 
     # --- parallel (Jacobi) forward --------------------------------------------------------------
 
-    def _pass(self, emb: torch.Tensor, thoughts: torch.Tensor) -> torch.Tensor:
+    def _pass(self, emb: torch.Tensor, thoughts: torch.Tensor, position_ids: torch.Tensor,
+              valid: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """One causal pass over tokens interleaved with their thoughts.
 
         ``emb`` [B, T, d] scaled token embeddings, ``thoughts`` [B, T, S-1, d] the inputs of the
-        thought slots; returns the raw hidden states per slot [B, T, S, d].
+        thought slots, ``position_ids`` [T] or [B, T] and ``valid`` [B, T] per token, repeated
+        for each of its slots (a pad is invalid in all of them); with a ``cache`` the slots are
+        appended to it. Returns the raw hidden states per slot [B, T, S, d].
         """
         b, t, d = emb.shape
         slots = torch.cat([emb[:, :, None], thoughts.to(emb.dtype)], dim=2)
         s = slots.shape[2]
-        pos = torch.arange(t, device=emb.device).repeat_interleave(s)
+        pos = position_ids.repeat_interleave(s, dim=-1)
+        ok = None if valid is None else valid.repeat_interleave(s, dim=-1)
         x = self.model.add_positions(slots.reshape(b, t * s, d), pos)
-        return self.model.run_blocks(x, pos).view(b, t, s, -1)
+        return self.model.run_blocks(x, pos, cache=cache, valid=ok).view(b, t, s, -1)
 
-    def _run(self, emb: torch.Tensor, thoughts: torch.Tensor) -> torch.Tensor:
+    def _run(self, emb: torch.Tensor, thoughts: torch.Tensor, position_ids: torch.Tensor,
+             valid: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         if self.cfg.ponder.checkpoint == "pass" and torch.is_grad_enabled():
-            return checkpoint(self._pass, emb, thoughts, use_reentrant=False)
-        return self._pass(emb, thoughts)
+            return checkpoint(self._pass, emb, thoughts, position_ids, valid, cache, use_reentrant=False)
+        return self._pass(emb, thoughts, position_ids, valid, cache)
+
+    def _jacobi(self, idx: torch.Tensor, n: int, position_ids: torch.Tensor, valid: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, T, V] of ``idx`` after K init passes, ``n`` >= 1 Jacobi iterations and a
+        final pass (the only one through ``cache``, if given), and the Jacobi residual."""
+        emb = self.model.embed(idx)
+        thoughts = emb.new_zeros(*emb.shape[:2], 0, emb.shape[2])  # no thought slots yet
+        for _ in range(self.k):  # init passes of T, 2T, ..., KT slots
+            thoughts = self.model.norm_f(self._run(emb, thoughts, position_ids, valid))
+        for _ in range(n):
+            previous = thoughts
+            thoughts = self.model.norm_f(self._run(emb, thoughts, position_ids, valid)[:, :, :self.k])
+        residual = (thoughts - previous).abs().mean().detach()
+        return self.model.head(self._run(emb, thoughts, position_ids, valid, cache)[:, :, self.k]), residual
 
     def jacobi_logits(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token logits [B, T, V] after K init passes and ``n`` >= 1 Jacobi iterations, and
         the Jacobi residual: mean |change| of the thoughts in the last iteration."""
-        emb = self.model.embed(x)
-        thoughts = emb.new_zeros(*emb.shape[:2], 0, emb.shape[2])  # no thought slots yet
-        for _ in range(self.k):  # init passes of T, 2T, ..., KT slots
-            thoughts = self.model.norm_f(self._run(emb, thoughts))
-        for _ in range(n):
-            previous = thoughts
-            thoughts = self.model.norm_f(self._run(emb, thoughts)[:, :, :self.k])
-        residual = (thoughts - previous).abs().mean().detach()
-        return self.model.head(self._run(emb, thoughts)[:, :, self.k]), residual
+        return self._jacobi(x, n, torch.arange(x.shape[1], device=x.device))
 
     # --- sequential (exact) forward -------------------------------------------------------------
 
@@ -173,5 +184,14 @@ class Ponder(Method):
     def cache_slots(self, n_tokens: int) -> int:
         return n_tokens * (self.k + 1)
 
-    def step(self, idx, position_ids, valid, cache):
+    def step(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor,
+             cache: KVCache) -> torch.Tensor:
+        """Advance the cache by ``idx`` [B, T]. A prompt (T > 1) with ``prefill jacobi`` gets its
+        thoughts from ``eval_iters`` parallel Jacobi iterations (fewer sequential steps than
+        (K+1)T single slots; exact for the first 1 + eval_iters // K positions), the final pass
+        filling the cache with the same slots as the sequential path; otherwise sequential.
+        Jacobi prefill needs an empty cache (its passes see only this chunk)."""
+        p = self.cfg.ponder
+        if idx.shape[1] > 1 and p.prefill == "jacobi" and cache.lengths[0] == 0:
+            return self._jacobi(idx, p.eval_iters, position_ids, valid, cache)[0]
         return self._advance(idx, position_ids, valid, cache)
