@@ -16,10 +16,12 @@ from latentlm.config import save_yaml
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_two_processes_match_one(mode, tiny_config, tmp_path):
+@pytest.mark.parametrize("mode, method", [("ddp", "ntp"), ("fsdp2", "ntp"), ("ddp", "ponder"), ("fsdp2", "ponder")])
+def test_two_processes_match_one(mode, method, tiny_config, tmp_path):
+    """ponder reuses every block in several passes per step (and draws its Jacobi n per step):
+    both wrappers must still match one process."""
     single = tiny_config(max_steps=6, lr=3e-3, warmup_steps=1, batch_size=4, eval_batches=1, ckpt_every=3,
-                         out_dir=str(tmp_path / "single"))
+                         out_dir=str(tmp_path / "single"), method=method)
     train(single)
     save_yaml(single, tmp_path / "config.yaml")
     out = tmp_path / mode
