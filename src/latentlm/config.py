@@ -173,11 +173,39 @@ class PonderConfig:
 
 
 @dataclass
+class CocomixConfig:
+    """CoCoMix and the baselines of its paper (SPEC section 2; docs/COCOMIX.md)."""
+
+    teacher: str = ""  # latentlm run dir, Hugging Face dir, .gguf file, or "smollm2"
+    teacher_layer: int = 5  # the SAE reads the residual stream after this block (0-based)
+    sae: str = ""  # SAE directory written by `latentlm sae train`
+    labels: str = ""  # label cache from `latentlm concepts label`; empty = compute on the fly
+    k_attr: int = 4  # concept labels per token
+    acts: Literal["post", "pre"] = "post"  # attribution x post-TopK latents (official) or pre-activations
+    select: Literal["attribution", "activation"] = "attribution"  # activation = the ablation
+    insert_layer: int = 3  # the student block whose input receives the continuous concepts
+    n_concepts: int = 0  # C (0 = from the SAE); stored so checkpoints load without the SAE
+    k_concepts: int = 0  # TopK of the predicted concepts (0 = the SAE's k)
+    concept_weight: float = 0.1  # lambda of the concept loss
+    mix: Literal["interleave", "add", "none"] = "interleave"  # none = concept loss only
+    concept_loss: bool = True  # false = insertion only
+    concept_chunk: int = 2048  # tokens per chunk of the C-way concept cross-entropy
+    kd_weight: float = 0.1  # lambda_KD of knowledge distillation
+    kd_temperature: float = 1.0
+
+    def validate(self) -> None:
+        _non_negative(self, "cocomix", "teacher_layer", "insert_layer", "n_concepts", "k_concepts",
+                      "concept_weight", "kd_weight")
+        _positive(self, "cocomix", "k_attr", "concept_chunk", "kd_temperature")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ponder: PonderConfig = field(default_factory=PonderConfig)
+    cocomix: CocomixConfig = field(default_factory=CocomixConfig)
 
     @property
     def seq_len(self) -> int:
@@ -188,6 +216,7 @@ class Config:
         self.data.validate()
         self.train.validate()
         self.ponder.validate()
+        self.cocomix.validate()
         from latentlm.methods import METHODS  # late import: methods import the model
 
         if self.train.method not in METHODS:

@@ -134,6 +134,7 @@ class WindowLoader:
         lo = self.cursor + self.rank * self.batch_size
         windows = self._epoch_order(self.epoch)[lo:lo + self.batch_size]
         self.cursor += self.global_batch
+        self.last_windows = windows  # window ids of this batch (window i starts at token i * block_size)
         return _batch(self.split, windows, self.block_size, self.pin_memory)
 
     def state_dict(self) -> dict[str, int]:

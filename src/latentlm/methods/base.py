@@ -37,6 +37,12 @@ class Method(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor, nll: bool = False):
         raise NotImplementedError
 
+    def batch_inputs(self, x: torch.Tensor, y: torch.Tensor, windows) -> dict[str, torch.Tensor]:
+        """Extra keyword inputs of ``forward`` for a training batch, computed outside the wrapped
+        (DDP/FSDP/compiled) forward: e.g. CoCoMix's concept labels from a cache (by the
+        batch's window ids ``windows``, numpy int64 [B]) or from a frozen teacher."""
+        return {}
+
     def train_flops_per_token(self, seq_len: int) -> float:
         return train_flops_per_token(self.model.cfg, seq_len)
 

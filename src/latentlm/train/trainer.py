@@ -128,11 +128,12 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
         for micro in range(tc.grad_accum):
             x, y = loader.next_batch()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            extra = method.batch_inputs(x, y, loader.last_windows)
             sync = micro == tc.grad_accum - 1
             ctx = module.no_sync() if (info.mode == "ddp" and not sync) else contextlib.nullcontext()
             with ctx:
                 with amp:
-                    loss, metrics = compiled(x, y)
+                    loss, metrics = compiled(x, y, **extra)
                 (loss / tc.grad_accum).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
