@@ -113,6 +113,60 @@ def cmd_generate(a: argparse.Namespace) -> None:
             print("-" * 40)
 
 
+def _teacher_and_data(a: argparse.Namespace):
+    """The teacher of ``--teacher`` and the train/val splits of ``--data``, whose tokenizer must be the teacher's."""
+    from latentlm.concepts.teacher import load_teacher
+    from latentlm.data.loader import TokenSplit
+    from latentlm.data.prepare import check_tokenizer, load_manifest
+
+    manifest = load_manifest(a.data)
+    teacher = load_teacher(a.teacher, device=a.device)
+    check_tokenizer(manifest, teacher.tokenizer)
+    return teacher, TokenSplit(a.data, "train"), TokenSplit(a.data, "val")
+
+
+def cmd_sae_train(a: argparse.Namespace) -> None:
+    from latentlm.concepts.sae import evaluate_sae, save_sae, train_sae
+    from latentlm.data.loader import WindowLoader, iter_eval_windows
+    from latentlm.fileio import write_json_atomic
+
+    teacher, train_split, val_split = _teacher_and_data(a)
+    windows = max(1, min(a.batch_tokens // a.seq_len, (len(train_split) - 1) // a.seq_len))
+    loader = WindowLoader(train_split, a.seq_len, windows, seed=a.seed)
+
+    def stream():
+        while True:  # the loader starts a new epoch whenever one is used up; train_sae stops at --steps
+            yield teacher.hidden(loader.next_batch()[0], a.layer)
+
+    meta = {"teacher": teacher.describe(), "layer": a.layer, "tokenizer_fingerprint": teacher.tokenizer.fingerprint()}
+    sae, train_metrics = train_sae(stream(), teacher.d_model, a.latents, a.k, steps=a.steps, lr=a.lr,
+                                   batch_tokens=a.batch_tokens, seed=a.seed, device=a.device, progress=not a.quiet,
+                                   meta=meta)
+    val = (teacher.hidden(x, a.layer) for x, _ in iter_eval_windows(val_split, a.seq_len, windows))
+    metrics = evaluate_sae(sae.to(a.device), val, max_tokens=a.eval_tokens)
+    out = save_sae(sae.cpu(), a.out)
+    write_json_atomic(out / "metrics.json", {"val": metrics, "train": {k: v for k, v in train_metrics.items()
+                                                                        if k != "history"}})
+    print(f"wrote {out}: {a.latents} latents, k {a.k}, layer {a.layer}, {train_metrics['steps']} steps; val fvu "
+          f"{metrics['fvu']:.4f}  dead {metrics['dead_fraction']:.3f}  mean active {metrics['mean_active']:.2f}")
+
+
+def cmd_concepts_label(a: argparse.Namespace) -> None:
+    from latentlm.concepts.labels import build_label_cache
+    from latentlm.concepts.sae import load_sae
+
+    sae = load_sae(a.sae)
+    layer = a.layer if a.layer is not None else sae.meta.get("layer")
+    if layer is None:
+        raise LatentLMError(f"SAE {a.sae} does not record its teacher layer; pass --layer")
+    teacher, _, _ = _teacher_and_data(a)
+    m = build_label_cache(a.data, teacher, sae, a.out, seq_len=a.seq_len, layer=layer, k_attr=a.k_attr, acts=a.acts,
+                          select=a.select, batch_size=a.batch_size, limit_windows=a.limit_windows,
+                          progress=not a.quiet)
+    n, t, k = m["labels"]["shape"]
+    print(f"wrote {a.out}: labels of {n:,} windows x {t} tokens x {k} (layer {layer}, {a.acts}, {a.select})")
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
     from latentlm.demo import run_demo
 
@@ -187,6 +241,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-stop", action="store_true", help="do not stop at end-of-text")
     s.add_argument("--device", default="cpu")
     s.set_defaults(fn=cmd_generate)
+
+    s = add(sub, "sae", help="sparse autoencoders over a teacher's residual stream (CoCoMix)")
+    ssub = s.add_subparsers(dest="saecmd", required=True)
+    t = add(ssub, "train", help="train a TopK SAE on a teacher's residual stream over prepared data")
+    t.add_argument("--teacher", required=True, help="latentlm run/checkpoint, Hugging Face dir, .gguf file or smollm2")
+    t.add_argument("--layer", type=int, required=True, help="residual stream after this teacher block (0-based)")
+    t.add_argument("--data", required=True, help="prepared data directory (tokenized with the teacher's tokenizer)")
+    t.add_argument("--out", required=True, help="SAE directory to write")
+    t.add_argument("--latents", type=int, default=32768, help="number of SAE latents C")
+    t.add_argument("--k", type=int, default=32, help="active latents per token")
+    t.add_argument("--steps", type=int, default=10000)
+    t.add_argument("--batch-tokens", type=int, default=4096, help="tokens per SAE optimiser step")
+    t.add_argument("--seq-len", type=int, default=1024, help="teacher window length in tokens")
+    t.add_argument("--lr", type=float, default=4e-4)
+    t.add_argument("--eval-tokens", type=int, default=100_000, help="validation tokens for the final metrics")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(fn=cmd_sae_train)
+
+    s = add(sub, "concepts", help="concept labels for CoCoMix")
+    csub = s.add_subparsers(dest="conceptscmd", required=True)
+    t = add(csub, "label", help="precompute the concept labels of every training window into a cache")
+    t.add_argument("--teacher", required=True, help="the teacher the SAE was trained on")
+    t.add_argument("--sae", required=True, help="SAE directory from `latentlm sae train`")
+    t.add_argument("--data", required=True, help="prepared data directory of the student run")
+    t.add_argument("--out", required=True, help="cache directory to write")
+    t.add_argument("--seq-len", type=int, required=True, help="the student's training window (data.seq_len)")
+    t.add_argument("--k-attr", type=int, default=4, help="labels per token")
+    t.add_argument("--acts", default="post", choices=["post", "pre"])
+    t.add_argument("--select", default="attribution", choices=["attribution", "activation"])
+    t.add_argument("--layer", type=int, help="teacher layer (default: the SAE's)")
+    t.add_argument("--batch-size", type=int, default=8, help="windows per teacher pass")
+    t.add_argument("--limit-windows", type=int, help="only the first N windows (tests, dry runs)")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(fn=cmd_concepts_label)
 
     s = add(sub, "demo", help="the embedded-default run: prepare, train, evaluate, sample")
     s.add_argument("--out", default="runs/demo")

@@ -3,18 +3,32 @@
 A label source maps a batch (tokens ``x`` [B, T] and the loader's window ids) to labels
 [B, T, k_attr] (int64, -1 = masked). On the fly: the frozen teacher and its SAE compute
 attribution labels for the batch (SPEC 2.1). Labels depend only on the token window, so they
-can also be precomputed once into a cache (``latentlm concepts label``) and looked up by window.
+can also be precomputed once into a cache (``latentlm concepts label``, :func:`build_label_cache`) and
+looked up by window (:class:`CachedLabels`); :func:`label_source` picks one for a run.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+import latentlm
+from latentlm.concepts.attribution import concept_labels
+from latentlm.concepts.sae import PARAM_NAMES, TopKSAE, check_sae_matches, load_sae
+from latentlm.concepts.teacher import Teacher, load_teacher
 from latentlm.config import Config
+from latentlm.data.loader import TokenSplit, iter_eval_windows
+from latentlm.data.prepare import check_tokenizer, load_manifest
 from latentlm.errors import LatentLMError
+from latentlm.fileio import publish_dir, sha256_file, temp_sibling, write_json_atomic
 
 
 class LabelSource(Protocol):
@@ -25,19 +39,182 @@ class OnTheFlyLabels:
     """Attribution labels computed by the teacher + SAE for every batch."""
 
     def __init__(self, cfg: Config, device: torch.device | str):
-        from latentlm.concepts.attribution import concept_labels
-        from latentlm.concepts.sae import check_sae_matches, load_sae
-        from latentlm.concepts.teacher import load_teacher
-
         c = cfg.cocomix
         if not c.teacher or not c.sae:
             raise LatentLMError("cocomix needs --cocomix.teacher and --cocomix.sae (or a --cocomix.labels cache)")
         self.teacher = load_teacher(c.teacher, device=device)
         self.sae = load_sae(c.sae).to(device)
         check_sae_matches(self.sae, self.teacher.describe(), c.teacher_layer, self.teacher.tokenizer.fingerprint())
-        self._fn = concept_labels
         self.cfg = c
 
     def labels(self, x: torch.Tensor, windows: np.ndarray) -> torch.Tensor:
         c = self.cfg
-        return self._fn(self.teacher, self.sae, x, c.teacher_layer, k_attr=c.k_attr, acts=c.acts, select=c.select)
+        return concept_labels(self.teacher, self.sae, x, c.teacher_layer, k_attr=c.k_attr, acts=c.acts, select=c.select)
+
+
+# --------------------------------------------------------------------------------------------
+# The on-disk label cache
+
+CACHE_KIND = "latentlm-concept-labels"
+CACHE_FORMAT_VERSION = 1
+LABELS_FILE = "labels.bin"
+MANIFEST_FILE = "manifest.json"
+LABELS_DTYPE = np.dtype("<i4")
+RERUN = "re-run `latentlm concepts label` for this run"
+
+
+def sae_fingerprint(sae: TopKSAE) -> str:
+    """sha256 of an SAE's k and float32 weights: identical for an SAE and its saved copy."""
+    h = hashlib.sha256(f"topk k={sae.k}\0".encode())
+    for name in PARAM_NAMES:
+        h.update(name.encode())
+        h.update(getattr(sae, name).detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _data_identity(data_dir: str | Path) -> dict[str, Any]:
+    """The training split a cache indexes: the data manifest's sha256 and the split's size."""
+    split = TokenSplit(data_dir, "train")
+    return {"path": str(Path(data_dir).resolve()), "manifest_sha256": sha256_file(Path(data_dir) / MANIFEST_FILE),
+            "split": "train", "tokens": len(split)}
+
+
+def build_label_cache(data_dir: str | Path, teacher: Teacher, sae: TopKSAE, out_dir: str | Path, *, seq_len: int,
+                      layer: int, k_attr: int = 4, acts: Literal["post", "pre"] = "post",
+                      select: Literal["attribution", "activation"] = "attribution", batch_size: int = 8,
+                      limit_windows: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Write the concept labels of every training window of ``data_dir`` to ``out_dir``; return its manifest.
+
+    Window ``i`` is tokens ``[i * seq_len, i * seq_len + seq_len + 1)`` of the train split, as
+    :class:`~latentlm.data.loader.WindowLoader` cuts it; its labels are those of its first
+    ``seq_len`` tokens (the student's input ``x``). ``labels.bin`` is int32 little-endian
+    [n_windows, seq_len, k_attr] (-1 masked), written batch by batch into a temporary sibling
+    that is renamed into place only when complete. ``limit_windows`` keeps only the first N.
+    """
+    out = Path(out_dir)
+    if out.exists() and not (out / MANIFEST_FILE).is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise LatentLMError(f"{out} exists and is not a label cache; choose a new directory or remove it")
+    if seq_len < 1 or batch_size < 1 or (limit_windows is not None and limit_windows < 1):
+        raise LatentLMError(f"seq_len, batch_size and limit_windows must be >= 1; got {seq_len}, {batch_size}, "
+                            f"{limit_windows}")
+    check_tokenizer(load_manifest(data_dir), teacher.tokenizer)
+    check_sae_matches(sae, teacher.describe(), layer, teacher.tokenizer.fingerprint())
+    split = TokenSplit(data_dir, "train")
+    split_windows = (len(split) - 1) // seq_len
+    n = split_windows if limit_windows is None else min(split_windows, limit_windows)
+    if n == 0:
+        raise LatentLMError(f"the train split of {data_dir} has {len(split)} tokens, fewer than one window of "
+                            f"{seq_len + 1}; lower --seq-len or prepare more data")
+    sae = sae.to(teacher.device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        bar = tqdm(total=n, disable=not progress, unit="window", desc="labels", dynamic_ncols=True)
+        done = 0
+        with open(tmp / LABELS_FILE, "wb") as f:
+            for x, _ in iter_eval_windows(split, seq_len, batch_size, max_batches=-(-n // batch_size)):
+                x = x[:n - done]
+                labels = concept_labels(teacher, sae, x, layer, k_attr=k_attr, acts=acts, select=select)
+                f.write(labels.cpu().numpy().astype(LABELS_DTYPE).tobytes())
+                done += len(x)
+                bar.update(len(x))
+            f.flush()
+            os.fsync(f.fileno())
+        bar.close()
+        manifest = {
+            "kind": CACHE_KIND, "format_version": CACHE_FORMAT_VERSION, "latentlm_version": latentlm.__version__,
+            "data": _data_identity(data_dir), "seq_len": seq_len, "n_windows": n, "split_windows": split_windows,
+            "teacher": teacher.describe(), "layer": layer,
+            "sae": {"fingerprint": sae_fingerprint(sae), "n_latents": sae.n_latents, "k": sae.k, "meta": sae.meta},
+            "k_attr": k_attr, "acts": acts, "select": select,
+            "labels": {"file": LABELS_FILE, "dtype": "int32", "byteorder": "little", "shape": [n, seq_len, k_attr],
+                       "bytes": (tmp / LABELS_FILE).stat().st_size, "sha256": sha256_file(tmp / LABELS_FILE)},
+        }
+        write_json_atomic(tmp / MANIFEST_FILE, manifest)
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _teacher_spec_matches(spec: str, recorded: dict[str, Any]) -> bool:
+    """Whether teacher ``spec`` is the recorded teacher, without loading it: a latentlm checkpoint by
+    its fingerprint (sha256 of its manifest), any other teacher by its resolved path."""
+    from latentlm.concepts.teacher import smollm2_gguf
+    from latentlm.train.checkpoint import resolve_checkpoint
+
+    p = Path(spec)
+    if recorded.get("kind") == "latentlm":
+        if not ((p / MANIFEST_FILE).is_file() or (p / "checkpoints").is_dir()):
+            return False
+        return sha256_file(resolve_checkpoint(p) / MANIFEST_FILE) == recorded.get("fingerprint")
+    path = smollm2_gguf() if spec == "smollm2" else p
+    return path.resolve() == Path(str(recorded.get("path"))).resolve()
+
+
+class CachedLabels:
+    """Labels looked up by window id in a cache written by :func:`build_label_cache` (memory-mapped).
+
+    Opening checks that the cache belongs to this run: the data (manifest sha256), ``seq_len``,
+    ``k_attr``, ``acts``, ``select``, ``teacher_layer`` and, when the config names them, the
+    teacher and the SAE. ``verify="sha256"`` also checksums labels.bin (slow for large caches).
+    """
+
+    def __init__(self, cache_dir: str | Path, cfg: Config, data_dir: str | Path, seq_len: int, *,
+                 verify: Literal["size", "sha256"] = "size"):
+        self.dir = Path(cache_dir)
+        path = self.dir / MANIFEST_FILE
+        if not path.is_file():
+            raise LatentLMError(f"label cache {self.dir} has no {MANIFEST_FILE}; create it with "
+                                "`latentlm concepts label`")
+        try:
+            m = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise LatentLMError(f"{path} is not valid JSON; {RERUN}") from None
+        if not isinstance(m, dict) or m.get("kind") != CACHE_KIND or m.get("format_version") != CACHE_FORMAT_VERSION:
+            raise LatentLMError(f"{path} is not a label cache of format version {CACHE_FORMAT_VERSION}; {RERUN}")
+        self.manifest = m
+        c = cfg.cocomix
+        data = _data_identity(data_dir)
+        checks = [("data manifest sha256", m["data"]["manifest_sha256"], data["manifest_sha256"]),
+                  ("seq_len", m["seq_len"], seq_len), ("k_attr", m["k_attr"], c.k_attr), ("acts", m["acts"], c.acts),
+                  ("select", m["select"], c.select), ("teacher_layer", m["layer"], c.teacher_layer)]
+        for name, cached, run in checks:
+            if cached != run:
+                raise LatentLMError(f"label cache {self.dir} was built with {name} {str(cached)[:16]}, this run uses "
+                                    f"{str(run)[:16]}; {RERUN}")
+        if c.teacher and not _teacher_spec_matches(c.teacher, m["teacher"]):
+            raise LatentLMError(f"label cache {self.dir} was built with teacher {m['teacher'].get('path')}, not "
+                                f"{c.teacher}; {RERUN}")
+        if c.sae and sae_fingerprint(load_sae(c.sae)) != m["sae"]["fingerprint"]:
+            raise LatentLMError(f"label cache {self.dir} was built with another SAE than {c.sae}; {RERUN}")
+        info = m["labels"]
+        file = self.dir / info["file"]
+        n, t, k = info["shape"]
+        if not file.is_file() or file.stat().st_size != n * t * k * LABELS_DTYPE.itemsize:
+            raise LatentLMError(f"{file} is missing or has the wrong size for shape {info['shape']}; {RERUN}")
+        if verify == "sha256" and sha256_file(file) != info["sha256"]:
+            raise LatentLMError(f"{file} does not match its sha256 in the manifest (corrupted); {RERUN}")
+        self.n_windows, self.seq_len, self.k_attr = n, t, k
+        self._labels = np.memmap(file, dtype=LABELS_DTYPE, mode="r", shape=(n, t, k))
+
+    def labels(self, x: torch.Tensor, windows: np.ndarray) -> torch.Tensor:
+        """int64 [B, T, k_attr] labels of the windows ``windows`` (the loader's ids), on ``x``'s device."""
+        windows = np.asarray(windows, dtype=np.int64)
+        if x.shape != (len(windows), self.seq_len):
+            raise LatentLMError(f"batch {tuple(x.shape)} does not fit label cache {self.dir}: expected "
+                                f"[{len(windows)}, {self.seq_len}]")
+        if len(windows) and (windows.min() < 0 or windows.max() >= self.n_windows):
+            raise LatentLMError(f"window {int(windows.max())} is outside the {self.n_windows} windows of label cache "
+                                f"{self.dir} (built with --limit-windows?); {RERUN} on the whole split")
+        return torch.from_numpy(self._labels[windows].astype(np.int64)).to(x.device)
+
+
+def label_source(cfg: Config, device: torch.device | str) -> LabelSource:
+    """The run's label source: the cache ``cocomix.labels`` if set, else teacher + SAE on the fly."""
+    if cfg.cocomix.labels:
+        return CachedLabels(cfg.cocomix.labels, cfg, cfg.data.path, cfg.seq_len, verify=cfg.data.verify)
+    return OnTheFlyLabels(cfg, device)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from latentlm.config import Config
 from latentlm.methods.base import Method
+from latentlm.methods.kd import KD
+from latentlm.methods.cocomix import Cocomix, PauseInsert
 from latentlm.methods.loop import Loop
 from latentlm.methods.ntp import NTP
 from latentlm.methods.pause import Pause
@@ -17,6 +19,9 @@ METHODS: dict[str, type[Method]] = {
     "pause": Pause,
     "loop": Loop,
     "ponderlm": PonderLM,
+    "kd": KD,
+    "cocomix": Cocomix,
+    "pause_insert": PauseInsert,
 }
 
 

@@ -1,0 +1,88 @@
+"""Knowledge distillation: the baseline CoCoMix is compared against (SPEC 2.6).
+
+The student is trained on ``CE(student, next token) + kd_weight * tau^2 * KL(p_teacher || p_student)``
+with both distributions at temperature ``tau = cocomix.kd_temperature`` (SPEC: 1, where the
+``tau^2`` factor, Hinton et al.'s gradient-scale correction, is 1 too). The frozen teacher
+(``cocomix.teacher``) is loaded on first use and kept outside the module, so it is neither
+trained nor saved in checkpoints; its logits reach ``forward`` through :meth:`KD.batch_inputs`.
+The teacher must use the student's tokenizer (same vocabulary, same ids).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from latentlm.concepts.teacher import HFTeacher, LatentLMTeacher, Teacher, load_teacher
+from latentlm.config import Config
+from latentlm.data.prepare import check_tokenizer, load_manifest
+from latentlm.errors import LatentLMError
+from latentlm.methods.base import Method
+from latentlm.model.transformer import Transformer
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over tokens of ``tau^2 * KL(softmax(teacher / tau) || softmax(student / tau))``, in float32.
+
+    Logits are [..., V]; gradients flow into the student only.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise LatentLMError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                            f"{tuple(teacher_logits.shape)} differ; KD needs one shared vocabulary")
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    kl = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)
+    return kl.mean() * temperature ** 2
+
+
+@torch.no_grad()
+def teacher_forward_logits(teacher: Teacher, idx: torch.Tensor) -> torch.Tensor:
+    """Next-token logits [B, T, V] of a frozen teacher on ``idx`` (V = its tokenizer's vocabulary)."""
+    if isinstance(teacher, LatentLMTeacher):
+        logits = teacher.model(idx.to(teacher.device))
+    elif isinstance(teacher, HFTeacher):
+        logits = teacher.model(input_ids=idx.to(teacher.device), use_cache=False).logits
+    else:
+        raise LatentLMError(f"cannot compute logits of teacher kind {teacher.kind!r}; use a latentlm or "
+                            "Hugging Face teacher")
+    return logits[..., :teacher.tokenizer.vocab_size].to(idx.device)
+
+
+class KD(Method):
+    name = "kd"
+
+    def __init__(self, model: Transformer, cfg: Config):
+        super().__init__(model, cfg)
+        self._teacher: Teacher | None = None  # a plain attribute: not a submodule, never in a checkpoint
+
+    def teacher(self, device: torch.device) -> Teacher:
+        """The frozen teacher, loaded on ``device`` on first use and checked against the student's vocabulary."""
+        if self._teacher is None:
+            spec = self.cfg.cocomix.teacher
+            if not spec:
+                raise LatentLMError("train.method kd needs a teacher: set --cocomix.teacher")
+            teacher = load_teacher(spec, device=device)
+            if teacher.tokenizer.vocab_size != self.cfg.model.vocab_size:
+                raise LatentLMError(f"KD teacher {spec} has a vocabulary of {teacher.tokenizer.vocab_size} tokens, the "
+                                    f"student {self.cfg.model.vocab_size}; teacher and student must share a tokenizer")
+            check_tokenizer(load_manifest(self.cfg.data.path), teacher.tokenizer)
+            self._teacher = teacher
+        return self._teacher
+
+    def batch_inputs(self, x: torch.Tensor, y: torch.Tensor, windows) -> dict[str, torch.Tensor]:
+        return {"teacher_logits": teacher_forward_logits(self.teacher(x.device), x)}
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, nll: bool = False,
+                teacher_logits: torch.Tensor | None = None):
+        logits = self.model(x)
+        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        if nll:
+            return losses
+        if teacher_logits is None:
+            raise LatentLMError("KD training batches need teacher_logits (the trainer gets them from batch_inputs)")
+        ntp = losses.mean()
+        kd = kd_loss(logits, teacher_logits, self.cfg.cocomix.kd_temperature)
+        return ntp + self.cfg.cocomix.kd_weight * kd, {"ntp_loss": ntp.detach(), "kd_loss": kd.detach()}
+
+    def step(self, idx, position_ids, valid, cache):
+        return self.model(idx, position_ids=position_ids, cache=cache, valid=valid)
