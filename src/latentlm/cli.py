@@ -105,6 +105,18 @@ def cmd_generate(a: argparse.Namespace) -> None:
     tokenizer = checkpoint_tokenizer(a.checkpoint, manifest)
     prompts = a.prompt or [""]
     ids = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
+    if a.steer:
+        if not hasattr(method, "set_steering"):
+            raise LatentLMError(f"--steer needs a cocomix checkpoint; this one was trained with {method.name!r}")
+        concepts, alphas = [], []
+        for item in a.steer:
+            try:
+                c, alpha = item.split("=")
+                concepts.append(int(c))
+                alphas.append(float(alpha))
+            except ValueError:
+                raise LatentLMError(f"--steer {item!r} is not CONCEPT=ALPHA (e.g. --steer 123=5)") from None
+        method.set_steering(concepts, alphas, on_prompt=a.steer_prompt)
     outs = generate(method, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                     top_p=a.top_p, eot_id=tokenizer.eot_id, stop_at_eot=not a.no_stop, seed=a.seed)
     for p, o in zip(prompts, outs):
@@ -239,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, default=None)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-stop", action="store_true", help="do not stop at end-of-text")
+    s.add_argument("--steer", action="append", metavar="CONCEPT=ALPHA",
+                   help="cocomix: multiply this concept's predicted logit by ALPHA before the TopK (repeatable)")
+    s.add_argument("--steer-prompt", action="store_true", help="also steer at prompt positions")
     s.add_argument("--device", default="cpu")
     s.set_defaults(fn=cmd_generate)
 

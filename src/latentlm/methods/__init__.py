@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from latentlm.config import Config
 from latentlm.methods.base import Method
-from latentlm.methods.kd import KD
 from latentlm.methods.cocomix import Cocomix, PauseInsert
+from latentlm.methods.kd import KD
 from latentlm.methods.loop import Loop
 from latentlm.methods.ntp import NTP
 from latentlm.methods.pause import Pause
