@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from latentlm.config import Config
 from latentlm.errors import LatentLMError
@@ -76,3 +77,39 @@ def unwrap(module: nn.Module) -> Method:
     while not isinstance(module, Method):
         module = getattr(module, "module", None) or module._orig_mod
     return module
+
+
+def token_positions(x: torch.Tensor) -> torch.Tensor:
+    """Position ids 0..T-1 for every row of ``x`` [B, T]."""
+    return torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
+
+
+def token_nll(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy [B, T] in float32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+
+
+class LogitsMethod(Method):
+    """A method whose loss is next-token cross-entropy on ``logits(idx, position_ids, valid, cache)``
+    and whose generation step is the same call through the cache. Subclasses define ``logits`` and
+    ``forward_flops_per_token``; training costs 3 x forward (gradients flow through everything)."""
+
+    def logits(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor | None = None,
+               cache: KVCache | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_flops_per_token(self, seq_len: int) -> float:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, nll: bool = False):
+        losses = token_nll(self.logits(x, token_positions(x)), y)
+        if nll:
+            return losses
+        loss = losses.mean()
+        return loss, {f"{self.name}_loss": loss.detach()}
+
+    def train_flops_per_token(self, seq_len: int) -> float:
+        return 3.0 * self.forward_flops_per_token(seq_len)
+
+    def step(self, idx, position_ids, valid, cache):
+        return self.logits(idx, position_ids, valid, cache)

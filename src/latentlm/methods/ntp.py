@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
-from latentlm.methods.base import Method
+from latentlm.methods.base import LogitsMethod
+from latentlm.model.flops import forward_flops_per_slot
 
 
-class NTP(Method):
+class NTP(LogitsMethod):
     name = "ntp"
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, nll: bool = False):
-        logits = self.model(x)
-        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-        if nll:
-            return losses
-        loss = losses.mean()
-        return loss, {"ntp_loss": loss.detach()}
-
-    def step(self, idx, position_ids, valid, cache):
+    def logits(self, idx, position_ids, valid=None, cache=None):
         return self.model(idx, position_ids=position_ids, cache=cache, valid=valid)
+
+    def forward_flops_per_token(self, seq_len: int) -> float:
+        return forward_flops_per_slot(self.model.cfg, seq_len)

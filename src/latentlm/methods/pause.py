@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from latentlm.config import Config
-from latentlm.methods.base import Method
+from latentlm.methods.base import LogitsMethod
 from latentlm.model.flops import forward_flops_per_slot
 from latentlm.model.transformer import KVCache, Transformer
 
 
-class Pause(Method):
+class Pause(LogitsMethod):
     name = "pause"
 
     def __init__(self, model: Transformer, cfg: Config):
@@ -46,26 +45,11 @@ class Pause(Method):
         h = self.model.run_blocks(self.model.add_positions(slots, pos), pos, cache=cache, valid=ok)
         return self.model.head(h.view(b, t, self.k + 1, -1)[:, :, self.k])
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, nll: bool = False):
-        pos = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
-        logits = self.logits(x, pos)
-        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-        if nll:
-            return losses
-        loss = losses.mean()
-        return loss, {"pause_loss": loss.detach()}
-
     def forward_flops_per_token(self, seq_len: int) -> float:
         """K+1 slots per token through the blocks over a (K+1)T context, the head once."""
         cfg = self.model.cfg
         blocks = (self.k + 1) * forward_flops_per_slot(cfg, (self.k + 1) * seq_len, head=False)
         return blocks + forward_flops_per_slot(cfg, 0, n_layers=0)
 
-    def train_flops_per_token(self, seq_len: int) -> float:
-        return 3.0 * self.forward_flops_per_token(seq_len)
-
     def cache_slots(self, n_tokens: int) -> int:
         return n_tokens * (self.k + 1)
-
-    def step(self, idx, position_ids, valid, cache):
-        return self.logits(idx, position_ids, valid, cache)

@@ -16,15 +16,14 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from latentlm.config import Config
-from latentlm.methods.base import Method
+from latentlm.methods.base import LogitsMethod
 from latentlm.model.flops import forward_flops_per_slot
 from latentlm.model.transformer import KVCache, Transformer
 
 
-class PonderLM(Method):
+class PonderLM(LogitsMethod):
     name = "ponderlm"
 
     def __init__(self, model: Transformer, cfg: Config):
@@ -48,15 +47,6 @@ class PonderLM(Method):
                 e = e0 + probs.to(w.dtype) @ w
         return logits
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, nll: bool = False):
-        pos = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
-        logits = self.logits(x, pos)
-        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-        if nll:
-            return losses
-        loss = losses.mean()
-        return loss, {"ponderlm_loss": loss.detach()}
-
     def forward_flops_per_token(self, seq_len: int) -> float:
         """K+1 passes of the blocks over a T context and K+1 heads, plus K mixtures p @ W_E
         (2 V d each, real vocabulary)."""
@@ -64,12 +54,6 @@ class PonderLM(Method):
         mix = 2.0 * cfg.vocab_size * cfg.n_embd
         return (self.k + 1) * forward_flops_per_slot(cfg, seq_len) + self.k * mix
 
-    def train_flops_per_token(self, seq_len: int) -> float:
-        return 3.0 * self.forward_flops_per_token(seq_len)
-
     def new_cache(self, batch: int, n_tokens: int) -> KVCache:
         """One set of cache layers per pass (n_tokens slots each)."""
         return self.model.new_cache(batch, self.cache_slots(n_tokens), passes=self.k + 1)
-
-    def step(self, idx, position_ids, valid, cache):
-        return self.logits(idx, position_ids, valid, cache)
