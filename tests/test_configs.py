@@ -38,3 +38,53 @@ def test_ponder_presets_match_the_official_shapes(name):
     assert m.embed_scale == pytest.approx((2.5 * m.n_embd) ** 0.5, rel=1e-6)
     t = cfg.train
     assert t.batch_size * t.grad_accum == 256 and t.max_steps == 50000 and t.lr == 2e-4 and t.min_lr == 2e-5
+
+
+COCOMIX = {"69m": (8, 512, 8, 3, 624, 512), "386m": (24, 1024, 16, 5, 1072, 512),
+           "1.38b": (24, 2048, 16, 5, 2096, 1024)}
+
+
+def activated_params(method) -> int:
+    """Parameters used per token: all of the method's (tied embeddings counted once) except the
+    C - k rows of W_comp that the TopK does not gather."""
+    total = sum(p.numel() for p in method.parameters())
+    w = getattr(method, "compress_weight", None)
+    return total if w is None else total - (method.n_concepts - method.k) * w.shape[1]
+
+
+@pytest.mark.parametrize("size", COCOMIX)
+def test_cocomix_presets_and_their_width_matched_ntp_baselines(size):
+    """SPEC 2.4 shapes and schedules; both build on the meta device without an SAE; the widened NTP
+    baseline has the student's activated parameter count within 3% (measured: 69M +1.7%, 386M -0.6%,
+    1.38B -0.5%; the NTP totals are 69.5M, 386.3M and 1373.5M, the paper's size names)."""
+    import torch
+
+    from latentlm.methods import build_method
+    from latentlm.methods.cocomix import Cocomix
+
+    n_layer, d, heads, insert, d_wide, batch = COCOMIX[size]
+    root = Path(__file__).parent.parent / "configs" / "cocomix"
+    student_cfg, ntp_cfg = make_config(root / f"cocomix-{size}.yaml"), make_config(root / f"ntp-{size}-wide.yaml")
+    for cfg, width in ((student_cfg, d), (ntp_cfg, d_wide)):
+        m, t = cfg.model, cfg.train
+        assert (m.arch, m.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd) == (
+            "gpt2", 50257, 1024, n_layer, heads, width)
+        assert t.batch_size * t.grad_accum == batch and t.max_steps == 20_480_000 // batch  # 20B tokens
+        assert t.min_lr == pytest.approx(t.lr / 10) and t.dtype == "bfloat16"
+    assert (student_cfg.train.method, ntp_cfg.train.method) == ("cocomix", "ntp")
+    assert student_cfg.cocomix.insert_layer == insert and not student_cfg.cocomix.sae
+    with torch.device("meta"):
+        student, ntp = build_method(student_cfg), build_method(ntp_cfg)
+    assert isinstance(student, Cocomix) and (student.n_concepts, student.k) == (32768, 32)
+    assert activated_params(ntp) == pytest.approx(activated_params(student), rel=0.03)
+
+
+def test_cocomix_tiny_preset_builds_for_every_baseline():
+    """The CPU preset builds without an SAE (C and k set) as CoCoMix and each paper baseline."""
+    from latentlm.methods import build_method
+
+    path = Path(__file__).parent.parent / "configs" / "cocomix" / "tiny.yaml"
+    for method in ("cocomix", "ntp", "pause_insert", "kd", "kd_pause"):
+        built = build_method(make_config(path, overrides=["--train.method", method]))
+        assert built.name == method and built.model.cfg.vocab_size == 8192
+    assert make_config(path).cocomix.insert_layer == 1

@@ -179,6 +179,47 @@ def cmd_concepts_label(a: argparse.Namespace) -> None:
     print(f"wrote {a.out}: labels of {n:,} windows x {t} tokens x {k} (layer {layer}, {a.acts}, {a.select})")
 
 
+def cmd_concepts_contexts(a: argparse.Namespace) -> None:
+    from latentlm.concepts.inspect import collect_top_contexts, save_contexts
+    from latentlm.concepts.sae import load_sae
+
+    sae = load_sae(a.sae)
+    layer = a.layer if a.layer is not None else sae.meta.get("layer")
+    if layer is None:
+        raise LatentLMError(f"SAE {a.sae} does not record its teacher layer; pass --layer")
+    teacher, _, _ = _teacher_and_data(a)
+    contexts = collect_top_contexts(teacher, sae, layer, a.data, split=a.split, seq_len=a.seq_len,
+                                    batch_size=a.batch_size, max_tokens=a.max_tokens, top_n=a.top_n,
+                                    progress=not a.quiet)
+    path = save_contexts(contexts, a.sae)
+    print(f"wrote {path}: top {a.top_n} contexts of {len(contexts['concepts']):,} / {sae.n_latents:,} active "
+          f"latents over {contexts['meta']['tokens_scanned']:,} {a.split} tokens (layer {layer})")
+
+
+def cmd_concepts_inspect(a: argparse.Namespace) -> None:
+    from latentlm.concepts.inspect import NO_DESCRIPTION, inspect_text, load_contexts
+    from latentlm.train.checkpoint import checkpoint_tokenizer, load_method
+
+    method, cfg, manifest = load_method(a.checkpoint, a.device)
+    if manifest["method"] != "cocomix":
+        raise LatentLMError(f"concepts inspect needs a cocomix checkpoint; {a.checkpoint} was trained with "
+                            f"{manifest['method']!r}")
+    sae_dir = a.sae or cfg.cocomix.sae
+    contexts = load_contexts(sae_dir) if sae_dir else None
+    records = inspect_text(method, checkpoint_tokenizer(a.checkpoint, manifest), a.text, top=a.top, contexts=contexts)
+    if a.json:
+        print(json.dumps(records))
+        return
+    if contexts is None:
+        print(NO_DESCRIPTION)
+    for r in records:
+        print(f"{r['position']:>4} {r['token']!r:<8} "
+              + "  ".join(f"{c['id']}({c['z']:+.3f})" for c in r["concepts"]))
+        if contexts is not None:
+            for c in r["concepts"]:
+                print(f"       {c['id']:>6}  {c['description']}")
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
     from latentlm.demo import run_demo
 
@@ -198,8 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = add(sub, "prepare", help="tokenize a corpus into token shards + manifest")
     s.add_argument("--source", default="wiki", help="wiki (embedded default), a text/JSONL file, a directory, "
                    "a glob, or hf:NAME_OR_PATH[:split]")
-    s.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "bpe", "byte"])
-    s.add_argument("--tokenizer-path", help="tokenizer.json for --tokenizer bpe")
+    s.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "bpe", "byte", "hf"],
+                   help="hf: a Hugging Face teacher's tokenizer, for CoCoMix (needs --tokenizer-path)")
+    s.add_argument("--tokenizer-path", help="tokenizer.json for --tokenizer bpe; for hf: smollm2, a .gguf file "
+                   "or a Hugging Face model directory")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--val-fraction", type=float, default=0.01)
     s.add_argument("--seed", type=int, default=0)
@@ -293,6 +336,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(fn=cmd_concepts_label)
+    t = add(csub, "contexts", help="top activating corpus snippets of every SAE latent (concept descriptions)")
+    t.add_argument("--teacher", required=True, help="the teacher the SAE was trained on")
+    t.add_argument("--sae", required=True, help="SAE directory; contexts.json is written into it")
+    t.add_argument("--data", required=True, help="prepared data directory (tokenized with the teacher's tokenizer)")
+    t.add_argument("--split", default="val", choices=["train", "val"])
+    t.add_argument("--layer", type=int, help="teacher layer (default: the SAE's)")
+    t.add_argument("--max-tokens", type=int, default=100_000, help="scan at most this many tokens")
+    t.add_argument("--top-n", type=int, default=8, help="snippets kept per latent")
+    t.add_argument("--seq-len", type=int, default=64, help="teacher window length in tokens")
+    t.add_argument("--batch-size", type=int, default=8, help="windows per teacher pass")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(fn=cmd_concepts_contexts)
+    t = add(csub, "inspect", help="the concepts a cocomix checkpoint predicts at each token of a text")
+    t.add_argument("checkpoint", help="cocomix run directory or checkpoints/step_* directory")
+    t.add_argument("--text", required=True, help="text to inspect")
+    t.add_argument("--top", type=int, default=5, help="concepts shown per token")
+    t.add_argument("--sae", help="SAE directory with contexts.json for descriptions (default: the run's cocomix.sae)")
+    t.add_argument("--json", action="store_true", help="print the per-token records as JSON")
+    t.add_argument("--device", default="cpu")
+    t.set_defaults(fn=cmd_concepts_inspect)
 
     s = add(sub, "demo", help="the embedded-default run: prepare, train, evaluate, sample")
     s.add_argument("--out", default="runs/demo")

@@ -185,7 +185,7 @@ class HFTokenizer(Tokenizer):
                                 "use a teacher whose tokenizer has one")
         self._tok, self.path = tok, path
         self.vocab_size = len(tok)
-        self.eot_id = int(tok.eos_token_id)
+        self.eot_id = int(tok.get_vocab().get("<|endoftext|>", tok.eos_token_id))  # the document separator
         backend = getattr(tok, "backend_tokenizer", None)
         raw = backend.to_str() if backend is not None else json.dumps(tok.get_vocab())
         canonical = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":"))

@@ -237,19 +237,20 @@ def _check_destination(out_dir: Path, overwrite: bool) -> None:
 
 def _own_tokenizer_copy(tokenizer: Tokenizer, directory: Path) -> dict[str, Any]:
     """The tokenizer's manifest entry; a trained BPE's tokenizer.json is copied next to the
-    shards and recorded relative to them, so a prepared directory is self-contained."""
+    shards and recorded relative to them, so a prepared directory is self-contained. An ``hf``
+    tokenizer keeps the absolute path of its teacher (a GGUF file can be 100s of MB)."""
     desc = tokenizer.describe()
-    if "path" in desc:
+    if desc["name"] == "bpe":
         shutil.copyfile(desc["path"], directory / TOKENIZER_FILE)
         desc["path"] = TOKENIZER_FILE
     return desc
 
 
 def tokenizer_for(manifest: Mapping[str, Any], data_dir: str | Path) -> Tokenizer:
-    """Load the tokenizer a prepared directory was made with (relative paths resolve in it)."""
+    """Load the tokenizer a prepared directory was made with (a BPE's file resolves in it)."""
     desc = manifest["tokenizer"]
     path = desc.get("path")
-    if path is not None:
+    if desc["name"] == "bpe":
         path = Path(data_dir) / path
     return load_tokenizer(desc["name"], path)
 

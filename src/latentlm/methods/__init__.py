@@ -5,7 +5,7 @@ from __future__ import annotations
 from latentlm.config import Config
 from latentlm.methods.base import Method
 from latentlm.methods.cocomix import Cocomix, PauseInsert
-from latentlm.methods.kd import KD
+from latentlm.methods.kd import KD, KDPause
 from latentlm.methods.loop import Loop
 from latentlm.methods.ntp import NTP
 from latentlm.methods.pause import Pause
@@ -22,6 +22,7 @@ METHODS: dict[str, type[Method]] = {
     "kd": KD,
     "cocomix": Cocomix,
     "pause_insert": PauseInsert,
+    "kd_pause": KDPause,
 }
 
 

@@ -4,8 +4,9 @@ The student is trained on ``CE(student, next token) + kd_weight * tau^2 * KL(p_t
 with both distributions at temperature ``tau = cocomix.kd_temperature`` (SPEC: 1, where the
 ``tau^2`` factor, Hinton et al.'s gradient-scale correction, is 1 too). The frozen teacher
 (``cocomix.teacher``) is loaded on first use and kept outside the module, so it is neither
-trained nor saved in checkpoints; its logits reach ``forward`` through :meth:`KD.batch_inputs`.
-The teacher must use the student's tokenizer (same vocabulary, same ids).
+trained nor saved in checkpoints; its logits reach ``forward`` through ``batch_inputs``.
+The teacher must use the student's tokenizer (same vocabulary, same ids). ``kd_pause``
+(:class:`KDPause`) is the same loss on :class:`~latentlm.methods.cocomix.PauseInsert`'s student.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from latentlm.config import Config
 from latentlm.data.prepare import check_tokenizer, load_manifest
 from latentlm.errors import LatentLMError
 from latentlm.methods.base import Method
+from latentlm.methods.cocomix import PauseInsert, _positions
 from latentlm.model.transformer import Transformer
 
 
@@ -48,19 +50,22 @@ def teacher_forward_logits(teacher: Teacher, idx: torch.Tensor) -> torch.Tensor:
     return logits[..., :teacher.tokenizer.vocab_size].to(idx.device)
 
 
-class KD(Method):
-    name = "kd"
+class TeacherDistillation:
+    """Mixin for a :class:`Method`: the frozen teacher, its logits as ``batch_inputs`` and the
+    ``NTP + kd_weight * KD`` loss. The teacher is a plain attribute: not a submodule, never in a checkpoint."""
+
+    cfg: Config
 
     def __init__(self, model: Transformer, cfg: Config):
         super().__init__(model, cfg)
-        self._teacher: Teacher | None = None  # a plain attribute: not a submodule, never in a checkpoint
+        self._teacher: Teacher | None = None
 
     def teacher(self, device: torch.device) -> Teacher:
         """The frozen teacher, loaded on ``device`` on first use and checked against the student's vocabulary."""
         if self._teacher is None:
             spec = self.cfg.cocomix.teacher
             if not spec:
-                raise LatentLMError("train.method kd needs a teacher: set --cocomix.teacher")
+                raise LatentLMError(f"train.method {self.cfg.train.method} needs a teacher: set --cocomix.teacher")
             teacher = load_teacher(spec, device=device)
             if teacher.tokenizer.vocab_size != self.cfg.model.vocab_size:
                 raise LatentLMError(f"KD teacher {spec} has a vocabulary of {teacher.tokenizer.vocab_size} tokens, the "
@@ -72,9 +77,8 @@ class KD(Method):
     def batch_inputs(self, x: torch.Tensor, y: torch.Tensor, windows) -> dict[str, torch.Tensor]:
         return {"teacher_logits": teacher_forward_logits(self.teacher(x.device), x)}
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, nll: bool = False,
-                teacher_logits: torch.Tensor | None = None):
-        logits = self.model(x)
+    def distill(self, logits: torch.Tensor, y: torch.Tensor, nll: bool, teacher_logits: torch.Tensor | None):
+        """Per-token NLL [B, T] with ``nll``, else ``(CE + kd_weight * kd_loss, metrics)`` of the student's logits."""
         losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
         if nll:
             return losses
@@ -84,5 +88,25 @@ class KD(Method):
         kd = kd_loss(logits, teacher_logits, self.cfg.cocomix.kd_temperature)
         return ntp + self.cfg.cocomix.kd_weight * kd, {"ntp_loss": ntp.detach(), "kd_loss": kd.detach()}
 
+
+class KD(TeacherDistillation, Method):
+    name = "kd"
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, nll: bool = False,
+                teacher_logits: torch.Tensor | None = None):
+        return self.distill(self.model(x), y, nll, teacher_logits)
+
     def step(self, idx, position_ids, valid, cache):
         return self.model(idx, position_ids=position_ids, cache=cache, valid=valid)
+
+
+class KDPause(TeacherDistillation, PauseInsert):
+    """The CoCoMix paper's "KD + pause" baseline: :class:`PauseInsert`'s student (a learned vector after
+    every token at the insert layer, read for the next token) trained with :class:`KD`'s loss. Its FLOPs
+    are PauseInsert's; the teacher's forward is not counted (as for KD)."""
+
+    name = "kd_pause"
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, nll: bool = False,
+                teacher_logits: torch.Tensor | None = None):
+        return self.distill(self.logits(x, _positions(x)), y, nll, teacher_logits)

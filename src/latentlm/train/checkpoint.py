@@ -85,7 +85,7 @@ def save_checkpoint(run_dir: str | Path, step: int, module: torch.nn.Module, opt
         torch.save({f"rank{r}_{k}": v for r, s in enumerate(rngs) for k, v in s.items()}, tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
         extra = dict(extra or {})
-        if "path" in extra.get("tokenizer", {}):  # a trained BPE travels with the checkpoint
+        if extra.get("tokenizer", {}).get("name") == "bpe":  # a trained BPE travels with the checkpoint
             shutil.copyfile(extra["tokenizer"]["path"], tmp / TOKENIZER_FILE)
             extra["tokenizer"] = {**extra["tokenizer"], "path": TOKENIZER_FILE}
         save_yaml(cfg, tmp / "config.yaml")
