@@ -61,3 +61,23 @@ def tiny_config(byte_wiki: Path, tmp_path: Path):
         return make_config(base=base)
 
     return make
+
+
+def recorded_generate(method, prompts: list[list[int]], max_new_tokens: int):
+    """Greedy ``generate`` that also returns the logits of every ``method.step`` call (prefill
+    first), for checking cached decoding against a parallel forward."""
+    from latentlm.generate import generate
+
+    seen, step = [], method.step
+
+    def recording(idx, position_ids, valid, cache):
+        logits = step(idx, position_ids, valid, cache)
+        seen.append(logits.clone())
+        return logits
+
+    method.step = recording
+    try:
+        outs = generate(method, prompts, max_new_tokens=max_new_tokens, temperature=0.0)
+    finally:
+        del method.step
+    return outs, seen

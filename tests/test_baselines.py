@@ -13,7 +13,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from latentlm.config import make_config
-from latentlm.generate import generate
 from latentlm.methods import METHODS, build_method
 from latentlm.methods.base import Method
 from latentlm.methods.ponder import paper_embed_scale
@@ -21,6 +20,8 @@ from latentlm.train import checkpoint as ckpt_io
 from latentlm.train import trainer
 from latentlm.train.metrics import read_metrics
 from latentlm.train.trainer import train
+
+from conftest import recorded_generate
 
 VOCAB, T = 61, 8  # a vocabulary that is not a multiple of 64, so the embedding has padded rows
 BASELINES = ["pause", "loop", "ponderlm"]
@@ -138,15 +139,7 @@ def test_cached_generation_matches_parallel_forward(name, arch, k):
     if name != "pause":
         assert len(method.new_cache(1, 5).k) == 2 * (k + 1)  # each pass has its own layers
     prompts = [tokens(1, 3, seed=4)[0].tolist(), tokens(1, 6, seed=5)[0].tolist()]
-    seen, step = [], method.step
-
-    def recording(idx, position_ids, valid, cache):
-        logits = step(idx, position_ids, valid, cache)
-        seen.append(logits.clone())
-        return logits
-
-    method.step = recording
-    outs = generate(method, prompts, max_new_tokens=5, temperature=0.0)
+    outs, seen = recorded_generate(method, prompts, 5)
     assert [len(o) for o in outs] == [5, 5] and len(seen) == 5
     width = max(len(p) for p in prompts)
     for row, (prompt, out) in enumerate(zip(prompts, outs)):

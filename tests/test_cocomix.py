@@ -24,6 +24,8 @@ from latentlm.train import checkpoint as ckpt_io
 from latentlm.train.metrics import read_metrics
 from latentlm.train.trainer import train
 
+from conftest import recorded_generate
+
 VOCAB, T, C, K, LAYER = 61, 8, 64, 4, 1
 
 
@@ -204,15 +206,7 @@ def test_cached_generation_matches_parallel_forward(name, extra, arch):
     doubled = name == "pause_insert" or not extra
     assert method.cache_slots(5) == (10 if doubled else 5)
     prompts = [tokens(1, 3, seed=4)[0].tolist(), tokens(1, 6, seed=5)[0].tolist()]
-    seen, step = [], method.step
-
-    def recording(idx, position_ids, valid, cache):
-        logits = step(idx, position_ids, valid, cache)
-        seen.append(logits.clone())
-        return logits
-
-    method.step = recording
-    outs = generate(method, prompts, max_new_tokens=5, temperature=0.0)
+    outs, seen = recorded_generate(method, prompts, 5)
     assert [len(o) for o in outs] == [5, 5] and len(seen) == 5
     width = max(len(p) for p in prompts)
     for row, (prompt, out) in enumerate(zip(prompts, outs)):
@@ -224,8 +218,7 @@ def test_cached_generation_matches_parallel_forward(name, extra, arch):
             torch.testing.assert_close(logits[row, -1], parallel[len(prompt) - 1 + i], atol=1e-4, rtol=0)
         assert out == parallel[len(prompt) - 1:-1].argmax(-1).tolist()
 
-    method.step = step
-    cache = method.new_cache(1, 6)
+    cache = method.new_cache(1, 6)  # recorded_generate restored the real step
     with torch.no_grad():
         method.step(tokens(1, 4), positions(tokens(1, 4)), torch.ones(1, 4, dtype=torch.bool), cache)
         for t in (4, 5):

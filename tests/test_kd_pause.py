@@ -11,7 +11,6 @@ from latentlm.concepts.teacher import load_teacher
 from latentlm.config import make_config
 from latentlm.data.loader import TokenSplit, iter_eval_windows
 from latentlm.errors import LatentLMError
-from latentlm.generate import generate
 from latentlm.methods import build_method
 from latentlm.methods.cocomix import PauseInsert
 from latentlm.methods.kd import KDPause, kd_loss, teacher_forward_logits
@@ -19,6 +18,8 @@ from latentlm.train.checkpoint import load_method
 from latentlm.train.trainer import train
 
 from test_kd import teacher_run  # noqa: F401  (the module-scoped tiny teacher fixture)
+
+from conftest import recorded_generate
 
 VOCAB = 61
 
@@ -62,15 +63,8 @@ def test_loss_is_pause_ce_plus_weighted_kd():
 def test_cached_generation_matches_parallel_forward():
     method = tiny()
     prompt = [3, 14, 15, 9]
-    seen, step = [], method.step
-
-    def recording(idx, position_ids, valid, cache):
-        logits = step(idx, position_ids, valid, cache)
-        seen.append(logits.clone())
-        return logits
-
-    method.step = recording
-    out = generate(method, [prompt], max_new_tokens=4, temperature=0.0)[0]
+    outs, seen = recorded_generate(method, [prompt], 4)
+    out = outs[0]
     with torch.no_grad():
         parallel = method.logits(torch.tensor([prompt + out]), positions(torch.tensor([prompt + out])))[0]
     torch.testing.assert_close(seen[0][0], parallel[:len(prompt)], atol=1e-4, rtol=0)

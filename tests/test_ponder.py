@@ -18,6 +18,8 @@ from latentlm.methods.ponder import Ponder, paper_embed_scale
 from latentlm.train.metrics import read_metrics
 from latentlm.train.trainer import train
 
+from conftest import recorded_generate
+
 VOCAB, T = 64, 8
 
 
@@ -161,22 +163,6 @@ def test_loss_decreases_on_real_text_and_resume_is_exact(tiny_config, tmp_path):
 def two_prompts() -> list[list[int]]:
     """Prompts of 3 and 6 tokens: generation left-pads the first."""
     return [tokens(1, 3, seed=4)[0].tolist(), tokens(1, 6, seed=5)[0].tolist()]
-
-
-def recorded_generate(method: Ponder, prompts: list[list[int]], max_new_tokens: int,
-                      ) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """Greedy ``generate`` that also returns the logits of every ``step`` call (prefill first)."""
-    seen, step = [], method.step
-
-    def recording(idx, position_ids, valid, cache):
-        logits = step(idx, position_ids, valid, cache)
-        seen.append(logits.clone())
-        return logits
-
-    method.step = recording
-    outs = generate(method, prompts, max_new_tokens=max_new_tokens, temperature=0.0)
-    del method.step
-    return outs, seen
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -163,8 +163,8 @@ def cmd_sae_train(a: argparse.Namespace) -> None:
           f"{metrics['fvu']:.4f}  dead {metrics['dead_fraction']:.3f}  mean active {metrics['mean_active']:.2f}")
 
 
-def cmd_concepts_label(a: argparse.Namespace) -> None:
-    from latentlm.concepts.labels import build_label_cache
+def _sae_layer_teacher(a: argparse.Namespace):
+    """The SAE of ``--sae``, its teacher layer (``--layer`` or the SAE's record) and the teacher."""
     from latentlm.concepts.sae import load_sae
 
     sae = load_sae(a.sae)
@@ -172,6 +172,13 @@ def cmd_concepts_label(a: argparse.Namespace) -> None:
     if layer is None:
         raise LatentLMError(f"SAE {a.sae} does not record its teacher layer; pass --layer")
     teacher, _, _ = _teacher_and_data(a)
+    return sae, layer, teacher
+
+
+def cmd_concepts_label(a: argparse.Namespace) -> None:
+    from latentlm.concepts.labels import build_label_cache
+
+    sae, layer, teacher = _sae_layer_teacher(a)
     m = build_label_cache(a.data, teacher, sae, a.out, seq_len=a.seq_len, layer=layer, k_attr=a.k_attr, acts=a.acts,
                           select=a.select, batch_size=a.batch_size, limit_windows=a.limit_windows,
                           progress=not a.quiet)
@@ -181,13 +188,8 @@ def cmd_concepts_label(a: argparse.Namespace) -> None:
 
 def cmd_concepts_contexts(a: argparse.Namespace) -> None:
     from latentlm.concepts.inspect import collect_top_contexts, save_contexts
-    from latentlm.concepts.sae import load_sae
 
-    sae = load_sae(a.sae)
-    layer = a.layer if a.layer is not None else sae.meta.get("layer")
-    if layer is None:
-        raise LatentLMError(f"SAE {a.sae} does not record its teacher layer; pass --layer")
-    teacher, _, _ = _teacher_and_data(a)
+    sae, layer, teacher = _sae_layer_teacher(a)
     contexts = collect_top_contexts(teacher, sae, layer, a.data, split=a.split, seq_len=a.seq_len,
                                     batch_size=a.batch_size, max_tokens=a.max_tokens, top_n=a.top_n,
                                     progress=not a.quiet)

@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from latentlm.concepts.sae import TopKSAE
 from latentlm.config import Config
 from latentlm.errors import LatentLMError
-from latentlm.methods.base import Method
+from latentlm.methods.base import Method, token_nll, token_positions
 from latentlm.model.flops import forward_flops_per_slot
 from latentlm.model.transformer import KVCache, Transformer
 
@@ -58,14 +58,6 @@ def _interleaved_logits(model: Transformer, h: torch.Tensor, inserted: torch.Ten
     ok = None if valid is None else valid.repeat_interleave(2, dim=1)
     out = model.run_blocks(seq, pos, start, cache=cache, valid=ok)
     return model.head(out[:, 1::2])
-
-
-def _positions(x: torch.Tensor) -> torch.Tensor:
-    return torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
-
-
-def _nll(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
 
 
 def _masked_ce_sum(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -192,8 +184,8 @@ class Cocomix(Method):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, nll: bool = False, labels: torch.Tensor | None = None):
         c = self.cfg.cocomix
-        logits, z = self.run(x, _positions(x), need_concepts=not nll)
-        losses = _nll(logits, y)
+        logits, z = self.run(x, token_positions(x), need_concepts=not nll)
+        losses = token_nll(logits, y)
         if nll:
             return losses
         ntp = losses.mean()
@@ -265,7 +257,7 @@ class PauseInsert(Method):
         return _interleaved_logits(self.model, h, self.pause, position_ids, valid, cache, self.insert_layer)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, nll: bool = False):
-        losses = _nll(self.logits(x, _positions(x)), y)
+        losses = token_nll(self.logits(x, token_positions(x)), y)
         if nll:
             return losses
         loss = losses.mean()

@@ -18,8 +18,8 @@ from latentlm.concepts.teacher import HFTeacher, LatentLMTeacher, Teacher, load_
 from latentlm.config import Config
 from latentlm.data.prepare import check_tokenizer, load_manifest
 from latentlm.errors import LatentLMError
-from latentlm.methods.base import Method
-from latentlm.methods.cocomix import PauseInsert, _positions
+from latentlm.methods.base import Method, token_nll, token_positions
+from latentlm.methods.cocomix import PauseInsert
 from latentlm.model.transformer import Transformer
 
 
@@ -79,7 +79,7 @@ class TeacherDistillation:
 
     def distill(self, logits: torch.Tensor, y: torch.Tensor, nll: bool, teacher_logits: torch.Tensor | None):
         """Per-token NLL [B, T] with ``nll``, else ``(CE + kd_weight * kd_loss, metrics)`` of the student's logits."""
-        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        losses = token_nll(logits, y)
         if nll:
             return losses
         if teacher_logits is None:
@@ -109,4 +109,4 @@ class KDPause(TeacherDistillation, PauseInsert):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, nll: bool = False,
                 teacher_logits: torch.Tensor | None = None):
-        return self.distill(self.logits(x, _positions(x)), y, nll, teacher_logits)
+        return self.distill(self.logits(x, token_positions(x)), y, nll, teacher_logits)

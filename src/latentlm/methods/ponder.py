@@ -17,11 +17,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from latentlm.config import Config
-from latentlm.methods.base import Method
+from latentlm.methods.base import Method, token_nll, token_positions
 from latentlm.model.flops import forward_flops_per_slot
 from latentlm.model.transformer import KVCache, Transformer
 
@@ -131,7 +130,7 @@ class Ponder(Method):
     def exact_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, V] of the sequential model: thoughts produced token by token."""
         b, t = x.shape
-        pos = torch.arange(t, device=x.device)[None].expand(b, -1)
+        pos = token_positions(x)
         return self._advance(x, pos, None, self.new_cache(b, t))
 
     # --- the Method seam ------------------------------------------------------------------------
@@ -147,7 +146,7 @@ class Ponder(Method):
             metrics = {"jacobi_residual": residual, "jacobi_iters": float(n)}
             if nll:
                 self._eval_residuals.append(residual)
-        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        losses = token_nll(logits, y)
         if nll:
             return losses
         loss = losses.mean()
