@@ -34,6 +34,19 @@ def write_jsonl(tmp_path: Path) -> Callable[..., Path]:
     return write
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test single-threaded: for tiny models a second intra-op thread only adds spin-waiting,
+    which costs minutes when another process holds a core of a small machine. Test files opt in
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 TINY_MODEL = {"arch": "gpt2", "vocab_size": 257, "block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 32}
 
 

@@ -27,13 +27,7 @@ VOCAB, T = 61, 8  # a vocabulary that is not a multiple of 64, so the embedding 
 BASELINES = ["pause", "loop", "ponderlm"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second intra-op thread only adds spin-waiting on a shared small machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(method: str, arch: str = "gpt2", k: int = 1, seed: int = 0) -> Method:

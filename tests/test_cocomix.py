@@ -29,13 +29,7 @@ from conftest import recorded_generate
 VOCAB, T, C, K, LAYER = 61, 8, 64, 4, 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second intra-op thread only adds spin-waiting on a shared small machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(method: str = "cocomix", arch: str = "gpt2", *extra: str, seed: int = 0) -> Method:

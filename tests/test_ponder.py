@@ -23,14 +23,7 @@ from conftest import recorded_generate
 VOCAB, T = 64, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second intra-op thread only adds spin-waiting, which costs
-    minutes when another process holds a core of a small machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_ponder(arch: str = "gpt2", k: int = 1, *extra: str, seed: int = 0) -> Ponder:
