@@ -18,6 +18,7 @@ import time
 import torch
 
 from latentlm.config import make_config
+from latentlm import perf
 from latentlm.methods import METHODS, build_method
 
 # (label, method, overrides): the PonderLM-2 comparison family at K = 1 unless stated.
@@ -35,19 +36,10 @@ RUNS = [
 
 def saved_activation_bytes(method, x, y) -> int:
     """Bytes of distinct storages autograd saves for backward during one training forward."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        s = t.untyped_storage()
-        seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, _ = method(x, y)
-    params = {p.untyped_storage().data_ptr() for p in method.parameters()}
+    loss, n = perf.saved_activation_bytes(lambda: method(x, y)[0], exclude=method.parameters())
     loss.backward()
     method.zero_grad(set_to_none=True)
-    return sum(n for ptr, n in seen.items() if ptr not in params)
+    return n
 
 
 def step_seconds(method, x, y, steps: int, device: torch.device) -> float:

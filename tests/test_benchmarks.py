@@ -1,5 +1,8 @@
 """Benchmark scripts run in CI-sized settings (numbers are not asserted as speeds)."""
 
+import json
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,3 +35,57 @@ def test_label_cost_smoke(tiny_config):
     assert p.returncode == 0, p.stderr
     rows = [line for line in p.stdout.splitlines() if line.startswith("| ") and "ms" not in line]
     assert len(rows) == 4 and rows[0].endswith("| 1.00 |")
+
+
+def _table(stdout: str) -> list[list[str]]:
+    """Body rows of the one markdown table a benchmark prints (cells stripped)."""
+    lines = [line for line in stdout.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in line.split("|")[1:-1]] for line in lines[1:]]
+
+
+def _positive(cell: str) -> bool:
+    value = float(cell.replace(",", "").rstrip("%"))
+    return math.isfinite(value) and value > 0
+
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny ops: threads only add contention on a shared CPU
+TINY_PRESET = """model: {arch: gpt2, vocab_size: 300, block_size: 16, n_layer: 2, n_head: 2, n_embd: 32}
+train: {batch_size: 2}
+cocomix: {teacher_layer: 0, insert_layer: 1, n_concepts: 64, k_concepts: 4}
+"""
+
+
+def test_train_throughput_smoke(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(TINY_PRESET)
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--config",
+                        str(tmp_path / "tiny.yaml"), "--steps", "1", "--warmup", "0", "--json", str(tmp_path / "t.json")],
+                       capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert p.returncode == 0, p.stderr
+    rows = _table(p.stdout)
+    assert [r[0] for r in rows] == ["ntp", "cocomix, cached labels", "cocomix, labels on the fly", "kd", "pause (K=1)",
+                                    "ponder (K=1)", "ponder (K=1), checkpoint=pass", "ponder (K=1), checkpoint=block",
+                                    "ponder (K=2)", "loop (K=1)", "ponderlm (K=1)"]
+    for r in rows:
+        assert r[4] == "-"  # no datasheet peak on a CPU: MFU only against the measured matmul ceiling
+        assert all(_positive(c) for c in r[1:4] + r[5:]), r
+    assert rows[0][8:11] == ["1.00", "1.00", "1.00"]
+    doc = json.loads((tmp_path / "t.json").read_text())
+    by = {r["key"]: r for r in doc["rows"]}
+    # the teacher's FLOPs count where the step runs it, and checkpointing saves activations
+    assert by["cocomix-fly"]["flops_per_token"] > by["cocomix-cached"]["flops_per_token"]
+    assert by["kd"]["teacher_flops_per_token"] > 0 == by["ntp"]["teacher_flops_per_token"]
+    assert by["ponder1-pass"]["saved_mib"] < by["ponder1-block"]["saved_mib"] < by["ponder1"]["saved_mib"]
+
+
+def test_generate_throughput_smoke(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(TINY_PRESET)
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generate_throughput.py"), "--config",
+                        str(tmp_path / "tiny.yaml"), "--contexts", "4,8", "--batch-sizes", "1", "--new-tokens", "2"],
+                       capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert p.returncode == 0, p.stderr
+    rows = _table(p.stdout)
+    assert [(r[0], r[1]) for r in rows[::2]] == [(m, "4") for m in ["ntp", "cocomix", "kd", "pause (K=1)", "ponder (K=1)",
+                                                                    "ponder (K=2)", "loop (K=1)", "ponderlm (K=1)"]]
+    for r in rows:
+        assert all(_positive(c) for c in r[1:]), r
+    assert {r[7] for r in rows[:2]} == {"1.00"}

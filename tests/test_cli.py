@@ -115,3 +115,6 @@ def test_eval_mode_of_single_mode_method_is_an_error(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(run), "--mode", "exact"]) == 2
     assert "method 'ntp' has no evaluation mode 'exact'" in capsys.readouterr().err
+    # --mode all on a single-mode method: its one way of evaluating, not an empty list
+    assert main(["eval", str(run), "--mode", "all", "--json", "--quiet", "--max-tokens", "50"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == 50

@@ -1,7 +1,8 @@
 """``latentlm <command>``: a thin argument layer over the library's functions.
 
 User errors (:class:`LatentLMError`) print one line and exit with status 2; ``--debug`` shows
-the traceback instead.
+the traceback instead. A training run stopped by SIGINT / SIGTERM saves a checkpoint and exits
+with 128 + the signal number (130 / 143); see docs/RELIABILITY.md.
 """
 
 from __future__ import annotations
@@ -10,8 +11,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-from latentlm.errors import LatentLMError
+from latentlm.errors import Interrupted, LatentLMError
+from latentlm.fileio import output_lock
+
+OTHER_OUT = "choose another --out"  # what to do when another process is writing the same output
 
 
 def _tokenizer(name: str, path: str | None):
@@ -23,9 +28,10 @@ def _tokenizer(name: str, path: str | None):
 def cmd_prepare(a: argparse.Namespace) -> None:
     from latentlm.data.prepare import prepare
 
-    m = prepare(a.source, _tokenizer(a.tokenizer, a.tokenizer_path), a.out, val_fraction=a.val_fraction,
-                seed=a.seed, workers=a.workers, text_field=a.text_field, limit=a.limit,
-                overwrite=a.overwrite, progress=not a.quiet)
+    with output_lock(a.out, OTHER_OUT):
+        m = prepare(a.source, _tokenizer(a.tokenizer, a.tokenizer_path), a.out, val_fraction=a.val_fraction,
+                    seed=a.seed, workers=a.workers, text_field=a.text_field, limit=a.limit,
+                    overwrite=a.overwrite, progress=not a.quiet)
     s = m["splits"]
     print(f"wrote {a.out}: train {s['train']['tokens']:,} tokens / {s['train']['documents']:,} docs, "
           f"val {s['val']['tokens']:,} tokens / {s['val']['documents']:,} docs ({m['dtype']})")
@@ -51,20 +57,29 @@ def cmd_train(a: argparse.Namespace, overrides: list[str]) -> None:
 def cmd_eval(a: argparse.Namespace) -> None:
     from latentlm.train.checkpoint import checkpoint_tokenizer, load_method
 
+    tasks = _task_names(a)  # bad task arguments fail before the checkpoint loads
     method, cfg, manifest = load_method(a.checkpoint, a.device)
     tokenizer = checkpoint_tokenizer(a.checkpoint, manifest)
     seq_len = a.seq_len or cfg.seq_len
     kw = dict(seq_len=seq_len, batch_size=a.batch_size, stride=a.stride, max_tokens=a.max_tokens, progress=not a.quiet)
-    modes = [None] if a.mode is None else list(method.eval_modes) if a.mode == "all" else [a.mode]
+    modes = [None] if a.mode is None else (list(method.eval_modes) or [None]) if a.mode == "all" else [a.mode]
     if a.mode is not None and a.mode != "all":
         method.set_eval_mode(a.mode)  # a bad mode fails here, before any work
     results = []
     for mode in modes:
         if mode is not None:
             method.set_eval_mode(mode)
-        results.append(_eval_once(a, method, cfg, manifest, tokenizer, kw))
+        results.append(_eval_tasks(a, method, tokenizer, tasks) if tasks else
+                       _eval_once(a, method, cfg, manifest, tokenizer, kw))
     if a.json:
         print(json.dumps(results[0] if len(results) == 1 else results))
+        return
+    if tasks:
+        from latentlm.eval.zeroshot import format_table
+
+        for r in results:
+            mode = f" [{r['eval_mode']}]" if "eval_mode" in r else ""
+            print(f"{r['checkpoint']}{mode}: zero-shot, window {r['max_len']} tokens\n{format_table(r['tasks'])}")
         return
     for r in results:
         mode = f" [{r['eval_mode']}" + (f", n={r['jacobi_iters']}" if "jacobi_iters" in r else "") + "]" \
@@ -72,6 +87,33 @@ def cmd_eval(a: argparse.Namespace) -> None:
         resid = f"  jacobi residual {r['jacobi_residual']:.3g}" if "jacobi_residual" in r else ""
         print(f"{r['on']}{mode}: loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  bpb {r['bpb']:.4f}  ({r['tokens']:,} tokens, "
               f"window {r['seq_len']}, stride {r['stride']}){resid}")
+
+
+def _task_names(a: argparse.Namespace) -> list[str] | None:
+    """The checked ``--tasks`` list (None without it); perplexity-only options are refused with it."""
+    if not a.tasks:
+        if a.limit is not None:
+            raise LatentLMError("--limit applies to zero-shot tasks; add --tasks (or use --max-tokens for perplexity)")
+        return None
+    from latentlm.eval.tasks import check_tasks
+
+    clash = [f for f, v in (("--text", a.text), ("--data", a.data), ("--stride", a.stride),
+                            ("--max-tokens", a.max_tokens)) if v is not None]
+    if clash:
+        raise LatentLMError(f"{', '.join(clash)} apply to perplexity, not to --tasks; drop them or run eval twice")
+    names = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    check_tasks(names)
+    return names
+
+
+def _eval_tasks(a: argparse.Namespace, method, tokenizer, tasks: list[str]) -> dict:
+    from latentlm.eval.zeroshot import evaluate_tasks, resolve_max_len
+
+    max_len = resolve_max_len(method, a.seq_len)
+    r = evaluate_tasks(method, tokenizer, tasks, limit=a.limit, batch_size=a.batch_size, max_len=max_len,
+                       progress=not a.quiet)
+    mode = {k: v for k, v in method.pop_eval_metrics().items() if k in ("eval_mode", "jacobi_iters")}
+    return {"checkpoint": str(a.checkpoint), "max_len": max_len, "limit": a.limit, **mode, "tasks": r}
 
 
 def _eval_once(a: argparse.Namespace, method, cfg, manifest: dict, tokenizer, kw: dict) -> dict:
@@ -89,7 +131,9 @@ def _eval_once(a: argparse.Namespace, method, cfg, manifest: dict, tokenizer, kw
             raise LatentLMError(f"--text {p} is not UTF-8 text") from None
         r, where = evaluate_text(method, tokenizer, text, **kw), str(p)
     else:
-        data = a.data or manifest["data"]
+        data = a.data or manifest.get("data")
+        if not data:
+            raise LatentLMError(f"{a.checkpoint} records no training data (an imported model); pass --data or --text")
         check_tokenizer(load_manifest(data), tokenizer, vocab_size=cfg.model.vocab_size)
         r = evaluate_tokens(method, TokenSplit(data, a.split), byte_lengths=tokenizer.token_byte_lengths(), **kw)
         where = f"{data} [{a.split}]"
@@ -138,29 +182,17 @@ def _teacher_and_data(a: argparse.Namespace):
 
 
 def cmd_sae_train(a: argparse.Namespace) -> None:
-    from latentlm.concepts.sae import evaluate_sae, save_sae, train_sae
-    from latentlm.data.loader import WindowLoader, iter_eval_windows
-    from latentlm.fileio import write_json_atomic
+    from latentlm.concepts.sae import train_sae_on_teacher
 
-    teacher, train_split, val_split = _teacher_and_data(a)
-    windows = max(1, min(a.batch_tokens // a.seq_len, (len(train_split) - 1) // a.seq_len))
-    loader = WindowLoader(train_split, a.seq_len, windows, seed=a.seed)
-
-    def stream():
-        while True:  # the loader starts a new epoch whenever one is used up; train_sae stops at --steps
-            yield teacher.hidden(loader.next_batch()[0], a.layer)
-
-    meta = {"teacher": teacher.describe(), "layer": a.layer, "tokenizer_fingerprint": teacher.tokenizer.fingerprint()}
-    sae, train_metrics = train_sae(stream(), teacher.d_model, a.latents, a.k, steps=a.steps, lr=a.lr,
-                                   batch_tokens=a.batch_tokens, seed=a.seed, device=a.device, progress=not a.quiet,
-                                   meta=meta)
-    val = (teacher.hidden(x, a.layer) for x, _ in iter_eval_windows(val_split, a.seq_len, windows))
-    metrics = evaluate_sae(sae.to(a.device), val, max_tokens=a.eval_tokens)
-    out = save_sae(sae.cpu(), a.out)
-    write_json_atomic(out / "metrics.json", {"val": metrics, "train": {k: v for k, v in train_metrics.items()
-                                                                        if k != "history"}})
-    print(f"wrote {out}: {a.latents} latents, k {a.k}, layer {a.layer}, {train_metrics['steps']} steps; val fvu "
-          f"{metrics['fvu']:.4f}  dead {metrics['dead_fraction']:.3f}  mean active {metrics['mean_active']:.2f}")
+    teacher, _, _ = _teacher_and_data(a)
+    with output_lock(a.out, OTHER_OUT):
+        out, metrics = train_sae_on_teacher(teacher, a.data, a.out, layer=a.layer, latents=a.latents, k=a.k,
+                                            steps=a.steps, lr=a.lr, batch_tokens=a.batch_tokens, seq_len=a.seq_len,
+                                            eval_tokens=a.eval_tokens, seed=a.seed, device=a.device,
+                                            progress=not a.quiet)
+    print(f"wrote {out}: {a.latents} latents, k {a.k}, layer {a.layer}, {metrics['train']['steps']} steps; val fvu "
+          f"{metrics['val']['fvu']:.4f}  dead {metrics['val']['dead_fraction']:.3f}  "
+          f"mean active {metrics['val']['mean_active']:.2f}")
 
 
 def _sae_layer_teacher(a: argparse.Namespace):
@@ -179,9 +211,10 @@ def cmd_concepts_label(a: argparse.Namespace) -> None:
     from latentlm.concepts.labels import build_label_cache
 
     sae, layer, teacher = _sae_layer_teacher(a)
-    m = build_label_cache(a.data, teacher, sae, a.out, seq_len=a.seq_len, layer=layer, k_attr=a.k_attr, acts=a.acts,
-                          select=a.select, batch_size=a.batch_size, limit_windows=a.limit_windows,
-                          progress=not a.quiet)
+    with output_lock(a.out, OTHER_OUT):
+        m = build_label_cache(a.data, teacher, sae, a.out, seq_len=a.seq_len, layer=layer, k_attr=a.k_attr,
+                              acts=a.acts, select=a.select, batch_size=a.batch_size,
+                              limit_windows=a.limit_windows, progress=not a.quiet)
     n, t, k = m["labels"]["shape"]
     print(f"wrote {a.out}: labels of {n:,} windows x {t} tokens x {k} (layer {layer}, {a.acts}, {a.select})")
 
@@ -222,16 +255,71 @@ def cmd_concepts_inspect(a: argparse.Namespace) -> None:
                 print(f"       {c['id']:>6}  {c['description']}")
 
 
+def cmd_flops(a: argparse.Namespace, overrides: list[str]) -> None:
+    from latentlm.config import make_config
+    from latentlm.methods import METHODS, flops_report
+
+    cfg = make_config(a.config, overrides)
+    names = list(METHODS) if a.methods == "all" else (a.methods.split(",") if a.methods else
+                                                     list(dict.fromkeys(["ntp", cfg.train.method])))
+    rows = flops_report(cfg, names, a.context)
+    if a.json:
+        print(json.dumps(rows))
+        return
+    ntp = next((r for r in rows if r["method"] == "ntp" and "error" not in r), None)
+    print(f"FLOPs per token: training at seq_len {cfg.seq_len}; generation of one token with "
+          f"{a.context or cfg.seq_len} tokens of context (KV cache). G = 1e9.")
+    print(f"{'method':<13}{'params':>10}{'train G':>10}{'teacher G':>11}{'total G':>10}{'x ntp':>8}"
+          f"{'generate G':>12}{'x ntp':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['method']:<13}  n/a: {r['error']}")
+            continue
+        rel = (lambda k: f"{r[k] / ntp[k]:>8.2f}") if ntp else (lambda k: f"{'':>8}")
+        print(f"{r['method']:<13}{r['params'] / 1e6:>9.2f}M{r['train_student'] / 1e9:>10.3f}{r['teacher'] / 1e9:>11.3f}"
+              f"{r['train_total'] / 1e9:>10.3f}{rel('train_total')}{r['infer'] / 1e9:>12.3f}{rel('infer')}")
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    from latentlm.interop import export_hf
+
+    r = export_hf(a.checkpoint, a.hf, overwrite=a.overwrite)
+    print(f"wrote {r['out']}: {r['architecture']}, vocab {r['vocab_size']}, {r['tensors']} tensors; "
+          f"tokenizer: {r['tokenizer']}")
+
+
+def cmd_import(a: argparse.Namespace) -> None:
+    from latentlm.interop import import_hf
+
+    r = import_hf(a.hf, a.out, tokenizer=a.tokenizer, tokenizer_path=a.tokenizer_path, overwrite=a.overwrite)
+    print(f"wrote {r['out']}: {r['arch']} ntp checkpoint, {r['params'] / 1e6:.2f}M params, vocab {r['vocab_size']} "
+          f"({r['tokenizer']} tokenizer); use it with eval, generate, --cocomix.teacher or --train.init_from")
+
+
+def cmd_compare(a: argparse.Namespace) -> None:
+    from latentlm.compare import run_compare
+
+    run_compare(a.experiment, progress=not a.quiet)
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
     from latentlm.demo import run_demo
 
     run_demo(a.out)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors (the usage is one --help away); subcommand parsers
+    inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
-    p = argparse.ArgumentParser(prog="latentlm", parents=[common],
+    p = _Parser(prog="latentlm", parents=[common],
                                 description="Pretrain language models that think in continuous space.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -271,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     s.set_defaults(fn=cmd_train, takes_overrides=True)
 
-    s = add(sub, "eval", help="perplexity and bits per byte of a checkpoint")
+    s = add(sub, "eval", help="perplexity and bits per byte of a checkpoint, or zero-shot tasks (--tasks)")
     s.add_argument("checkpoint", help="run directory (latest checkpoint) or checkpoints/step_* directory")
     s.add_argument("--text", help="evaluate on this UTF-8 text file instead of the prepared split")
     s.add_argument("--data", help="prepared data directory (default: the one the model was trained on)")
@@ -283,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--mode", help="evaluation mode of methods that have several, or 'all' "
                    "(ponder: jacobi = eval_iters Jacobi iterations as the paper, exact = sequential thoughts)")
+    s.add_argument("--tasks", help="comma-separated zero-shot tasks instead of perplexity: hellaswag, piqa, siqa, "
+                   "arc_easy, arc_challenge, winogrande, sciq, lambada (docs/EVAL.md)")
+    s.add_argument("--limit", type=int, help="with --tasks: score the first N examples of each task")
     s.add_argument("--json", action="store_true", help="print one JSON object (a list with --mode all)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_eval)
@@ -360,6 +451,35 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu")
     t.set_defaults(fn=cmd_concepts_inspect)
 
+    s = add(sub, "flops", help="training and generation FLOPs per token of methods on a config",
+            epilog="example: latentlm flops --config configs/ponder/pythia-70m.yaml --methods ntp,ponder,pause")
+    s.add_argument("--config", help="YAML config (see configs/); --section.key VALUE overrides as for train")
+    s.add_argument("--methods", help="comma-separated methods, or 'all' (default: ntp and the config's method)")
+    s.add_argument("--context", type=int, help="tokens in the KV cache when generating (default: seq_len)")
+    s.add_argument("--json", action="store_true", help="print the rows as JSON")
+    s.set_defaults(fn=cmd_flops, takes_overrides=True)
+
+    s = add(sub, "export", help="write an ntp checkpoint as a Hugging Face model directory (GPT-2 / Llama)")
+    s.add_argument("checkpoint", help="run directory (latest checkpoint) or checkpoints/step_* directory")
+    s.add_argument("--hf", required=True, metavar="DIR", help="Hugging Face directory to write")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
+    s.set_defaults(fn=cmd_export)
+
+    s = add(sub, "import", help="turn a local Hugging Face GPT-2 / Llama directory into a latentlm checkpoint")
+    s.add_argument("--hf", required=True, metavar="DIR", help="Hugging Face model directory (config.json + weights)")
+    s.add_argument("--out", required=True, help="checkpoint directory to write")
+    s.add_argument("--tokenizer", default="hf", choices=["hf", "gpt2", "bpe", "byte"],
+                   help="hf: the directory's own tokenizer (copied into the checkpoint); or one of ours")
+    s.add_argument("--tokenizer-path", help="tokenizer.json for --tokenizer bpe")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    s.set_defaults(fn=cmd_import)
+
+    s = add(sub, "compare", help="train and evaluate several methods at equal tokens or FLOPs; write report.md",
+            epilog="example: latentlm compare configs/compare/tiny.yaml (docs/COMPARE.md); rerun to resume")
+    s.add_argument("experiment", help="experiment YAML file")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(fn=cmd_compare)
+
     s = add(sub, "demo", help="the embedded-default run: prepare, train, evaluate, sample")
     s.add_argument("--out", default="runs/demo")
     s.set_defaults(fn=cmd_demo)
@@ -378,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
             if rest:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
             args.fn(args)
+    except Interrupted as e:  # an orderly stop on SIGINT / SIGTERM, with a checkpoint to resume from
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
     except LatentLMError as e:
         if debug:
             raise

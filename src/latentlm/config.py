@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from latentlm.errors import LatentLMError
+from latentlm.fileio import write_text_atomic
 
 
 @dataclass
@@ -132,6 +133,8 @@ class TrainConfig:
     wandb: bool = False
     wandb_project: str = "latentlm"
     progress: bool = True
+    # Start the core model from this checkpoint's weights (any method; fresh optimizer; ignored on resume).
+    init_from: str | None = None
 
     def validate(self) -> None:
         _positive(self, "train", "batch_size", "grad_accum", "max_steps", "lr", "keep_last",
@@ -159,7 +162,8 @@ class PonderConfig:
     train_iters_max: int = 3
     eval_iters: int = 3  # Jacobi iterations in evaluation (eval_mode jacobi)
     eval_mode: Literal["jacobi", "exact"] = "jacobi"  # exact: sequential thoughts via the KV cache
-    checkpoint: Literal["none", "pass"] = "none"  # pass: recompute each pass's activations in backward
+    # Activation checkpointing: pass = keep each pass's inputs, block = each block's inputs; recompute in backward.
+    checkpoint: Literal["none", "pass", "block"] = "none"
     # How generation fills the cache for a prompt: exact = sequential; jacobi = eval_iters parallel
     # Jacobi iterations over the whole prompt, faster for long prompts, exact for the first
     # 1 + floor(eval_iters / K) prompt positions.
@@ -401,4 +405,4 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 
 def save_yaml(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

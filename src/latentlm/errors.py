@@ -8,3 +8,15 @@ and exits non-zero; every other exception is a bug and keeps its traceback.
 
 class LatentLMError(Exception):
     """A user-facing error whose message says what is wrong and how to fix it."""
+
+
+class Interrupted(LatentLMError):
+    """Work stopped on request (SIGINT / SIGTERM) after saving what a resume needs.
+
+    The CLI exits with ``128 + signal number`` (130 for SIGINT, 143 for SIGTERM), the shell's
+    convention for "ended by this signal", so schedulers and scripts can tell an orderly stop
+    from a finished run (0) and from an error (2)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum

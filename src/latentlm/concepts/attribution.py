@@ -20,7 +20,9 @@ import torch
 
 from latentlm.concepts.sae import TopKSAE
 from latentlm.concepts.teacher import Teacher
+from latentlm.config import ModelConfig
 from latentlm.errors import LatentLMError
+from latentlm.model.flops import forward_flops_per_slot, matmul_params
 
 MASK = -1
 # Tokens per chunk are chosen so one chunk's dense [tokens, C] buffer holds at most this many elements.
@@ -85,3 +87,21 @@ def concept_labels(teacher: Teacher, sae: TopKSAE, idx: torch.Tensor, layer: int
                         for i in range(0, B * T, step)]).view(B, T, k_attr)
     labels[:, -1] = MASK
     return labels
+
+
+def label_flops_per_token(teacher: ModelConfig, layer: int, seq_len: int, n_latents: int,
+                          select: Literal["attribution", "activation"] = "attribution") -> float:
+    """Teacher + SAE FLOPs to label one token (flops.py's convention).
+
+    Attribution runs the teacher's whole forward (its loss needs the logits) and a backward from
+    the loss down to block ``layer`` only. The teacher is frozen, so that backward computes input
+    gradients alone: 1 x the forward matmuls, and 2 x the attention products (scores and values
+    both get gradients). The activation ablation stops after block ``layer``. The SAE encoder
+    adds 2 d C; the k-way gather and TopK are ignored.
+    """
+    upper = teacher.n_layer - layer - 1
+    sae = 2.0 * teacher.n_embd * n_latents
+    if select == "activation":
+        return forward_flops_per_slot(teacher, seq_len, n_layers=layer + 1, head=False) + sae
+    backward = 2.0 * matmul_params(teacher, upper, head=True) + 8.0 * upper * teacher.n_embd * seq_len
+    return forward_flops_per_slot(teacher, seq_len) + backward + sae

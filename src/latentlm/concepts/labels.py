@@ -28,7 +28,7 @@ from latentlm.config import Config
 from latentlm.data.loader import TokenSplit, iter_eval_windows
 from latentlm.data.prepare import check_tokenizer, load_manifest
 from latentlm.errors import LatentLMError
-from latentlm.fileio import publish_dir, sha256_file, temp_sibling, write_json_atomic
+from latentlm.fileio import publish_dir, remove_stale_temps, sha256_file, temp_sibling, write_delay, write_json_atomic
 
 
 class LabelSource(Protocol):
@@ -107,6 +107,7 @@ def build_label_cache(data_dir: str | Path, teacher: Teacher, sae: TopKSAE, out_
                             f"{seq_len + 1}; lower --seq-len or prepare more data")
     sae = sae.to(teacher.device)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
     tmp = temp_sibling(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -123,6 +124,7 @@ def build_label_cache(data_dir: str | Path, teacher: Teacher, sae: TopKSAE, out_
             f.flush()
             os.fsync(f.fileno())
         bar.close()
+        write_delay()
         manifest = {
             "kind": CACHE_KIND, "format_version": CACHE_FORMAT_VERSION, "latentlm_version": latentlm.__version__,
             "data": _data_identity(data_dir), "seq_len": seq_len, "n_windows": n, "split_windows": split_windows,
@@ -210,7 +212,10 @@ class CachedLabels:
         if len(windows) and (windows.min() < 0 or windows.max() >= self.n_windows):
             raise LatentLMError(f"window {int(windows.max())} is outside the {self.n_windows} windows of label cache "
                                 f"{self.dir} (built with --limit-windows?); {RERUN} on the whole split")
-        return torch.from_numpy(self._labels[windows].astype(np.int64)).to(x.device)
+        labels = torch.from_numpy(self._labels[windows])
+        if x.device.type == "cuda":  # pinned: an asynchronous copy, no stall of the training step
+            labels = labels.pin_memory()
+        return labels.to(x.device, non_blocking=True).long()
 
 
 def label_source(cfg: Config, device: torch.device | str) -> LabelSource:

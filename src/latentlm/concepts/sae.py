@@ -30,12 +30,14 @@ from tqdm import tqdm
 
 import latentlm
 from latentlm.errors import LatentLMError
-from latentlm.fileio import fsync_file, publish_dir, sha256_file, temp_sibling, write_json_atomic
+from latentlm.fileio import (fsync_file, publish_dir, remove_stale_temps, sha256_file, temp_sibling, write_delay,
+                             write_json_atomic)
 
 NORM_EPS = 1e-5
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
 MANIFEST_FILE = "manifest.json"
+METRICS_FILE = "metrics.json"
 MANIFEST_KIND = "latentlm-sae"
 FORMAT_VERSION = 1
 PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -313,8 +315,35 @@ def _sae_cfg(sae: TopKSAE) -> dict[str, Any]:
             "dtype": str(sae.W_enc.dtype).removeprefix("torch."), "latentlm": sae.meta}
 
 
-def save_sae(sae: TopKSAE, directory: str | Path) -> Path:
-    """Write ``directory`` atomically: sae_weights.safetensors, cfg.json and manifest.json (sha256s).
+def train_sae_on_teacher(teacher, data_dir: str | Path, out: str | Path, *, layer: int, latents: int, k: int,
+                         steps: int, lr: float = 4e-4, batch_tokens: int = 4096, seq_len: int = 1024,
+                         eval_tokens: int = 100_000, seed: int = 0, device: str | torch.device = "cpu",
+                         progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """``latentlm sae train``: an SAE on ``teacher``'s residual stream after block ``layer`` over the
+    train windows of ``data_dir`` (tokenized with the teacher's tokenizer), evaluated on its val split
+    and saved to ``out``; returns the path and ``{"val": ..., "train": ...}`` metrics."""
+    from latentlm.data.loader import TokenSplit, WindowLoader, iter_eval_windows
+
+    train_split, val_split = TokenSplit(data_dir, "train"), TokenSplit(data_dir, "val")
+    windows = max(1, min(batch_tokens // seq_len, (len(train_split) - 1) // seq_len))
+    loader = WindowLoader(train_split, seq_len, windows, seed=seed)
+
+    def stream():
+        while True:  # the loader starts a new epoch whenever one is used up; train_sae stops at ``steps``
+            yield teacher.hidden(loader.next_batch()[0], layer)
+
+    meta = {"teacher": teacher.describe(), "layer": layer, "tokenizer_fingerprint": teacher.tokenizer.fingerprint()}
+    sae, train_metrics = train_sae(stream(), teacher.d_model, latents, k, steps=steps, lr=lr, batch_tokens=batch_tokens,
+                                   seed=seed, device=device, progress=progress, meta=meta)
+    val = (teacher.hidden(x, layer) for x, _ in iter_eval_windows(val_split, seq_len, windows))
+    metrics = {"val": evaluate_sae(sae.to(device), val, max_tokens=eval_tokens),
+               "train": {key: v for key, v in train_metrics.items() if key != "history"}}
+    return save_sae(sae.cpu(), out, metrics=metrics), metrics
+
+
+def save_sae(sae: TopKSAE, directory: str | Path, metrics: dict[str, Any] | None = None) -> Path:
+    """Write ``directory`` atomically: sae_weights.safetensors, cfg.json, manifest.json (sha256s) and,
+    if given, ``metrics.json`` (inside the same atomic write, so a kill never leaves an SAE without it).
 
     An existing directory is replaced only if it is empty or a previously saved SAE."""
     out = Path(directory)
@@ -325,13 +354,17 @@ def save_sae(sae: TopKSAE, directory: str | Path) -> Path:
     except (TypeError, ValueError):
         raise LatentLMError("sae.meta must be JSON-serialisable (plain dicts, lists, strings, numbers)") from None
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
     tmp = temp_sibling(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         save_file({name: getattr(sae, name).detach().cpu().contiguous() for name in PARAM_NAMES},
                   str(tmp / WEIGHTS_FILE), metadata={"format": MANIFEST_KIND})
+        write_delay()
         write_json_atomic(tmp / CFG_FILE, _sae_cfg(sae))
+        if metrics is not None:
+            write_json_atomic(tmp / METRICS_FILE, metrics)
         files = {}
         for name in (WEIGHTS_FILE, CFG_FILE):
             fsync_file(tmp / name)

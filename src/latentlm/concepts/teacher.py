@@ -14,6 +14,7 @@ every returned tensor is float32 whatever the compute dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -31,9 +32,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from latentlm.config import ModelConfig
 from latentlm.data.tokenizers import Tokenizer, _gpt2_byte_to_unicode
 from latentlm.errors import LatentLMError
 from latentlm.fileio import sha256_file
+from latentlm.interop import hf_model_config
 from latentlm.model.transformer import Transformer
 
 HF_PIP = "pip install 'latentlm[hf]'"
@@ -91,10 +94,15 @@ class Teacher:
         """sha256 identifying the exact weights (hashing a large file takes a while, so once)."""
         return self._fingerprint()
 
+    def model_config(self) -> ModelConfig:
+        """The teacher's shape in our terms (for FLOP accounting)."""
+        raise NotImplementedError
+
     def describe(self) -> dict[str, Any]:
-        """JSON-able identity for manifests."""
+        """JSON-able identity for manifests (with the shape, so a label cache knows its FLOP cost)."""
         return {"kind": self.kind, "path": self.path, "fingerprint": self.fingerprint, "d_model": self.d_model,
-                "n_layer": self.n_layer, "tokenizer": self.tokenizer.describe()}
+                "n_layer": self.n_layer, "tokenizer": self.tokenizer.describe(),
+                "model": dataclasses.asdict(self.model_config())}
 
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.n_layer:
@@ -136,6 +144,9 @@ class LatentLMTeacher(Teacher):
         _freeze(self.model)
         self.tokenizer, self.path, self._manifest_sha = tokenizer, path, fingerprint
         self.d_model, self.n_layer = model.cfg.n_embd, model.cfg.n_layer
+
+    def model_config(self) -> ModelConfig:
+        return self.model.cfg
 
     def _fingerprint(self) -> str:
         if self._manifest_sha is not None:
@@ -285,6 +296,9 @@ class HFTeacher(Teacher):
         self.n_layer = len(self._layers)
         self.d_model = int(self.model.config.hidden_size)
 
+    def model_config(self) -> ModelConfig:
+        return hf_model_config(self.model.config.to_dict())
+
     def _fingerprint(self) -> str:
         directory = Path(self.path).parent if self.gguf_file else Path(self.path)
         files = [Path(self.path)] if self.gguf_file else sorted(
@@ -358,3 +372,49 @@ def load_teacher(spec: str, device: str | torch.device = "cpu", dtype: torch.dty
         return HFTeacher(p, device, dtype)
     raise LatentLMError(f"cannot load teacher {spec!r}: expected 'smollm2', a .gguf file, a Hugging Face model "
                         "directory (with config.json) or a latentlm run/checkpoint directory")
+
+
+def teacher_model_config(spec: str) -> ModelConfig:
+    """The shape of teacher ``spec`` (as :func:`load_teacher` reads it) without loading its weights
+    where possible: a latentlm checkpoint's config, a Hugging Face config.json, a GGUF header. For
+    counting only, ``spec`` may also be a latentlm YAML config naming the shape (e.g. a paper teacher
+    not on disk: ``configs/gpt2-124m.yaml``)."""
+    if spec.endswith((".yaml", ".yml")):
+        from latentlm.config import make_config
+
+        return make_config(spec, []).model
+    if spec == "smollm2" or spec.endswith(".gguf"):
+        _require_hf(True)
+        from transformers import AutoConfig
+
+        f = smollm2_gguf() if spec == "smollm2" else Path(spec)
+        if not f.is_file():
+            raise LatentLMError(f"GGUF file {spec} does not exist")
+        return hf_model_config(AutoConfig.from_pretrained(str(f.parent), gguf_file=f.name).to_dict())
+    p = Path(spec)
+    if (p / "manifest.json").is_file() or (p / "checkpoints").is_dir():
+        from latentlm.train.checkpoint import load_config, resolve_checkpoint
+
+        return load_config(resolve_checkpoint(p)).model
+    if (p / "config.json").is_file():
+        try:
+            return hf_model_config(json.loads((p / "config.json").read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+            raise LatentLMError(f"{p / 'config.json'} is not a valid Hugging Face model config") from None
+    raise LatentLMError(f"cannot find teacher {spec!r}: expected 'smollm2', a .gguf file, a Hugging Face model "
+                        "directory (with config.json) or a latentlm run/checkpoint directory")
+
+
+def run_teacher_config(cocomix) -> ModelConfig:
+    """The teacher shape of a run's ``cocomix`` section: recorded in its label cache when it has one
+    (the teacher may live elsewhere by now), else read from ``cocomix.teacher``."""
+    if cocomix.labels:
+        try:
+            recorded = json.loads((Path(cocomix.labels) / "manifest.json").read_text(encoding="utf-8"))["teacher"]
+            return ModelConfig(**recorded["model"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # an older or unreadable cache: fall back to the teacher spec
+    if not cocomix.teacher:
+        raise LatentLMError("cannot count the teacher's FLOPs: set --cocomix.teacher (a teacher, or for "
+                            "counting a YAML config of its shape, e.g. configs/gpt2-124m.yaml)")
+    return teacher_model_config(cocomix.teacher)

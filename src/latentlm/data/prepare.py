@@ -39,7 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 import latentlm
-from latentlm.fileio import publish_dir, sha256_file, temp_sibling, write_json_atomic
+from latentlm.fileio import publish_dir, remove_stale_temps, sha256_file, temp_sibling, write_delay, write_json_atomic
 from latentlm.data.sources import describe_source, iter_documents
 from latentlm.data.tokenizers import Tokenizer, load_tokenizer
 from latentlm.errors import LatentLMError
@@ -247,10 +247,12 @@ def _own_tokenizer_copy(tokenizer: Tokenizer, directory: Path) -> dict[str, Any]
 
 
 def tokenizer_for(manifest: Mapping[str, Any], data_dir: str | Path) -> Tokenizer:
-    """Load the tokenizer a prepared directory was made with (a BPE's file resolves in it)."""
+    """Load the tokenizer a prepared directory was made with (a BPE's file resolves in it, and so does
+    the relative ``hf`` tokenizer directory of an imported checkpoint)."""
     desc = manifest["tokenizer"]
     path = desc.get("path")
-    if desc["name"] == "bpe":
+    if desc["name"] == "bpe" or (desc["name"] == "hf" and path and not Path(path).is_absolute()
+                                 and (Path(data_dir) / path).is_dir()):
         path = Path(data_dir) / path
     return load_tokenizer(desc["name"], path)
 
@@ -289,6 +291,7 @@ def prepare(
     source_info = describe_source(source, text_field=text_field, limit=limit)
     dtype = token_dtype(tokenizer.vocab_size)
 
+    remove_stale_temps(out_dir)
     tmp = temp_sibling(out_dir)
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -325,6 +328,7 @@ def prepare(
         for split, writer in writers.items():
             shards = writer.finish()
             splits[split] = {"tokens": sum(s["tokens"] for s in shards), **counts[split], "shards": shards}
+        write_delay()
         manifest = {
             "format_version": FORMAT_VERSION,
             "latentlm_version": latentlm.__version__,
@@ -369,6 +373,7 @@ def load_manifest(data_dir: str | Path, *, verify: str = "size") -> dict[str, An
         raise LatentLMError(
             f"{path} has format version {version}, this latentlm reads version {FORMAT_VERSION}; re-run `latentlm prepare`"
         )
+    _check_structure(manifest, path)
     itemsize = np.dtype(manifest["dtype"]).itemsize
     for split, info in manifest["splits"].items():
         for shard in info["shards"]:
@@ -383,6 +388,30 @@ def load_manifest(data_dir: str | Path, *, verify: str = "size") -> dict[str, An
                     f"shard {file} does not match its sha256 in the manifest (corrupted); re-run `latentlm prepare`"
                 )
     return manifest
+
+
+def _check_structure(manifest: dict[str, Any], path: Path) -> None:
+    """One-line error for a manifest with missing or wrongly typed fields (damaged or hand-edited),
+    instead of a KeyError deep inside training."""
+
+    def bad(what: str) -> None:
+        raise LatentLMError(f"{path} is malformed ({what}); re-run `latentlm prepare`")
+
+    if manifest.get("dtype") not in ("uint16", "uint32"):
+        bad(f"dtype {manifest.get('dtype')!r} is not uint16 or uint32")
+    tok = manifest.get("tokenizer")
+    if not (isinstance(tok, dict) and isinstance(tok.get("name"), str) and isinstance(tok.get("vocab_size"), int)):
+        bad("no tokenizer name and vocab_size")
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or not set(SPLITS) <= set(splits):
+        bad(f"it needs splits {' and '.join(SPLITS)}")
+    for name, info in splits.items():
+        shards = info.get("shards") if isinstance(info, dict) else None
+        if not isinstance(shards, list) or not all(
+                isinstance(s, dict) and isinstance(s.get("file"), str) and Path(s["file"]).name == s["file"]
+                and isinstance(s.get("tokens"), int) and s["tokens"] >= 0 and isinstance(s.get("sha256"), str)
+                for s in shards):
+            bad(f"split {name} has no valid list of shards")
 
 
 def check_tokenizer(

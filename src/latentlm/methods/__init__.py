@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
+import torch
+
 from latentlm.config import Config
+from latentlm.errors import LatentLMError
 from latentlm.methods.base import Method
 from latentlm.methods.cocomix import Cocomix, PauseInsert
 from latentlm.methods.kd import KD, KDPause
@@ -29,3 +34,29 @@ METHODS: dict[str, type[Method]] = {
 def build_method(cfg: Config) -> Method:
     """The configured method around a freshly initialised core model."""
     return METHODS[cfg.train.method](Transformer(cfg.model), cfg)
+
+
+def flops_report(cfg: Config, methods: list[str], context: int | None = None) -> list[dict]:
+    """Per-token FLOPs of ``methods`` on ``cfg``'s core (built on the meta device: no memory, any
+    size): training (student forward + backward, teacher, total) at ``cfg.seq_len`` and generation
+    of one token with ``context`` tokens in the KV cache (default ``cfg.seq_len``). A method that
+    cannot be built or counted gets ``error`` instead of numbers."""
+    rows, context = [], context or cfg.seq_len
+    for name in methods:
+        if name not in METHODS:
+            raise LatentLMError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+        c = copy.deepcopy(cfg)
+        c.train.method = name
+        row: dict = {"method": name}
+        try:
+            with torch.device("meta"):
+                m = build_method(c)
+            row["params"] = sum(p.numel() for p in m.parameters())
+            row["train_student"] = m.train_flops_per_token(c.seq_len)
+            row["infer"] = m.infer_flops_per_token(context)
+            row["teacher"] = m.teacher_flops_per_token(c.seq_len)
+            row["train_total"] = row["train_student"] + row["teacher"]
+        except LatentLMError as e:
+            row["error"] = str(e)
+        rows.append(row)
+    return rows

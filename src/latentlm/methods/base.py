@@ -6,7 +6,9 @@ plus any parameters of its own, and answers four questions:
 - ``forward(x, y)`` -> ``(loss, metrics)`` for a training batch (called through the wrapper
   so DDP/FSDP hooks fire); ``forward(x, y, nll=True)`` -> per-token NLL [B, T] of the language
   model part alone, for perplexity and bits per byte.
-- :meth:`train_flops_per_token` for MFU and compute-matched comparisons.
+- :meth:`train_flops_per_token` (the student's forward + backward), :meth:`teacher_flops_per_token`
+  (frozen teacher passes: KD logits, CoCoMix labels) and :meth:`infer_flops_per_token` (one
+  generated token) for MFU and compute-matched comparisons.
 - :meth:`step` how a chunk of tokens advances a KV cache during generation, and
   :meth:`cache_slots` how many cache slots ``n`` tokens need.
 
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 
 from latentlm.config import Config
 from latentlm.errors import LatentLMError
-from latentlm.model.flops import train_flops_per_token
+from latentlm.model.flops import forward_flops_per_slot
 from latentlm.model.transformer import KVCache, Transformer
 
 
@@ -44,8 +46,29 @@ class Method(nn.Module):
         batch's window ids ``windows``, numpy int64 [B]) or from a frozen teacher."""
         return {}
 
+    def prepare_training(self, device: torch.device) -> None:
+        """Load and check what :meth:`batch_inputs` needs (a teacher, a label cache) on ``device``.
+        The trainer calls it before writing anything, so a mismatched input fails a run up front."""
+
+    def forward_flops_per_token(self, seq_len: int) -> float:
+        """The student's forward FLOPs per token of a ``seq_len`` window (flops.py's convention)."""
+        return forward_flops_per_slot(self.model.cfg, seq_len)
+
     def train_flops_per_token(self, seq_len: int) -> float:
-        return train_flops_per_token(self.model.cfg, seq_len)
+        """The student's forward + backward FLOPs per training token: 3 x forward, as gradients flow
+        through every pass."""
+        return 3.0 * self.forward_flops_per_token(seq_len)
+
+    def teacher_flops_per_token(self, seq_len: int) -> float:
+        """FLOPs per training token spent in a frozen teacher (0 without one). Paid once per token
+        whether computed on the fly or ahead into a label cache, so fair comparisons count it."""
+        return 0.0
+
+    def infer_flops_per_token(self, context: int) -> float:
+        """Forward FLOPs to generate one token with the KV cache holding ``context`` tokens. It runs
+        the same slots as a training token with a ``context``-token window (flops.py counts attention
+        over the whole context), so the default is the forward formula."""
+        return self.forward_flops_per_token(context)
 
     def set_eval_mode(self, mode: str) -> None:
         """Choose how ``nll=True`` evaluates; only methods with several :attr:`eval_modes` have a choice."""
@@ -92,13 +115,10 @@ def token_nll(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class LogitsMethod(Method):
     """A method whose loss is next-token cross-entropy on ``logits(idx, position_ids, valid, cache)``
     and whose generation step is the same call through the cache. Subclasses define ``logits`` and
-    ``forward_flops_per_token``; training costs 3 x forward (gradients flow through everything)."""
+    ``forward_flops_per_token``."""
 
     def logits(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor | None = None,
                cache: KVCache | None = None) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward_flops_per_token(self, seq_len: int) -> float:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, nll: bool = False):
@@ -107,9 +127,6 @@ class LogitsMethod(Method):
             return losses
         loss = losses.mean()
         return loss, {f"{self.name}_loss": loss.detach()}
-
-    def train_flops_per_token(self, seq_len: int) -> float:
-        return 3.0 * self.forward_flops_per_token(seq_len)
 
     def step(self, idx, position_ids, valid, cache):
         return self.logits(idx, position_ids, valid, cache)

@@ -203,11 +203,14 @@ class Cocomix(Method):
         concept loss."""
         if not self.cfg.cocomix.concept_loss:
             return {}
-        if self._labels is None:
+        self.prepare_training(x.device)
+        return {"labels": self._labels.labels(x, windows)}
+
+    def prepare_training(self, device: torch.device) -> None:
+        if self.cfg.cocomix.concept_loss and self._labels is None:
             from latentlm.concepts.labels import label_source  # loads a teacher or a cache: only when training
 
-            self._labels = label_source(self.cfg, x.device)
-        return {"labels": self._labels.labels(x, windows)}
+            self._labels = label_source(self.cfg, device)
 
     # --- cost and generation -------------------------------------------------------------------
 
@@ -223,8 +226,15 @@ class Cocomix(Method):
         flops += 2.0 * d * self.n_concepts + (0.0 if mix == "none" else 2.0 * self.k * d)
         return flops + forward_flops_per_slot(cfg, 0, n_layers=0)
 
-    def train_flops_per_token(self, seq_len: int) -> float:
-        return 3.0 * self.forward_flops_per_token(seq_len)
+    def teacher_flops_per_token(self, seq_len: int) -> float:
+        """Concept labels: the teacher's forward, its backward down to the SAE layer, the SAE encoder."""
+        c = self.cfg.cocomix
+        if not c.concept_loss:
+            return 0.0
+        from latentlm.concepts.attribution import label_flops_per_token
+        from latentlm.concepts.teacher import run_teacher_config
+
+        return label_flops_per_token(run_teacher_config(c), c.teacher_layer, seq_len, self.n_concepts, c.select)
 
     def cache_slots(self, n_tokens: int) -> int:
         """Per layer capacity: later blocks hold 2 slots per token when interleaving (earlier ones use n)."""
@@ -269,9 +279,6 @@ class PauseInsert(Method):
         flops = forward_flops_per_slot(cfg, seq_len, n_layers=lower, head=False)
         flops += 2 * forward_flops_per_slot(cfg, 2 * seq_len, n_layers=cfg.n_layer - lower, head=False)
         return flops + forward_flops_per_slot(cfg, 0, n_layers=0)
-
-    def train_flops_per_token(self, seq_len: int) -> float:
-        return 3.0 * self.forward_flops_per_token(seq_len)
 
     def cache_slots(self, n_tokens: int) -> int:
         return 2 * n_tokens

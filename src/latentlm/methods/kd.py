@@ -14,12 +14,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from latentlm.concepts.teacher import HFTeacher, LatentLMTeacher, Teacher, load_teacher
+from latentlm.concepts.teacher import HFTeacher, LatentLMTeacher, Teacher, load_teacher, run_teacher_config
 from latentlm.config import Config
 from latentlm.data.prepare import check_tokenizer, load_manifest
 from latentlm.errors import LatentLMError
 from latentlm.methods.base import Method, token_nll, token_positions
 from latentlm.methods.cocomix import PauseInsert
+from latentlm.model.flops import forward_flops_per_slot
 from latentlm.model.transformer import Transformer
 
 
@@ -74,8 +75,15 @@ class TeacherDistillation:
             self._teacher = teacher
         return self._teacher
 
+    def teacher_flops_per_token(self, seq_len: int) -> float:
+        """One full forward of the teacher (its logits) per token."""
+        return forward_flops_per_slot(run_teacher_config(self.cfg.cocomix), seq_len)
+
     def batch_inputs(self, x: torch.Tensor, y: torch.Tensor, windows) -> dict[str, torch.Tensor]:
         return {"teacher_logits": teacher_forward_logits(self.teacher(x.device), x)}
+
+    def prepare_training(self, device: torch.device) -> None:
+        self.teacher(device)
 
     def distill(self, logits: torch.Tensor, y: torch.Tensor, nll: bool, teacher_logits: torch.Tensor | None):
         """Per-token NLL [B, T] with ``nll``, else ``(CE + kd_weight * kd_loss, metrics)`` of the student's logits."""
@@ -103,7 +111,7 @@ class KD(TeacherDistillation, Method):
 class KDPause(TeacherDistillation, PauseInsert):
     """The CoCoMix paper's "KD + pause" baseline: :class:`PauseInsert`'s student (a learned vector after
     every token at the insert layer, read for the next token) trained with :class:`KD`'s loss. Its FLOPs
-    are PauseInsert's; the teacher's forward is not counted (as for KD)."""
+    are PauseInsert's plus the teacher's forward."""
 
     name = "kd_pause"
 

@@ -82,7 +82,8 @@ class Ponder(Method):
         pos = position_ids.repeat_interleave(s, dim=-1)
         ok = None if valid is None else valid.repeat_interleave(s, dim=-1)
         x = self.model.add_positions(slots.reshape(b, t * s, d), pos)
-        return self.model.run_blocks(x, pos, cache=cache, valid=ok).view(b, t, s, -1)
+        per_block = self.cfg.ponder.checkpoint == "block" and torch.is_grad_enabled()
+        return self.model.run_blocks(x, pos, cache=cache, valid=ok, checkpoint_blocks=per_block).view(b, t, s, -1)
 
     def _run(self, emb: torch.Tensor, thoughts: torch.Tensor, position_ids: torch.Tensor,
              valid: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
@@ -135,13 +136,22 @@ class Ponder(Method):
 
     # --- the Method seam ------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, nll: bool = False):
+    def batch_inputs(self, x: torch.Tensor, y: torch.Tensor, windows) -> dict[str, int]:
+        """This training batch's n, drawn here, outside the wrapped (compiled) forward, so the
+        compiled training step has no graph break (one graph per value of n)."""
+        return {"iters": self._draw_train_iters(self)} if self.training else {}
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, nll: bool = False, iters: int | None = None):
+        """``iters`` is n from :meth:`batch_inputs`; a training call without it draws n itself."""
         p = self.cfg.ponder
         metrics: dict[str, torch.Tensor | float] = {}
         if nll and p.eval_mode == "exact":
             logits = self.exact_logits(x)
         else:
-            n = self._draw_train_iters(self) if self.training and not nll else p.eval_iters
+            if self.training and not nll:
+                n = self._draw_train_iters(self) if iters is None else iters
+            else:
+                n = p.eval_iters
             logits, residual = self.jacobi_logits(x, n)
             metrics = {"jacobi_residual": residual, "jacobi_iters": float(n)}
             if nll:
@@ -179,6 +189,13 @@ class Ponder(Method):
         """3 x forward (gradients flow through every pass) at the mean of the drawn n."""
         p = self.cfg.ponder
         return 3.0 * self.forward_flops_per_token(seq_len, (p.train_iters_min + p.train_iters_max) / 2)
+
+    def infer_flops_per_token(self, context: int) -> float:
+        """Generation is exact and sequential: K + 1 slots per token, each through every block over a
+        (K+1) x ``context`` slot cache, and the head once (on the last thought)."""
+        k, cfg = self.k, self.model.cfg
+        return (k + 1) * forward_flops_per_slot(cfg, (k + 1) * context, head=False) + \
+            forward_flops_per_slot(cfg, 0, n_layers=0)
 
     def cache_slots(self, n_tokens: int) -> int:
         return n_tokens * (self.k + 1)

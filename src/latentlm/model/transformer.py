@@ -22,6 +22,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from latentlm.config import ModelConfig
 
@@ -53,7 +54,15 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype:
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def rope_table(n: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 cos/sin ``[n, head_dim]`` of positions 0..n-1 (the values :func:`rope_cos_sin` gives)."""
+    return tuple(t[0, 0] for t in rope_cos_sin(torch.arange(n)[None], head_dim, theta, torch.float32))
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` in its own dtype (under bf16 autocast q and k stay bf16, as the fused attention
+    kernels need, instead of being promoted by float32 tables)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -130,9 +139,11 @@ class Attention(nn.Module):
             layer = self.layer + cache_offset
             past = cache.lengths[layer]
             k, v, key_valid = cache.append(layer, k, v, valid)
-            # One decode step over an unpadded batch needs no mask: the fast kernels apply.
-            mask = None if T == 1 and not cache.padded else \
-                attention_mask(T, past, key_valid if cache.padded else None, x.device)
+            # Unpadded, a one-slot decode step needs no mask and a prefill into an empty cache is
+            # plain causal attention: both stay on the fast kernels. Several slots after a past
+            # (a token and its concept or pauses) need the explicit mask: is_causal is top-left aligned.
+            mask = attention_mask(T, past, key_valid if cache.padded else None, x.device) \
+                if cache.padded or (past and T > 1) else None
         elif mask is None and valid is not None:
             mask = attention_mask(T, 0, valid, x.device)
         if self.n_kv_head != self.n_head:
@@ -140,7 +151,7 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and cache is None)
+            is_causal=mask is None and T > 1)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -186,6 +197,10 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        if cfg.pos == "rope":  # computed once, not on every run_blocks call; not saved in checkpoints
+            cos, sin = rope_table(cfg.block_size, cfg.n_embd // cfg.n_head, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -214,24 +229,38 @@ class Transformer(nn.Module):
 
     def run_blocks(self, x: torch.Tensor, position_ids: torch.Tensor, start: int = 0,
                    end: int | None = None, cache: KVCache | None = None,
-                   valid: torch.Tensor | None = None, cache_offset: int = 0) -> torch.Tensor:
+                   valid: torch.Tensor | None = None, cache_offset: int = 0,
+                   checkpoint_blocks: bool = False) -> torch.Tensor:
         """Run ``blocks[start:end]`` on ``x`` [B, T, d].
 
         ``position_ids`` [B, T] or [T] drive RoPE (learned positions are added by
         :meth:`add_positions` at the input only). ``valid`` [B, T] marks real slots (False for
         left padding); ``cache`` appends this call's keys and values per layer, at cache layer
         ``layer + cache_offset`` (methods that reuse the blocks for several passes, e.g. a looped
-        stack, give each pass its own cache layers).
+        stack, give each pass its own cache layers). ``checkpoint_blocks`` keeps only each block's
+        input for backward and recomputes the block there (activation checkpointing per block).
         """
-        if position_ids.dim() == 1:
-            position_ids = position_ids[None].expand(x.shape[0], -1)
         rope = None
         if self.cfg.pos == "rope":
-            rope = rope_cos_sin(position_ids, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_theta, x.dtype)
+            rope = self.rope(position_ids, max(x.shape[1], cache.capacity if cache is not None else 0))
         mask = attention_mask(x.shape[1], 0, valid, x.device) if (valid is not None and cache is None) else None
         for block in self.blocks[start:end]:
-            x = block(x, rope, cache, valid, mask, cache_offset)
+            if checkpoint_blocks:
+                x = checkpoint(block, x, rope, cache, valid, mask, cache_offset, use_reentrant=False)
+            else:
+                x = block(x, rope, cache, valid, mask, cache_offset)
         return x
+
+    def rope(self, position_ids: torch.Tensor, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos/sin ``[B or 1, 1, T, head_dim]`` for ``position_ids`` [B, T] or [T], all below
+        ``bound`` (a token's position never reaches the slots of its call plus the cache's capacity):
+        looked up in the table of the first ``block_size`` positions when ``bound`` fits in it,
+        computed on the spot otherwise. Checking ``bound``, not the ids, needs no device sync."""
+        if position_ids.dim() == 1:
+            position_ids = position_ids[None]
+        if bound <= self.rope_cos.shape[0]:
+            return self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]
+        return rope_cos_sin(position_ids, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_theta, torch.float32)
 
     def add_positions(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Input-side position handling: learned embeddings are added, RoPE adds nothing here."""

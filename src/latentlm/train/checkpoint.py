@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import time
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
@@ -31,8 +33,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 import latentlm
 from latentlm.config import Config, config_from_dict, save_yaml
 from latentlm.errors import LatentLMError
-from latentlm.fileio import fsync_file, publish_dir, sha256_file, write_json_atomic
-from latentlm.train.distributed import DistInfo, barrier
+from latentlm.fileio import fsync_file, publish_dir, sha256_file, write_delay, write_json_atomic
+from latentlm.train.distributed import DistInfo, raise_rank0_failure
 
 FORMAT = 1
 TOKENIZER_FILE = "tokenizer.json"
@@ -50,7 +52,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "manifest.json").is_file()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    return sorted(found, key=step_of)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -72,16 +74,37 @@ def save_checkpoint(run_dir: str | Path, step: int, module: torch.nn.Module, opt
         rngs = [None] * info.world_size
         dist.all_gather_object(rngs, rng)
     final = Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+    failure = None
     if info.is_main:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        try:
+            _write_checkpoint(final, model_sd, optim_sd, rngs, cfg, trainer_state, info, extra)
+            for old in list_checkpoints(run_dir)[:-cfg.train.keep_last]:
+                _remove_checkpoint(old)
+        except OSError as e:  # disk full, read-only or vanished directory: say so, keep the older ones
+            previous = latest_checkpoint(run_dir)
+            failure = (f"cannot write checkpoint {final} ({e.strerror or e}); free disk space or make "
+                       f"{final.parent} writable, then "
+                       + (f"resume: the previous checkpoint {previous} is intact" if previous is not None
+                          else "start again: no checkpoint was saved yet"))
+    raise_rank0_failure(failure, info)  # every rank learns whether rank 0 succeeded (instead of a barrier)
+    return final
+
+
+def _write_checkpoint(final: Path, model_sd: dict, optim_sd: dict, rngs: list, cfg: Config,
+                      trainer_state: dict[str, Any], info: DistInfo, extra: dict[str, Any] | None) -> None:
+    """Assemble the checkpoint in a hidden sibling and rename it into place; remove it on failure."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(".step_*"):  # leftovers of killed writers (the run lock excludes live ones)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    tmp.mkdir()
+    try:
         if _tied(cfg):
             model_sd.pop(TIED_KEY, None)
         save_file({k: v.contiguous() for k, v in model_sd.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "latentlm", "method": cfg.train.method})
         torch.save(optim_sd, tmp / "optimizer.pt")
+        write_delay()
         torch.save({f"rank{r}_{k}": v for r, s in enumerate(rngs) for k, v in s.items()}, tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
         extra = dict(extra or {})
@@ -94,15 +117,27 @@ def save_checkpoint(run_dir: str | Path, step: int, module: torch.nn.Module, opt
             fsync_file(f)
             files[f.name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
         manifest = {"format": FORMAT, "kind": "latentlm-checkpoint", "latentlm_version": latentlm.__version__,
-                    "torch_version": torch.__version__, "method": cfg.train.method, "step": step,
+                    "torch_version": torch.__version__, "method": cfg.train.method, "step": step_of(final),
                     "world_size": info.world_size, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "files": files, **extra}
         write_json_atomic(tmp / "manifest.json", manifest)
         publish_dir(tmp, final)
-        for old in list_checkpoints(run_dir)[:-cfg.train.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier(info)
-    return final
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _remove_checkpoint(ckpt: Path) -> None:
+    """Hide a checkpoint by renaming it before deleting it, so a kill mid-delete never leaves a
+    ``step_*`` directory with a manifest but missing files."""
+    hidden = ckpt.with_name(f".{ckpt.name}.old-{os.getpid()}")
+    os.replace(ckpt, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def step_of(ckpt: Path) -> int:
+    """The optimizer step a ``step_*`` directory holds."""
+    return int(_STEP_DIR.match(ckpt.name).group(1))
 
 
 def read_manifest(ckpt: Path, verify: bool = True) -> dict[str, Any]:
@@ -141,7 +176,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_model_state(ckpt: Path, cfg: Config) -> dict[str, torch.Tensor]:
-    sd = load_file(str(ckpt / "model.safetensors"))
+    try:
+        sd = load_file(str(ckpt / "model.safetensors"))
+    except SafetensorError as e:
+        raise LatentLMError(f"cannot read {ckpt / 'model.safetensors'} ({str(e).splitlines()[0]}); the checkpoint "
+                            "is damaged, use an earlier one") from None
     if _tied(cfg) and "model.wte.weight" in sd:
         sd[TIED_KEY] = sd["model.wte.weight"]
     return sd
@@ -150,7 +189,12 @@ def load_model_state(ckpt: Path, cfg: Config) -> dict[str, torch.Tensor]:
 def load_config(ckpt: Path) -> Config:
     import yaml
 
-    return config_from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    try:
+        data = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise LatentLMError(f"{ckpt / 'config.yaml'} is not valid YAML; the checkpoint is damaged, use an "
+                            "earlier one") from None
+    return config_from_dict(data)
 
 
 def restore_training(ckpt: Path, module: torch.nn.Module, optimizer, cfg: Config, info: DistInfo) -> dict[str, Any]:
@@ -161,14 +205,24 @@ def restore_training(ckpt: Path, module: torch.nn.Module, optimizer, cfg: Config
                             f"not {cfg.train.method!r}; resume with --train.method {manifest['method']}")
     opts = StateDictOptions(full_state_dict=True)
     set_model_state_dict(module, load_model_state(ckpt, cfg), options=opts)
-    set_optimizer_state_dict(module, optimizer, torch.load(ckpt / "optimizer.pt", weights_only=True), options=opts)
-    rng = torch.load(ckpt / "rng.pt", weights_only=True)
+    set_optimizer_state_dict(module, optimizer, _load_tensors(ckpt / "optimizer.pt"), options=opts)
+    rng = _load_tensors(ckpt / "rng.pt")
     key = f"rank{info.rank}_cpu"
     if key in rng:  # a different world size keeps fresh RNG streams on the new ranks
         torch.set_rng_state(rng[key])
         if torch.cuda.is_available() and f"rank{info.rank}_cuda" in rng:
             torch.cuda.set_rng_state(rng[f"rank{info.rank}_cuda"])
     return json.loads((ckpt / "trainer_state.json").read_text())
+
+
+def _load_tensors(path: Path) -> Any:
+    """A ``torch.save`` file of tensors and plain containers; anything else (a pickle that would
+    run code, a damaged file) is refused with one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError):
+        raise LatentLMError(f"refusing to load {path}: it is damaged or holds objects other than tensors (loading "
+                            "it could run code); resume from another checkpoint") from None
 
 
 def checkpoint_tokenizer(ckpt: str | Path, manifest: dict[str, Any]):

@@ -92,3 +92,14 @@ def barrier(info: DistInfo) -> None:
 def teardown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def raise_rank0_failure(failure: str | None, info: DistInfo) -> None:
+    """Raise rank 0's one-line ``failure`` (None = success) as a LatentLMError on every rank, so a
+    problem only rank 0 can see (the run lock, a full disk) never leaves the others waiting."""
+    if info.enabled:
+        box = [failure]
+        dist.broadcast_object_list(box, src=0)
+        failure = box[0]
+    if failure is not None:
+        raise LatentLMError(failure)

@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
+import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +19,16 @@ from tqdm import tqdm
 from latentlm.config import Config, save_yaml
 from latentlm.data.loader import TokenSplit, WindowLoader
 from latentlm.data.prepare import check_tokenizer, load_manifest, tokenizer_for
-from latentlm.errors import LatentLMError
+from latentlm.errors import Interrupted, LatentLMError
 from latentlm.eval.perplexity import evaluate_tokens
+from latentlm.fileio import dir_lock, write_json_atomic
 from latentlm.methods import build_method
 from latentlm.model.flops import device_peak_flops
 from latentlm.train import checkpoint as ckpt_io
 from latentlm.train import distributed as dist_
 from latentlm.train.metrics import MetricLogger
 from latentlm.train.optim import build_optimizer, lr_at
+from latentlm.train.warmstart import init_core_from
 
 
 class NonFiniteLossError(LatentLMError):
@@ -47,13 +52,58 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None) -
     tc = cfg.train
     info, device = dist_.setup(tc.dist, tc.device)
     try:
-        return _train(cfg, info, device, resume, stop_after)
+        with _run_lock(Path(tc.out_dir), info), _StopRequest() as stop:
+            return _train(cfg, info, device, resume, stop_after, stop)
     finally:
         dist_.teardown(info)
 
 
+@contextlib.contextmanager
+def _run_lock(run_dir: Path, info: dist_.DistInfo) -> Iterator[None]:
+    """Rank 0 holds the run directory's lock for the whole run, so a second ``train`` on the same
+    directory fails at once instead of interleaving checkpoints; every rank fails with it."""
+    with contextlib.ExitStack() as stack:
+        failure = None
+        if info.is_main:
+            try:
+                stack.enter_context(dir_lock(run_dir, "choose another --train.out_dir"))
+            except LatentLMError as e:
+                failure = str(e)
+        dist_.raise_rank0_failure(failure, info)
+        yield
+
+
+class _StopRequest:
+    """SIGINT / SIGTERM during training: the first one asks for a checkpoint and an orderly stop
+    after the current step (preemption); a second one acts as it would without this handler."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        self._restore()
+        os.write(2, f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step "
+                    "(send it again to stop at once)\n".encode())
+
+    def _restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
+
+
 def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool,
-           stop_after: int | None) -> dict[str, Any]:
+           stop_after: int | None, stop: _StopRequest) -> dict[str, Any]:
     tc = cfg.train
     run_dir = Path(tc.out_dir)
     data_manifest = load_manifest(cfg.data.path, verify=cfg.data.verify)
@@ -73,6 +123,9 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
 
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     method = build_method(cfg).to(device)
+    method.prepare_training(device)  # teacher / SAE / label cache mismatches fail before any output
+    if tc.init_from and existing is None:  # before wrapping, so DDP/FSDP start from these weights
+        init_core_from(method.model, tc.init_from, data_manifest)
     module = dist_.wrap(method, info, device)
     optimizer = build_optimizer(module, tc, device, fused=None if info.mode != "fsdp2" else False)
     torch.manual_seed(tc.seed + info.rank)  # per-rank dropout streams
@@ -87,12 +140,18 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
         save_yaml(cfg, run_dir / "config.yaml")
     dist_.barrier(info)
     logger = MetricLogger(run_dir, tensorboard=tc.tensorboard, wandb=tc.wandb, wandb_project=tc.wandb_project,
-                          config=cfg.to_dict()) if info.is_main else None
+                          config=cfg.to_dict(), after_step=step) if info.is_main else None
     compiled = torch.compile(module) if tc.compile else module
     amp = autocast_context(device, tc.dtype)
     byte_lengths = tokenizer.token_byte_lengths()
     tokens_per_step = tc.batch_size * seq_len * tc.grad_accum * info.world_size
+    # Counts the teacher too (KD logits, CoCoMix labels): fair comparisons and MFU need all the work.
     flops_per_token = method.train_flops_per_token(seq_len)
+    try:
+        flops_per_token += method.teacher_flops_per_token(seq_len)
+    except LatentLMError as e:  # an unusual teacher shape: train anyway, say what the numbers miss
+        if info.is_main:
+            print(f"warning: teacher FLOPs not counted in flops_per_token / MFU: {e}", flush=True)
     peak = tc.peak_flops or device_peak_flops(device)
     params = [p for p in module.parameters() if p.requires_grad]
     ckpt_extra = {"tokenizer": tokenizer.describe(), "data": str(Path(cfg.data.path).resolve()),
@@ -119,6 +178,7 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
                dynamic_ncols=True)
     module.train()
     last: dict[str, Any] = {}
+    stopping = False
     t_log, tok_log = time.perf_counter(), tokens_seen
     while step < end:
         lr = lr_at(step, tc)
@@ -139,8 +199,11 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        stats = dist_.all_reduce_mean(torch.stack([loss_sum / tc.grad_accum, grad_norm.float()]), info)
-        loss_val, norm_val = stats.tolist()  # the one host sync per optimizer step
+        # A stop request rides the same all-reduce, so every rank stops after the same step.
+        flag = torch.full((), float(stop.signum), device=device)
+        stats = dist_.all_reduce_mean(torch.stack([loss_sum / tc.grad_accum, grad_norm.float(), flag]), info)
+        loss_val, norm_val, stop_val = stats.tolist()  # the one host sync per optimizer step
+        stopping = stop_val > 0
         tokens_seen += tokens_per_step
         step += 1
         if math.isfinite(loss_val) and math.isfinite(norm_val):
@@ -172,7 +235,7 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
                 logger.log(last)
             bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tok_s:,.0f}")
         t_pause = time.perf_counter()  # evaluation and checkpoints do not count against tokens/s
-        if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
+        if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps and not stopping:
             ev = evaluate()
             if logger:
                 logger.log({"step": step, "tokens": tokens_seen, **ev})
@@ -180,10 +243,18 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
                 tqdm.write(f"step {step}: val_loss {ev['val_loss']:.4f} ppl {ev['val_ppl']:.2f} "
                            f"bpb {ev['val_bpb']:.4f}")
         # No checkpoint inside a non-finite streak: the latest one stays from before it.
-        if ((tc.ckpt_every and step % tc.ckpt_every == 0) or step == end) and bad_in_row == 0:
+        if ((tc.ckpt_every and step % tc.ckpt_every == 0) or step == end or stopping) and bad_in_row == 0:
             save(step)
         t_log += time.perf_counter() - t_pause
+        if stopping:
+            break
     bar.close()
+    if stopping and step < end:
+        if logger:
+            logger.close()
+        signum = stop.signum or signal.SIGTERM  # a rank the signal did not reach stops as if SIGTERMed
+        raise Interrupted(f"{signal.Signals(signum).name} at step {step}: saved {ckpt_io.latest_checkpoint(run_dir)}; "
+                          "run the same command with --resume to continue", signum)
     result = dict(last)
     if step >= tc.max_steps:
         ev = evaluate()
@@ -191,7 +262,11 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
         if logger:
             logger.log({"step": step, "tokens": tokens_seen, "final": True, **ev})
         if info.is_main:
-            (run_dir / "final.json").write_text(json.dumps(result, indent=2))
+            try:
+                write_json_atomic(run_dir / "final.json", result)
+            except OSError as e:  # the final checkpoint is already saved: only the summary is missing
+                raise LatentLMError(f"cannot write {run_dir / 'final.json'} ({e.strerror}); the final checkpoint "
+                                    f"{ckpt_io.latest_checkpoint(run_dir)} is saved, `latentlm eval` it") from None
             print(f"done: val_loss {ev['val_loss']:.4f} ppl {ev['val_ppl']:.2f} bpb {ev['val_bpb']:.4f} "
                   f"({tokens_seen:,} tokens)", flush=True)
     if logger:

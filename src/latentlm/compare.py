@@ -1,0 +1,284 @@
+"""``latentlm compare EXPERIMENT.yaml``: several methods trained on the same data order and budget,
+evaluated the same way, reported side by side.
+
+An experiment file names the data (a prepared directory, or a corpus to tokenize), a base config
+shared by every run, a budget (equal training tokens, or equal training FLOPs counting the
+teacher), the shared CoCoMix/KD artifacts to build once (a teacher, its SAE, a label cache), the
+runs (method + overrides) and the evaluation (held-out tokens, zero-shot tasks). Every stage
+writes its output atomically and is skipped when already complete, so an interrupted comparison
+resumes where it stopped (an unfinished run continues from its latest checkpoint). See
+docs/COMPARE.md for the file format.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from latentlm.errors import LatentLMError
+from latentlm.fileio import write_json_atomic
+
+TOP_KEYS = {"name", "out_dir", "data", "base", "budget", "teacher", "sae", "labels", "eval", "runs"}
+DATA_KEYS = {"path", "source", "tokenizer", "tokenizer_path", "vocab_size", "val_fraction", "limit"}
+SAE_KEYS = {"layer", "latents", "k", "steps", "lr", "batch_tokens", "eval_tokens"}
+EVAL_KEYS = {"tokens", "points", "tasks", "limit", "batch_size"}
+RUN_KEYS = {"method", "config", "overrides"}
+TEACHER_METHODS = {"cocomix", "kd", "kd_pause"}
+
+
+def _check_keys(where: str, d: Any, allowed: set[str]) -> dict:
+    if not isinstance(d, dict):
+        raise LatentLMError(f"{where} must be a mapping, got {type(d).__name__}")
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise LatentLMError(f"unknown key {where}.{unknown[0]}; allowed: {', '.join(sorted(allowed))}")
+    return d
+
+
+def load_experiment(path: str | Path) -> dict[str, Any]:
+    """Read and check an experiment file; relative paths in it are relative to the working directory."""
+    p = Path(path)
+    if not p.is_file():
+        raise LatentLMError(f"experiment file {p} does not exist")
+    try:
+        exp = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise LatentLMError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    _check_keys("experiment", exp, TOP_KEYS)
+    for key in ("out_dir", "data", "budget", "runs"):
+        if key not in exp:
+            raise LatentLMError(f"{p} needs a {key!r} entry (see docs/COMPARE.md)")
+    data = _check_keys("data", exp["data"], DATA_KEYS)
+    if ("path" in data) == ("source" in data):
+        raise LatentLMError("data needs exactly one of 'path' (a prepared directory) or 'source' (a corpus to prepare)")
+    budget = _check_keys("budget", exp["budget"], {"tokens", "flops"})
+    if len(budget) != 1 or not isinstance(next(iter(budget.values())), (int, float)) or next(iter(budget.values())) <= 0:
+        raise LatentLMError("budget needs exactly one positive number: 'tokens' (equal training tokens) or "
+                            "'flops' (equal training FLOPs, teacher included)")
+    runs = _check_keys("runs", exp["runs"], set(exp["runs"]) if isinstance(exp["runs"], dict) else set())
+    if not runs:
+        raise LatentLMError("runs is empty; name at least one run, e.g. runs: {ntp: {method: ntp}}")
+    for name, run in runs.items():
+        _check_keys(f"runs.{name}", run, RUN_KEYS)
+        if "method" not in run:
+            raise LatentLMError(f"runs.{name} needs a method")
+    _check_keys("base", exp.get("base") or {}, {"model", "data", "train", "ponder", "cocomix"})
+    _check_keys("eval", exp.get("eval") or {}, EVAL_KEYS)
+    if exp.get("sae") is not None:
+        _check_keys("sae", exp["sae"], SAE_KEYS)
+        if "layer" not in exp["sae"]:
+            raise LatentLMError("sae needs the teacher layer it reads, e.g. sae: {layer: 1}")
+    if exp.get("teacher") is not None:
+        _check_keys("teacher", exp["teacher"], {"path", "overrides"})
+    return exp
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, dict) else v
+    return out
+
+
+class Comparison:
+    """The stages of one experiment; each is a no-op when its output is already complete."""
+
+    def __init__(self, exp: dict[str, Any], progress: bool = True):
+        self.exp, self.progress = exp, progress
+        self.out = Path(exp["out_dir"])
+        self.eval = {"tokens": None, "points": 4, "tasks": [], "limit": None, "batch_size": 16, **(exp.get("eval") or {})}
+
+    def log(self, msg: str) -> None:
+        print(msg, flush=True)
+
+    # --- shared artifacts ----------------------------------------------------------------------
+
+    def data(self) -> Path:
+        """The prepared data: given, or tokenized here (a BPE tokenizer trained on the corpus if asked)."""
+        from latentlm.data.prepare import load_manifest, prepare
+        from latentlm.data.sources import iter_documents
+        from latentlm.data.tokenizers import load_tokenizer, train_bpe
+
+        d = self.exp["data"]
+        if "path" in d:
+            load_manifest(d["path"])  # fails early with the reason if it is not prepared data
+            return Path(d["path"])
+        out = self.out / "data"
+        try:
+            load_manifest(out)
+            return out
+        except LatentLMError:
+            pass
+        kind, tok_path = d.get("tokenizer", "gpt2"), d.get("tokenizer_path")
+        if kind == "bpe" and not tok_path:
+            tok_path = self.out / "tokenizer.json"
+            if not tok_path.is_file():
+                self.log(f"training a {d.get('vocab_size', 8192)}-id BPE tokenizer on {d['source']} -> {tok_path}")
+                train_bpe(iter_documents(d["source"], limit=d.get("limit")), d.get("vocab_size", 8192), tok_path)
+        self.log(f"preparing {d['source']} -> {out}")
+        prepare(d["source"], load_tokenizer(kind, tok_path), out, val_fraction=d.get("val_fraction", 0.01),
+                limit=d.get("limit"), overwrite=True, progress=self.progress)
+        return out
+
+    def config(self, overrides: dict, config_file: str | None = None):
+        from latentlm.config import make_config
+
+        return make_config(config_file, overrides, base=copy.deepcopy(self.exp.get("base") or {}))
+
+    def teacher(self, data: Path) -> str | None:
+        """The teacher of CoCoMix/KD runs: given, or a plain NTP run trained here on the base config."""
+        t = self.exp.get("teacher")
+        if t is None:
+            return None
+        if "path" in t:
+            return t["path"]
+        cfg = self.config(_merge(t.get("overrides") or {}, {"data": {"path": str(data)}, "train": {
+            "method": "ntp", "out_dir": str(self.out / "teacher"), "progress": self.progress}}))
+        self._train(cfg, "teacher")
+        return cfg.train.out_dir
+
+    def sae(self, teacher: str, data: Path, seq_len: int) -> str | None:
+        from latentlm.concepts.sae import load_sae, train_sae_on_teacher
+        from latentlm.concepts.teacher import load_teacher
+
+        s = self.exp.get("sae")
+        if s is None:
+            return None
+        out = self.out / "sae"
+        try:
+            load_sae(out)
+            return str(out)
+        except LatentLMError:
+            pass
+        self.log(f"training an SAE on {teacher} block {s['layer']} -> {out}")
+        path, m = train_sae_on_teacher(load_teacher(teacher), data, out, layer=s["layer"], latents=s.get("latents", 4096),
+                                       k=s.get("k", 32), steps=s.get("steps", 1000), lr=s.get("lr", 4e-4),
+                                       batch_tokens=s.get("batch_tokens", 4096), seq_len=seq_len,
+                                       eval_tokens=s.get("eval_tokens", 50_000), progress=self.progress)
+        self.log(f"  SAE val fvu {m['val']['fvu']:.3f}, dead {m['val']['dead_fraction']:.3f}")
+        return str(path)
+
+    def labels(self, teacher: str, sae: str, data: Path, cfg) -> str:
+        from latentlm.concepts.labels import build_label_cache
+        from latentlm.concepts.sae import load_sae
+        from latentlm.concepts.teacher import load_teacher
+
+        out = self.out / "labels"
+        if (out / "manifest.json").is_file():
+            return str(out)
+        c = cfg.cocomix
+        self.log(f"labelling every training window with {teacher} + its SAE -> {out}")
+        build_label_cache(data, load_teacher(teacher), load_sae(sae), out, seq_len=cfg.seq_len, layer=c.teacher_layer,
+                          k_attr=c.k_attr, acts=c.acts, select=c.select, batch_size=cfg.train.batch_size,
+                          progress=self.progress)
+        return str(out)
+
+    # --- runs ----------------------------------------------------------------------------------
+
+    def _train(self, cfg, name: str) -> dict:
+        from latentlm.train.checkpoint import latest_checkpoint
+        from latentlm.train.trainer import train
+
+        run = Path(cfg.train.out_dir)
+        if (run / "final.json").is_file():
+            self.log(f"[{name}] already trained; reusing {run}")
+            return json.loads((run / "final.json").read_text())
+        resume = latest_checkpoint(run) is not None
+        self.log(f"[{name}] {'resuming' if resume else 'training'} {cfg.train.method} -> {run}")
+        return train(cfg, resume=resume)
+
+    def run_config(self, name: str, run: dict, data: Path, shared: dict[str, str]):
+        """The run's config: base <- run config file <- run overrides, then the experiment's data,
+        run directory, the shared artifacts (unless the run sets them) and the budget's step count."""
+        from latentlm.methods import flops_report
+
+        over = _merge(run.get("overrides") or {}, {"data": {"path": str(data)}, "train": {
+            "method": run["method"], "out_dir": str(self.out / "runs" / name), "progress": self.progress}})
+        if run["method"] in TEACHER_METHODS:
+            mine = over.setdefault("cocomix", {})
+            for key in ("teacher", "sae", "teacher_layer", "labels"):
+                if key in shared and key not in mine and (key not in ("sae", "labels") or run["method"] == "cocomix"):
+                    mine[key] = shared[key]
+        cfg = self.config(over, run.get("config"))
+        tc = cfg.train
+        tokens_per_step = tc.batch_size * cfg.seq_len * tc.grad_accum
+        budget = self.exp["budget"]
+        if "tokens" in budget:
+            steps = budget["tokens"] / tokens_per_step
+        else:
+            row = flops_report(cfg, [tc.method])[0]
+            if "error" in row:
+                raise LatentLMError(f"runs.{name}: cannot count its FLOPs for the budget: {row['error']}")
+            steps = budget["flops"] / (row["train_total"] * tokens_per_step)
+        tc.max_steps = max(1, round(steps))
+        tc.eval_every = max(1, tc.max_steps // max(1, self.eval["points"]))
+        tc.ckpt_every = tc.eval_every
+        tc.warmup_steps = min(tc.warmup_steps, tc.max_steps // 2)
+        return cfg
+
+    def evaluate(self, name: str, cfg) -> dict[str, Any]:
+        """Held-out loss/ppl/bpb on the same tokens for every run, and the zero-shot tasks."""
+        from latentlm.data.loader import TokenSplit
+        from latentlm.eval.perplexity import evaluate_tokens
+        from latentlm.train.checkpoint import checkpoint_tokenizer, load_method
+
+        path = Path(cfg.train.out_dir) / "compare_eval.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        self.log(f"[{name}] evaluating")
+        t0 = time.perf_counter()
+        method, cfg, manifest = load_method(cfg.train.out_dir)
+        tokenizer = checkpoint_tokenizer(cfg.train.out_dir, manifest)
+        r = evaluate_tokens(method, TokenSplit(cfg.data.path, "val"), seq_len=cfg.seq_len, batch_size=self.eval["batch_size"],
+                            byte_lengths=tokenizer.token_byte_lengths(), max_tokens=self.eval["tokens"],
+                            progress=self.progress)
+        out: dict[str, Any] = {"val": r, "zeroshot": {}}
+        if self.eval["tasks"]:
+            from latentlm.eval.zeroshot import evaluate_tasks
+
+            out["zeroshot"] = evaluate_tasks(method, tokenizer, list(self.eval["tasks"]), limit=self.eval["limit"],
+                                             batch_size=self.eval["batch_size"], progress=self.progress)
+        out["eval_seconds"] = time.perf_counter() - t0
+        write_json_atomic(path, out)
+        return out
+
+
+def run_compare(path: str | Path, *, progress: bool = True) -> Path:
+    """Run (or resume) the experiment in ``path``; return the path of its report.md."""
+    from latentlm.methods import flops_report
+    from latentlm.report import run_summary, write_report
+
+    exp = load_experiment(path)
+    c = Comparison(exp, progress)
+    c.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    data = c.data()
+    needs_teacher = any(r["method"] in TEACHER_METHODS for r in exp["runs"].values())
+    shared: dict[str, str] = {}
+    if needs_teacher:
+        teacher = c.teacher(data)
+        if teacher:
+            shared["teacher"] = teacher
+            sae = c.sae(teacher, data, c.config({"data": {"path": str(data)}}).seq_len)
+            if sae:
+                shared["sae"], shared["teacher_layer"] = sae, exp["sae"]["layer"]
+                if exp.get("labels", True) and any(r["method"] == "cocomix" for r in exp["runs"].values()):
+                    cocomix_cfg = c.run_config(next(n for n, r in exp["runs"].items() if r["method"] == "cocomix"),
+                                               next(r for r in exp["runs"].values() if r["method"] == "cocomix"),
+                                               data, shared)
+                    shared["labels"] = c.labels(teacher, sae, data, cocomix_cfg)
+    summaries = []
+    for name, run in exp["runs"].items():
+        cfg = c.run_config(name, run, data, shared)
+        c._train(cfg, name)
+        ev = c.evaluate(name, cfg)
+        row = flops_report(cfg, [cfg.train.method])[0]
+        summaries.append(run_summary(name, cfg, row, ev))
+    report = write_report(exp, summaries, c.out, wall_seconds=time.perf_counter() - t0)
+    c.log(f"wrote {report}")
+    return report

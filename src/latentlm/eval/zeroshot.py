@@ -1,0 +1,223 @@
+"""Zero-shot evaluation: scoring (context, continuation) requests with any method's own forward.
+
+Every request is scored by ``method(x, y, nll=True)``, so each method is evaluated the way it
+computes next-token probabilities (CoCoMix with its concept slots, PonderLM-2 with its latent
+thoughts in the current evaluation mode, ...). A request is the document-start token (EOT, as
+documents appear in training), the context, then the continuation; its log-likelihood is the
+sum over the continuation's tokens. Requests are batched with right padding: attention is
+causal, so padding after a row's last token cannot change the scores before it.
+
+Metrics follow lm-evaluation-harness (definitions in docs/EVAL.md): acc and acc_norm (log-
+likelihood divided by the answer's length in characters) with the sample standard error of
+the mean for multiple choice; LAMBADA's acc (every continuation token is the argmax) and
+perplexity exp(-mean log-likelihood), with a delta-method standard error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from latentlm.errors import LatentLMError
+from latentlm.eval.perplexity import TextTokenizer
+from latentlm.eval.tasks import TASKS, Example, check_tasks, load_task
+from latentlm.methods.base import Method, token_nll, unwrap
+
+__all__ = ["TASKS", "evaluate_tasks", "format_table", "lambada_metrics", "multiple_choice_metrics",
+           "resolve_max_len", "score_requests"]
+
+PAD_ID = 0  # any real id: right padding is never seen by earlier positions and never scored
+
+
+def resolve_max_len(method: Method, max_len: int | None = None) -> int:
+    """Most tokens one scored sequence may feed the model: by default the training window
+    (``cfg.seq_len`` tokens). Slots that methods add per token (thoughts, pauses, concepts)
+    share their token's position id, so the limit counts tokens, not cache slots; learned
+    position tables cap it at ``block_size``."""
+    m = unwrap(method)
+    cfg = m.model.cfg
+    n = m.cfg.seq_len if max_len is None else max_len
+    if n < 1:
+        raise LatentLMError(f"max_len={n} must be at least 1 token")
+    if cfg.pos == "learned" and n > cfg.block_size:
+        raise LatentLMError(f"max_len={n} exceeds the model's block_size={cfg.block_size} (learned positions); "
+                            "lower --seq-len")
+    return n
+
+
+def _encode(tokenizer: TextTokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of EOT + context and of the continuation. Trailing whitespace of the context
+    moves to the continuation, so a word's leading space is tokenized with the word."""
+    stripped = context.rstrip()
+    continuation = context[len(stripped):] + continuation
+    cont = tokenizer.encode(continuation)
+    if not cont:
+        raise LatentLMError(f"continuation {continuation!r} encodes to no tokens; nothing to score")
+    return [tokenizer.eot_id] + tokenizer.encode(stripped), cont
+
+
+@contextmanager
+def _head_outputs(method: Method) -> Iterator[list[torch.Tensor]]:
+    """Collect the LM head's outputs during a call (every method's logits come from it)."""
+    seen: list[torch.Tensor] = []
+    handle = unwrap(method).model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(out))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _scored_logits(seen: list[torch.Tensor], nll: torch.Tensor, y: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The logits [B, T, V] behind ``nll`` [B, T]: the last head calls that together cover the
+    T positions (one call, or one per token for sequential decoding), checked against ``nll``."""
+    parts, covered = [], 0
+    for out in reversed(seen):
+        if covered >= y.shape[1]:
+            break
+        parts.append(out)
+        covered += out.shape[1]
+    logits = torch.cat(parts[::-1], dim=1)[..., :vocab] if parts else None
+    if logits is None or logits.shape[:2] != y.shape or \
+            not torch.allclose(token_nll(logits, y), nll, atol=1e-4, rtol=1e-4):
+        raise RuntimeError("the LM head's last outputs do not reproduce the method's NLL, so greedy matching "
+                           "cannot read the scored logits")
+    return logits
+
+
+@torch.inference_mode()
+def score_requests(method: Method, tokenizer: TextTokenizer, requests: Sequence[tuple[str, str]], *,
+                   batch_size: int = 16, max_len: int | None = None, greedy: bool = False,
+                   progress: bool = False, desc: str = "requests") -> list[tuple[float, bool]]:
+    """``(log-likelihood, is_greedy)`` of each (context, continuation) request, in order.
+
+    Sequences longer than ``max_len + 1`` tokens (see :func:`resolve_max_len`) lose context
+    from the left; a continuation longer than ``max_len`` keeps only its last ``max_len``
+    tokens scored. ``is_greedy`` (computed only with ``greedy``, else False) says whether
+    every scored token was the model's argmax. Longest requests are batched first.
+    """
+    if batch_size < 1:
+        raise LatentLMError(f"batch_size={batch_size} must be at least 1")
+    m = unwrap(method)
+    max_len = resolve_max_len(m, max_len)
+    vocab = m.model.cfg.vocab_size
+    if getattr(tokenizer, "vocab_size", 0) > vocab:
+        raise LatentLMError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary has {vocab}; "
+                            "use the tokenizer the model was trained with")
+    seqs, n_scored = [], []
+    for context, continuation in requests:
+        ctx, cont = _encode(tokenizer, context, continuation)
+        seqs.append((ctx + cont)[-(max_len + 1):])
+        n_scored.append(min(len(cont), max_len))
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    device = next(m.parameters()).device
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(seqs)
+    was_training = method.training
+    method.eval()
+    m.pop_eval_metrics()  # statistics of these calls (e.g. Jacobi residuals) are not kept
+    try:
+        with tqdm(total=len(seqs), disable=not progress, desc=desc, unit="req") as bar:
+            for start in range(0, len(order), batch_size):
+                rows = order[start:start + batch_size]
+                width = len(seqs[rows[0]]) - 1
+                lengths = torch.tensor([len(seqs[i]) - 1 for i in rows], device=device)
+                counts = torch.tensor([n_scored[i] for i in rows], device=device)
+                ids = torch.tensor([seqs[i] + [PAD_ID] * (width + 1 - len(seqs[i])) for i in rows], device=device)
+                x, y = ids[:, :-1], ids[:, 1:]
+                with _head_outputs(m) if greedy else nullcontext([]) as seen:
+                    nll = method(x, y, nll=True)
+                col = torch.arange(width, device=device)[None]
+                scored = (col < lengths[:, None]) & (col >= (lengths - counts)[:, None])
+                logprob = -torch.where(scored, nll.double(), 0.0).sum(1)
+                if greedy:
+                    hits = _scored_logits(seen, nll, y, vocab).argmax(-1) == y
+                    is_greedy = (hits | ~scored).all(1)
+                else:
+                    is_greedy = torch.zeros(len(rows), dtype=torch.bool, device=device)
+                for i, lp, g in zip(rows, logprob.tolist(), is_greedy.tolist()):
+                    results[i] = (lp, g)
+                bar.update(len(rows))
+    finally:
+        m.pop_eval_metrics()
+        method.train(was_training)
+    return results
+
+
+def _mean_stderr(values: np.ndarray) -> tuple[float, float]:
+    """Mean and its sample standard error (ddof 1; NaN with fewer than 2 values)."""
+    mean = float(values.mean())
+    stderr = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
+    return mean, stderr
+
+
+def multiple_choice_metrics(examples: Sequence[Example], logprobs: Sequence[Sequence[float]]) -> dict[str, float]:
+    """acc / acc_norm and their standard errors from each example's per-choice log-likelihoods.
+
+    The prediction is the first choice with the highest log-likelihood (acc) or the highest
+    log-likelihood per character of the answer text (acc_norm; empty answers count as 1)."""
+    correct, correct_norm = [], []
+    for ex, lls in zip(examples, logprobs, strict=True):
+        lls = np.asarray(lls, dtype=np.float64)
+        correct.append(float(np.argmax(lls) == ex.gold))
+        correct_norm.append(float(np.argmax(lls / np.maximum(ex.lengths, 1)) == ex.gold))
+    acc, acc_se = _mean_stderr(np.array(correct))
+    acc_norm, acc_norm_se = _mean_stderr(np.array(correct_norm))
+    return {"acc": acc, "acc_stderr": acc_se, "acc_norm": acc_norm, "acc_norm_stderr": acc_norm_se,
+            "n": len(correct)}
+
+
+def lambada_metrics(scores: Sequence[tuple[float, bool]]) -> dict[str, float]:
+    """Last-word accuracy (greedy) and perplexity exp(-mean log-likelihood) over passages; the
+    perplexity's standard error is the delta method's ppl x stderr(mean log-likelihood)."""
+    lls = np.array([lp for lp, _ in scores], dtype=np.float64)
+    acc, acc_se = _mean_stderr(np.array([float(g) for _, g in scores]))
+    mean_ll, ll_se = _mean_stderr(lls)
+    ppl = math.exp(-mean_ll)
+    return {"acc": acc, "acc_stderr": acc_se, "ppl": ppl, "ppl_stderr": ppl * ll_se, "n": len(lls)}
+
+
+def evaluate_tasks(method: Method, tokenizer: TextTokenizer, tasks: list[str], *, limit: int | None = None,
+                   batch_size: int = 16, max_len: int | None = None,
+                   progress: bool = True) -> dict[str, dict[str, float]]:
+    """Zero-shot metrics of ``method`` on each task of ``tasks`` (names from :data:`TASKS`),
+    using the first ``limit`` examples of each. Multiple choice: acc, acc_stderr, acc_norm,
+    acc_norm_stderr, n; lambada: acc, acc_stderr, ppl, ppl_stderr, n."""
+    check_tasks(list(tasks))
+    max_len = resolve_max_len(method, max_len)
+    if batch_size < 1:
+        raise LatentLMError(f"batch_size={batch_size} must be at least 1")
+    results = {}
+    for name in tasks:
+        examples = load_task(name, limit)
+        requests = [r for ex in examples for r in ex.requests]
+        scores = score_requests(method, tokenizer, requests, batch_size=batch_size, max_len=max_len,
+                                greedy=name == "lambada", progress=progress, desc=name)
+        if name == "lambada":
+            results[name] = lambada_metrics(scores)
+            continue
+        logprobs, i = [], 0
+        for ex in examples:
+            logprobs.append([lp for lp, _ in scores[i:i + len(ex.requests)]])
+            i += len(ex.requests)
+        results[name] = multiple_choice_metrics(examples, logprobs)
+    return results
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    """A plain-text table: one row per task, metric ± standard error."""
+
+    def cell(r: dict[str, float], key: str, spec: str) -> str:
+        if key not in r:
+            return ""
+        return f"{r[key]:{spec}} ± {r.get(key + '_stderr', float('nan')):{spec}}"
+
+    head = f"{'task':<14} {'n':>6}  {'acc':<17} {'acc_norm':<17} ppl"
+    lines = [head, "-" * (len(head) + 16)]
+    for name, r in results.items():
+        lines.append(f"{name:<14} {int(r['n']):>6}  {cell(r, 'acc', '.4f'):<17} {cell(r, 'acc_norm', '.4f'):<17} "
+                     f"{cell(r, 'ppl', '.5g')}".rstrip())
+    return "\n".join(lines)

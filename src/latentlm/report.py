@@ -1,0 +1,142 @@
+"""The comparison report: one results table, a zero-shot table, and validation-loss curves against
+training tokens and training FLOPs (one line per run), written as report.md, results.json and
+PNG plots (the plots need matplotlib: ``pip install 'latentlm[plots]'``; without it the report
+says so and keeps the tables)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from latentlm.fileio import temp_sibling, write_json_atomic, write_text_atomic
+from latentlm.train.metrics import read_metrics
+
+
+def run_summary(name: str, cfg, flops_row: dict, ev: dict) -> dict[str, Any]:
+    """One run's row: size, budget actually trained, throughput, held-out and zero-shot scores, and
+    its validation curve (tokens, FLOPs, loss) from the trainer's periodic evaluations."""
+    run = Path(cfg.train.out_dir)
+    records = read_metrics(run / "metrics.jsonl")
+    speeds = [r["tok_per_s"] for r in records if "tok_per_s" in r]
+    tokens = max((r.get("tokens", 0) for r in records), default=0)
+    per_token = flops_row["train_total"]
+    curve = [(r["tokens"], r["tokens"] * per_token, r["val_loss"]) for r in records if "val_loss" in r]
+    return {"name": name, "method": cfg.train.method, "params": flops_row["params"], "tokens": tokens,
+            "steps": cfg.train.max_steps, "flops_per_token": per_token, "teacher_flops_per_token": flops_row["teacher"],
+            "train_flops": tokens * per_token, "infer_flops_per_token": flops_row["infer"],
+            # the median logging window: robust to the first window's warm-up and to evaluation pauses
+            "tok_per_s": statistics.median(speeds) if speeds else float("nan"),
+            "val": ev["val"], "zeroshot": ev.get("zeroshot", {}), "curve": curve}
+
+
+def _fmt(x: float, digits: int = 4) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def results_table(rows: list[dict]) -> str:
+    ntp = next((r for r in rows if r["method"] == "ntp"), None)
+    lines = ["| run | method | params | train tokens | train FLOPs (teacher incl.) | FLOPs x ntp | "
+             "gen FLOPs/token x ntp | tokens/s | val loss | val ppl | val bpb |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        rel = f"{r['flops_per_token'] / ntp['flops_per_token']:.2f}" if ntp else "n/a"
+        gen = f"{r['infer_flops_per_token'] / ntp['infer_flops_per_token']:.2f}" if ntp else "n/a"
+        v = r["val"]
+        lines.append(f"| {r['name']} | {r['method']} | {r['params'] / 1e6:.2f}M | {r['tokens']:,} | {_si(r['train_flops'])} | "
+                     f"{rel} | {gen} | {r['tok_per_s']:,.0f} | {_fmt(v['loss'])} | {_fmt(v['ppl'], 2)} | {_fmt(v['bpb'])} |")
+    return "\n".join(lines)
+
+
+def zeroshot_table(rows: list[dict]) -> str:
+    """Accuracy per task (acc_norm where the task has it, LAMBADA last-word accuracy) +- standard error."""
+    tasks = list(dict.fromkeys(t for r in rows for t in r["zeroshot"]))
+    if not tasks:
+        return ""
+    lines = ["| run | " + " | ".join(tasks) + " | mean |", "|---|" + "---:|" * (len(tasks) + 1)]
+    for r in rows:
+        cells, accs = [], []
+        for t in tasks:
+            m = r["zeroshot"].get(t)
+            if not m:
+                cells.append("n/a")
+                continue
+            key = "acc_norm" if "acc_norm" in m else "acc"
+            accs.append(m[key])
+            cells.append(f"{100 * m[key]:.1f} ± {100 * m.get(key + '_stderr', float('nan')):.1f}")
+        mean = f"{100 * sum(accs) / len(accs):.1f}" if len(accs) == len(tasks) else "n/a"
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {mean} |")
+    n = {t: next(r["zeroshot"][t].get("n") for r in rows if t in r["zeroshot"]) for t in tasks}
+    lines.append("")
+    lines.append("Examples per task: " + ", ".join(f"{t} {n[t]}" for t in tasks) + ". Accuracy in %: acc_norm "
+                 "(length-normalised) for multiple choice, last-word accuracy for LAMBADA (docs/EVAL.md).")
+    return "\n".join(lines)
+
+
+def plot_curves(rows: list[dict], out: Path) -> list[Path] | str:
+    """loss_vs_tokens.png and loss_vs_flops.png, or the reason they could not be drawn."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plots skipped: matplotlib is not installed (pip install 'latentlm[plots]')"
+    paths = []
+    for axis, label, fname in ((0, "training tokens", "loss_vs_tokens.png"), (1, "training FLOPs (teacher included)",
+                                                                               "loss_vs_flops.png")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+        for r in rows:
+            if r["curve"]:
+                ax.plot([p[axis] for p in r["curve"]], [p[2] for p in r["curve"]], marker="o", ms=3, label=r["name"])
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation loss (nats/token)")
+        if axis == 1:
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out / fname
+        tmp = temp_sibling(path)
+        fig.savefig(tmp, format="png")
+        plt.close(fig)
+        tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
+def write_report(exp: dict, rows: list[dict], out: Path, wall_seconds: float) -> Path:
+    """results.json, the plots and report.md under ``out``; returns report.md's path."""
+    write_json_atomic(out / "results.json", {"experiment": exp, "runs": rows})
+    plots = plot_curves(rows, out)
+    budget = exp["budget"]
+    what = (f"equal training tokens ({budget['tokens']:,})" if "tokens" in budget
+            else f"equal training FLOPs ({_si(budget['flops'])}, teacher included)")
+    ev = exp.get("eval") or {}
+    parts = [f"# {exp.get('name', 'Comparison')}", "",
+             f"Budget: {what}. Every run sees the same data order (same seed and batch shape). Held-out "
+             f"numbers score the same {'first ' + format(ev['tokens'], ',') + ' ' if ev.get('tokens') else ''}"
+             "validation tokens with each method's own forward pass.", "", results_table(rows), ""]
+    zs = zeroshot_table(rows)
+    if zs:
+        parts += ["## Zero-shot", "", zs, ""]
+    parts += ["## Validation loss", ""]
+    if isinstance(plots, str):
+        parts.append(plots)
+    else:
+        parts += [f"![validation loss vs tokens]({plots[0].name})", "",
+                  f"![validation loss vs FLOPs]({plots[1].name})"]
+    parts += ["", f"Params count every trained parameter (CoCoMix includes its concept head). FLOPs follow "
+              "docs/PONDER.md / docs/COCOMIX.md (PaLM convention); generation FLOPs are per token at a full "
+              f"context. This invocation took {wall_seconds:.0f} s (stages already complete were skipped).", ""]
+    path = out / "report.md"
+    write_text_atomic(path, "\n".join(parts))
+    return path

@@ -1,0 +1,56 @@
+"""``train.init_from``: start a run's core model from another checkpoint's weights.
+
+Only the core (``model.*`` tensors) is loaded, so any method can start from any checkpoint,
+e.g. a CoCoMix student from an imported GPT-2. The optimizer, schedule and data order start
+fresh; a resumed run ignores ``init_from`` (its own checkpoint wins).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latentlm.data.prepare import check_tokenizer
+from latentlm.errors import LatentLMError
+from latentlm.model.transformer import Transformer
+
+# Settings that change the function but not any tensor shape, so shape checks cannot catch them.
+_SAME = ("vocab_size", "pos", "norm", "mlp", "tie_embeddings", "norm_eps", "rope_theta", "embed_scale")
+
+
+def init_core_from(model: Transformer, path: str | Path, data_manifest: dict[str, Any] | None = None) -> Path:
+    """Copy the core weights of checkpoint ``path`` (run or ``step_*`` directory) into ``model``.
+
+    Raises a one-line error when the checkpoint's tokenizer differs from the data's, when a
+    setting in :data:`_SAME` differs, or naming the first tensor whose presence or shape differs.
+    Returns the checkpoint directory used.
+    """
+    from latentlm.train.checkpoint import load_config, load_model_state, read_manifest, resolve_checkpoint
+
+    if not Path(path).exists():
+        raise LatentLMError(f"train.init_from {path} does not exist; pass a latentlm run or checkpoint directory "
+                            "(`latentlm import --hf` turns a Hugging Face model into one)")
+    ckpt = resolve_checkpoint(path)
+    manifest = read_manifest(ckpt)
+    if data_manifest is not None and "tokenizer" in manifest:
+        check_tokenizer(data_manifest, manifest["tokenizer"])
+    cfg = load_config(ckpt)
+    theirs, ours = cfg.model.resolved(), model.cfg
+    for key in _SAME:
+        if getattr(theirs, key) != getattr(ours, key):
+            raise LatentLMError(f"train.init_from {ckpt} has model.{key}={getattr(theirs, key)} but this run "
+                                f"{getattr(ours, key)}; set --model.{key} {getattr(theirs, key)}")
+    state = {k.removeprefix("model."): v for k, v in load_model_state(ckpt, cfg).items() if k.startswith("model.")}
+    target = model.state_dict()
+    for key in [*target, *(k for k in state if k not in target)]:  # model order: the first difference
+        if key not in state or key not in target:
+            where = "this run's model" if key not in target else f"{ckpt}"
+            raise LatentLMError(f"train.init_from: tensor {key} is missing from {where}; the model configs differ")
+        if state[key].shape != target[key].shape:
+            raise LatentLMError(f"train.init_from: tensor {key} has shape {tuple(state[key].shape)} in {ckpt} but "
+                                f"{tuple(target[key].shape)} in this run; match the model config to the checkpoint")
+    with torch.no_grad():
+        model.load_state_dict(state, strict=True)
+    return ckpt

@@ -1,0 +1,129 @@
+"""`latentlm compare`: equal-token and equal-FLOP budgets, shared teacher/SAE/labels, the report and
+its plots, resuming an interrupted comparison, and experiment-file errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from latentlm import compare as compare_mod
+from latentlm.cli import main
+from latentlm.compare import load_experiment, run_compare
+from latentlm.errors import LatentLMError
+from latentlm.methods import build_method, flops_report
+from latentlm.train.checkpoint import load_config, resolve_checkpoint
+from latentlm.train.metrics import read_metrics
+
+from conftest import TINY_MODEL
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def experiment(tmp_path: Path, data_dir: Path, **over) -> Path:
+    exp = {"name": "tiny comparison", "out_dir": str(tmp_path / "cmp"), "data": {"path": str(data_dir)},
+           "base": {"model": dict(TINY_MODEL, n_layer=3),
+                    "train": {"batch_size": 4, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "eval_batches": 2,
+                              "log_every": 1},
+                    "data": {"seq_len": 32}, "cocomix": {"insert_layer": 1}},
+           "budget": {"tokens": 4 * 32 * 8},
+           "eval": {"tokens": 512, "points": 2},
+           "runs": {"ntp": {"method": "ntp"}, "ponder": {"method": "ponder"}}}
+    exp.update(over)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    return path
+
+
+def test_equal_tokens_report_and_resume(tmp_path, byte_wiki, monkeypatch):
+    path = experiment(tmp_path, byte_wiki)
+    report = run_compare(path, progress=False)
+    out = tmp_path / "cmp"
+    results = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["name"] for r in results] == ["ntp", "ponder"]
+    for r in results:  # same tokens, same steps, the FLOP ratio is the methods' own
+        assert r["tokens"] == 4 * 32 * 8 and r["steps"] == 8
+        assert [p[0] for p in r["curve"]] == [512, 1024]  # eval every max_steps / points, the last is the final
+        assert r["val"]["tokens"] == 512
+    assert results[1]["flops_per_token"] > 3 * results[0]["flops_per_token"]
+    text = report.read_text()
+    assert "| ntp | ntp |" in text and "| ponder | ponder |" in text and "equal training tokens (1,024)" in text
+    assert (out / "loss_vs_tokens.png").read_bytes()[:4] == b"\x89PNG" or "matplotlib is not installed" in text
+    # Both runs read the same windows in the same order: their first logged loss is on the same batch
+    # with the same initial core, so ntp's and ponder's untrained losses are close (both ~ln V).
+    first = [read_metrics(out / "runs" / n / "metrics.jsonl")[0] for n in ("ntp", "ponder")]
+    assert all(rec["step"] == 1 for rec in first)
+
+    # Interrupt: the ponder run lost its end (final metrics, eval, last checkpoint); ntp is done.
+    before = json.loads((out / "runs" / "ponder" / "compare_eval.json").read_text())
+    (out / "runs" / "ponder" / "final.json").unlink()
+    (out / "runs" / "ponder" / "compare_eval.json").unlink()
+    last = resolve_checkpoint(out / "runs" / "ponder")
+    import shutil
+
+    shutil.rmtree(last)
+    trained = []
+    real_train = compare_mod.Comparison._train
+    monkeypatch.setattr(compare_mod.Comparison, "_train",
+                        lambda self, cfg, name: trained.append((name, (Path(cfg.train.out_dir) / "final.json").is_file()))
+                        or real_train(self, cfg, name))
+    run_compare(path, progress=False)
+    assert trained == [("ntp", True), ("ponder", False)]  # ntp reused, ponder resumed from step 4
+    after = json.loads((out / "runs" / "ponder" / "compare_eval.json").read_text())
+    assert after["val"]["loss"] == pytest.approx(before["val"]["loss"], abs=1e-6)  # bit-exact resume on CPU
+
+
+def test_equal_flops_budget_gives_fewer_steps_to_costlier_methods(tmp_path, byte_wiki):
+    path = experiment(tmp_path, byte_wiki, budget={"flops": 4e8})
+    exp = load_experiment(path)
+    c = compare_mod.Comparison(exp, progress=False)
+    cfgs = {n: c.run_config(n, r, byte_wiki, {}) for n, r in exp["runs"].items()}
+    for n, cfg in cfgs.items():
+        per_step = flops_report(cfg, [cfg.train.method])[0]["train_total"] * 4 * 32
+        assert cfg.train.max_steps == max(1, round(4e8 / per_step))
+    assert cfgs["ponder"].train.max_steps < cfgs["ntp"].train.max_steps
+
+
+def test_cocomix_and_kd_share_one_teacher_sae_and_label_cache(tmp_path, byte_wiki):
+    path = experiment(tmp_path, byte_wiki, budget={"tokens": 4 * 32 * 4},
+                      teacher={"overrides": {"train": {"max_steps": 6}}},
+                      sae={"layer": 1, "latents": 64, "k": 4, "steps": 20, "batch_tokens": 256, "eval_tokens": 512},
+                      runs={"ntp": {"method": "ntp"}, "cocomix": {"method": "cocomix"}, "kd": {"method": "kd"}})
+    report = run_compare(path, progress=False)
+    out = tmp_path / "cmp"
+    cocomix = load_config(resolve_checkpoint(out / "runs" / "cocomix"))
+    assert cocomix.cocomix.teacher == str(out / "teacher") and cocomix.cocomix.sae == str(out / "sae")
+    assert cocomix.cocomix.labels == str(out / "labels") and cocomix.cocomix.teacher_layer == 1
+    assert cocomix.cocomix.n_concepts == 64
+    kd = load_config(resolve_checkpoint(out / "runs" / "kd"))
+    assert kd.cocomix.teacher == str(out / "teacher") and not kd.cocomix.labels
+    rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert rows["cocomix"]["teacher_flops_per_token"] > 0 and rows["kd"]["teacher_flops_per_token"] > 0
+    assert rows["cocomix"]["train_flops"] == rows["cocomix"]["tokens"] * (
+        build_method(cocomix).train_flops_per_token(32) + rows["cocomix"]["teacher_flops_per_token"])
+    assert "| cocomix | cocomix |" in report.read_text()
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"budget": {"tokens": 0}}, "budget needs exactly one positive number"),
+    ({"budget": {"tokens": 5, "flops": 5}}, "budget needs exactly one positive number"),
+    ({"runs": {}}, "runs is empty"),
+    ({"runs": {"a": {"methd": "ntp"}}}, "unknown key runs.a.methd"),
+    ({"evaluation": {}}, "unknown key experiment.evaluation"),
+    ({"sae": {"latents": 8}}, "sae needs the teacher layer"),
+    ({"data": {"path": "x", "source": "wiki"}}, "exactly one of 'path'"),
+])
+def test_bad_experiment_files(tmp_path, byte_wiki, change, message):
+    with pytest.raises(LatentLMError, match=message):
+        load_experiment(experiment(tmp_path, byte_wiki, **change))
+
+
+def test_cli_errors_are_one_line(tmp_path, byte_wiki, capsys):
+    assert main(["compare", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: experiment file {tmp_path / 'missing.yaml'} does not exist"
+    path = experiment(tmp_path, byte_wiki, runs={"x": {"method": "nope"}})
+    assert main(["compare", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope" in err

@@ -1,0 +1,334 @@
+"""Hugging Face interop: export / import of GPT-2 and Llama, logit parity, train.init_from.
+
+Tests marked ``needs_hf`` load the files with ``transformers``; the rest check key names,
+shapes, round trips and errors without it (CI's environment has no transformers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from latentlm.cli import main
+from latentlm.config import ModelConfig
+from latentlm.data.tokenizers import load_tokenizer
+from latentlm.errors import LatentLMError
+from latentlm.interop import export_hf, import_hf, write_checkpoint
+from latentlm.model.transformer import Transformer
+from latentlm.train.checkpoint import load_method
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+needs_hf = pytest.mark.skipif(find_spec("transformers") is None,
+                              reason="needs transformers (pip install 'latentlm[hf]')")
+TINY = dict(vocab_size=257, block_size=64, n_layer=2, n_head=4, n_embd=32)
+CASES = {  # name -> ModelConfig overrides beyond TINY
+    "gpt2": dict(arch="gpt2"),
+    "gpt2-untied-nobias": dict(arch="gpt2", tie_embeddings=False, bias=False),
+    "llama-gqa": dict(arch="llama", n_kv_head=2),
+    "llama-tied-bias-theta": dict(arch="llama", tie_embeddings=True, bias=True, rope_theta=500.0, norm_eps=1e-6),
+    "llama-embed-scale": dict(arch="llama", embed_scale=math.sqrt(2.5 * 32)),
+}
+
+
+def random_checkpoint(directory: Path, seed: int = 0, **overrides) -> Transformer:
+    """A random-init core saved as a latentlm ntp checkpoint (byte tokenizer); norms and biases
+    are perturbed so that a wrong mapping of them cannot go unnoticed."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{**TINY, **overrides})
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    directory.mkdir(parents=True)
+    write_checkpoint(directory, cfg, dict(model.state_dict()), load_tokenizer("byte").describe(), {})
+    return model
+
+
+def batch(seed: int = 1, vocab: int = 257, shape=(2, 24)) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# --- without transformers ---------------------------------------------------------------------
+
+
+def test_export_key_names_and_shapes(tmp_path):
+    random_checkpoint(tmp_path / "g", arch="gpt2")
+    export_hf(tmp_path / "g", tmp_path / "hf-g")
+    t = load_file(str(tmp_path / "hf-g" / "model.safetensors"))
+    cfg = json.loads((tmp_path / "hf-g" / "config.json").read_text())
+    assert cfg["architectures"] == ["GPT2LMHeadModel"] and cfg["vocab_size"] == 257 and cfg["n_inner"] == 128
+    assert "lm_head.weight" not in t  # tied: Hugging Face ties it to wte
+    assert t["transformer.wte.weight"].shape == (257, 32)  # padded rows (320) are not exported
+    assert t["transformer.h.1.attn.c_attn.weight"].shape == (32, 96)  # Conv1D: [in, out], q|k|v
+    assert t["transformer.h.1.mlp.c_fc.weight"].shape == (32, 128)
+    assert t["transformer.h.1.mlp.c_proj.weight"].shape == (128, 32)
+    assert len(t) == 2 + 12 * 2 + 2
+
+    random_checkpoint(tmp_path / "l", arch="llama", n_kv_head=1)
+    export_hf(tmp_path / "l", tmp_path / "hf-l")
+    t = load_file(str(tmp_path / "hf-l" / "model.safetensors"))
+    cfg = json.loads((tmp_path / "hf-l" / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["num_key_value_heads"] == 1
+    assert cfg["intermediate_size"] == 128 and cfg["rope_parameters"]["rope_theta"] == 10000.0
+    assert t["model.layers.0.self_attn.k_proj.weight"].shape == (8, 32)  # GQA: 1 kv head of 8
+    assert t["model.layers.0.mlp.gate_proj.weight"].shape == (128, 32)
+    assert t["lm_head.weight"].shape == (257, 32) and len(t) == 1 + 9 * 2 + 2
+    # The byte tokenizer becomes a merge-free byte-level BPE whose ids are the bytes.
+    from tokenizers import Tokenizer as RawTokenizer
+
+    tok = RawTokenizer.from_file(str(tmp_path / "hf-l" / "tokenizer.json"))
+    text = "héllo\n\twörld  !"
+    assert tok.encode(text).ids == list(text.encode()) and tok.decode(list(text.encode())) == text
+    assert tok.token_to_id("<|endoftext|>") == 256
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama-gqa", "llama-tied-bias-theta"])
+def test_round_trip_is_identity_on_weights(case, tmp_path):
+    model = random_checkpoint(tmp_path / "ck", **CASES[case])
+    export_hf(tmp_path / "ck", tmp_path / "hf")
+    hf = tmp_path / "hf"
+    if case == "llama-gqa":  # pytorch_model.bin instead of safetensors, read with weights_only=True
+        torch.save(load_file(str(hf / "model.safetensors")), hf / "pytorch_model.bin")
+        (hf / "model.safetensors").unlink()
+    if case == "gpt2":  # the original GPT-2 files: no "transformer." prefix, causal-mask buffers
+        t = {k.removeprefix("transformer."): v for k, v in load_file(str(hf / "model.safetensors")).items()}
+        t.update({f"h.{i}.attn.bias": torch.ones(1, 1, 64, 64) for i in range(2)})
+        save_file(t, str(hf / "model.safetensors"))
+    import_hf(tmp_path / "hf", tmp_path / "back", tokenizer="byte")
+    method, cfg, manifest = load_method(tmp_path / "back")
+    assert manifest["method"] == "ntp" and cfg.model.resolved() == model.cfg
+    back = method.model.state_dict()
+    for key, value in model.state_dict().items():
+        if key in ("wte.weight", "lm_head.weight"):  # padding rows are not exported; import zero-fills them
+            assert not back[key][257:].any()
+            back[key], value = back[key][:257], value[:257]
+        assert torch.equal(back[key], value), key
+    idx = batch()
+    with torch.no_grad():
+        assert torch.equal(method.model(idx), model(idx))
+
+
+def test_export_refuses_what_hf_cannot_represent(tmp_path):
+    random_checkpoint(tmp_path / "ck")
+    manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
+    (tmp_path / "ck" / "manifest.json").write_text(json.dumps({**manifest, "method": "ponder"}))
+    with pytest.raises(LatentLMError, match="method 'ponder'; only plain next-token"):
+        export_hf(tmp_path / "ck", tmp_path / "out")
+    for i, (overrides, msg) in enumerate([
+            (dict(arch="gpt2", mlp="swiglu"), "model.mlp=swiglu with model.pos=learned"),
+            (dict(arch="gpt2", n_kv_head=2), "grouped-query attention"),
+            (dict(arch="llama", norm="layernorm"), "model.norm=layernorm"),
+            (dict(arch="gpt2", embed_scale=2.0), "embed_scale=2.0 with tied embeddings")]):
+        random_checkpoint(tmp_path / f"bad{i}", **overrides)
+        with pytest.raises(LatentLMError, match=msg):
+            export_hf(tmp_path / f"bad{i}", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.*"))  # no partial output
+    with pytest.raises(LatentLMError, match="no checkpoint found"):
+        export_hf(tmp_path / "missing", tmp_path / "out")
+    random_checkpoint(tmp_path / "good")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep").write_text("x")
+    with pytest.raises(LatentLMError, match="--overwrite"):
+        export_hf(tmp_path / "good", tmp_path / "out")
+    export_hf(tmp_path / "good", tmp_path / "out", overwrite=True)
+    assert not (tmp_path / "out" / "keep").exists() and (tmp_path / "out" / "config.json").is_file()
+
+
+def test_import_errors_leave_nothing(tmp_path, capsys):
+    assert main(["import", "--hf", str(tmp_path / "nope"), "--out", str(tmp_path / "ck")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a Hugging Face model directory" in err
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    assert main(["import", "--hf", str(bert), "--out", str(tmp_path / "ck")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model_type 'bert'" in err
+    random_checkpoint(tmp_path / "src", arch="llama")
+    export_hf(tmp_path / "src", tmp_path / "hf")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "hf" / f).unlink()
+    with pytest.raises(LatentLMError, match="has no tokenizer files; pass --tokenizer"):
+        import_hf(tmp_path / "hf", tmp_path / "ck")
+    t = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    del t["model.layers.1.mlp.up_proj.weight"]
+    save_file(t, str(tmp_path / "hf" / "model.safetensors"))
+    with pytest.raises(LatentLMError, match="no tensor model.layers.1.mlp.up_proj.weight"):
+        import_hf(tmp_path / "hf", tmp_path / "ck", tokenizer="byte")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert", "hf", "src"]
+
+
+def test_init_from_imported_model(tiny_config, tmp_path):
+    """A run with train.init_from starts from the imported weights: its first logged loss is the
+    imported model's loss on the first training batch; the method's own parameters stay fresh."""
+    from latentlm.data.loader import TokenSplit, WindowLoader
+    from latentlm.methods import build_method
+    from latentlm.train.metrics import read_metrics
+    from latentlm.train.trainer import train
+    from latentlm.train.warmstart import init_core_from
+
+    random_checkpoint(tmp_path / "src", arch="gpt2", n_head=2)
+    export_hf(tmp_path / "src", tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "imported", tokenizer="byte")
+    imported, _, _ = load_method(tmp_path / "imported")
+    cfg = tiny_config(max_steps=1, init_from=str(tmp_path / "imported"))
+    x, y = WindowLoader(TokenSplit(cfg.data.path, "train"), cfg.seq_len, cfg.train.batch_size,
+                        seed=cfg.train.seed).next_batch()
+    with torch.no_grad():
+        expected = imported(x, y)[0].item()
+    train(cfg)
+    first = read_metrics(f"{cfg.train.out_dir}/metrics.jsonl")[0]
+    assert first["step"] == 1 and first["loss"] == pytest.approx(expected, rel=1e-6)
+
+    pause = tiny_config(method="pause")
+    method = build_method(pause)
+    own = {k: v.clone() for k, v in method.state_dict().items() if not k.startswith("model.")}
+    init_core_from(method.model, tmp_path / "imported")
+    for k, v in imported.model.state_dict().items():
+        assert torch.equal(method.model.state_dict()[k], v), k
+    assert own and all(torch.equal(method.state_dict()[k], v) for k, v in own.items())
+    wider = tiny_config()
+    wider.model.ffn_hidden = 64
+    with pytest.raises(LatentLMError, match=r"tensor blocks.0.mlp.up.weight has shape \(128, 32\)"):
+        init_core_from(build_method(wider).model, tmp_path / "imported")
+    rope = tiny_config()
+    rope.model.arch = "llama"
+    with pytest.raises(LatentLMError, match="model.pos=learned but this run rope"):
+        init_core_from(build_method(rope).model, tmp_path / "imported")
+    with pytest.raises(LatentLMError, match="does not exist"):
+        init_core_from(method.model, tmp_path / "nowhere")
+
+
+# --- with transformers: logits of both libraries ----------------------------------------------
+
+
+def hf_logits(directory: Path, idx: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=idx).logits
+
+
+@needs_hf
+@pytest.mark.parametrize("case", list(CASES))
+def test_exported_logits_match_transformers(case, tmp_path):
+    from transformers import AutoTokenizer
+
+    model = random_checkpoint(tmp_path / "ck", **CASES[case])
+    export_hf(tmp_path / "ck", tmp_path / "hf")
+    idx = batch()
+    with torch.no_grad():
+        ours = model(idx)
+    diff = (hf_logits(tmp_path / "hf", idx) - ours).abs().max().item()
+    assert diff < 1e-5
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    text = "Ünïcode bytes, tabs\tand  spaces."
+    assert tok(text)["input_ids"] == list(text.encode()) and tok.decode(list(text.encode())) == text
+
+
+@needs_hf
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_trained_checkpoint_exports_with_matching_logits(arch, tiny_config, tmp_path, capsys):
+    from latentlm.data.loader import TokenSplit, iter_eval_windows
+    from latentlm.train.trainer import train
+
+    cfg = tiny_config(max_steps=4)
+    cfg.model.arch = arch
+    train(cfg)
+    capsys.readouterr()
+    assert main(["export", cfg.train.out_dir, "--hf", str(tmp_path / "hf")]) == 0
+    assert ("GPT2LMHeadModel" if arch == "gpt2" else "LlamaForCausalLM") in capsys.readouterr().out
+    method, _, _ = load_method(cfg.train.out_dir)
+    x, _ = next(iter(iter_eval_windows(TokenSplit(cfg.data.path, "val"), cfg.seq_len, 4)))
+    with torch.no_grad():
+        ours = method.model(x)
+    diff = (hf_logits(tmp_path / "hf", x) - ours).abs().max().item()
+    assert diff < 1e-5
+
+
+@needs_hf
+@pytest.mark.parametrize("name", ["gpt2", "bpe"])
+def test_exported_tokenizer_matches_ours(name, tmp_path, bpe_path):
+    from transformers import AutoTokenizer
+
+    ours = load_tokenizer(name, bpe_path if name == "bpe" else None)
+    ckpt = tmp_path / "ck"
+    ckpt.mkdir()
+    desc = ours.describe()
+    if name == "bpe":  # as the trainer stores it: the file inside the checkpoint
+        (ckpt / "tokenizer.json").write_bytes(bpe_path.read_bytes())
+        desc["path"] = "tokenizer.json"
+    cfg = ModelConfig(**{**TINY, "vocab_size": ours.vocab_size, "n_embd": 16})
+    write_checkpoint(ckpt, cfg, dict(Transformer(cfg).state_dict()), desc, {})
+    export_hf(ckpt, tmp_path / "hf")
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    text = "The Eiffel Tower, built in 1889, is 330 m tall.\n\nIt's  visited   by ~7 million people."
+    ids = ours.encode(text)
+    assert theirs(text)["input_ids"] == ids and theirs.decode(ids) == text
+    assert theirs.eos_token_id == ours.eot_id and len(theirs) == ours.vocab_size
+
+
+def save_tiny_hf(arch: str, directory: Path, bpe_path: Path) -> None:
+    """A tiny random GPT-2 / Llama built by transformers itself (no download), with our BPE as tokenizer."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(bpe_path), eos_token="<|endoftext|>")
+    if arch == "gpt2":
+        config = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    else:
+        config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=80, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             rms_norm_eps=1e-5, rope_theta=1000.0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+
+
+@needs_hf
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_imported_model_matches_transformers(arch, tmp_path, bpe_path, capsys):
+    from latentlm.concepts.teacher import LatentLMTeacher, load_teacher
+    from latentlm.data.tokenizers import BPETokenizer
+    from latentlm.train.checkpoint import checkpoint_tokenizer
+
+    save_tiny_hf(arch, tmp_path / "hf", bpe_path)
+    assert main(["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ck")]) == 0
+    assert f"{arch} ntp checkpoint" in capsys.readouterr().out
+    method, cfg, manifest = load_method(tmp_path / "ck")
+    assert manifest["tokenizer"]["path"] == "tokenizer" and cfg.model.vocab_size == 512
+    idx = batch(vocab=512)
+    with torch.no_grad():
+        ours = method.model(idx)
+    diff = (hf_logits(tmp_path / "hf", idx) - ours).abs().max().item()
+    assert diff < 1e-5
+    # The tokenizer travels inside the checkpoint and is the one the HF directory had.
+    tok = checkpoint_tokenizer(tmp_path / "ck", manifest)
+    assert tok.name == "hf" and tok.fingerprint() == load_tokenizer("hf", tmp_path / "hf").fingerprint()
+    assert tok.encode("The river flows.") == BPETokenizer(bpe_path).encode("The river flows.")
+    teacher = load_teacher(str(tmp_path / "ck"))
+    assert isinstance(teacher, LatentLMTeacher) and teacher.hidden(idx, 1).shape == (2, 24, 32)
+    assert main(["generate", str(tmp_path / "ck"), "--prompt", "The", "--max-new-tokens", "4",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("The")
+    assert main(["eval", str(tmp_path / "ck")]) == 2
+    assert "pass --data or --text" in capsys.readouterr().err
+    # Export of the imported checkpoint gives back the same Hugging Face weights and tokenizer.
+    export_hf(tmp_path / "ck", tmp_path / "again")
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("hf", "again"))
+    assert a.keys() - {"lm_head.weight"} == b.keys() - {"lm_head.weight"}
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert load_tokenizer("hf", tmp_path / "again").fingerprint() == tok.fingerprint()
+
