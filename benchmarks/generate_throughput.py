@@ -148,7 +148,8 @@ def main() -> None:
     print("|---" * 9 + "|")
     for r in rows:
         print(f"| {r['method']} | {r['context']} | {r['batch']} | {r['recompute_ms']:.1f} | {r['cached_ms']:.2f} | "
-              f"{r['cached_tokens_per_s']:,.0f} | {r['speedup']:.1f} | {r['decode_vs_ntp']:.2f} | {r['flops_vs_ntp']:.2f} |")
+              f"{r['cached_tokens_per_s']:,.0f} | {r['speedup']:.1f} | {r['decode_vs_ntp']:.2f} | "
+              f"{r['flops_vs_ntp']:.2f} |")
     if args.json:
         text = json.dumps({"config": args.config, "device": name, "torch": torch.__version__,
                            "load": [load_before, load_after], "rows": rows}, indent=2)

@@ -100,15 +100,18 @@ class TableLabels:
     host tensor and a copy to the device, the per-step work of ``CachedLabels``."""
 
     def __init__(self, table: torch.Tensor):
-        self.table = table.pin_memory() if torch.cuda.is_available() else table
+        self.table = table
 
     def labels(self, x: torch.Tensor, windows) -> torch.Tensor:
-        return self.table[torch.as_tensor(windows)].to(x.device, non_blocking=True).long()
+        rows = self.table[torch.as_tensor(windows)]
+        if x.device.type == "cuda":
+            rows = rows.pin_memory()
+        return rows.to(x.device, non_blocking=True).long()
 
 
 @dataclass
 class Run:
-    """One method under test: its modules, optimizer, batches and measurements."""
+    """One method under test: its modules, optimizer and measurements."""
 
     key: str
     cfg: Config
@@ -117,7 +120,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     flops: float  # per token, counted for the work the step does
     teacher_flops: float
-    resident: int  # bytes: weights, AdamW moments, teacher and SAE
+    resident: int  # bytes of weights, teacher and SAE (AdamW state is added once it exists)
     times: list[float] = field(default_factory=list)
     peak: int = 0
     saved: int = 0
@@ -177,7 +180,9 @@ def build_run(args, key: str, teacher, sae: TopKSAE, label_table: torch.Tensor, 
     seq = cfg.seq_len
     teacher_flops = method.teacher_flops_per_token(seq) if work in ("labels on the fly", "teacher logits") else 0.0
     resident = state_bytes(method.parameters())
-    if work != "plain" and work != "cached labels":
+    if work == "teacher logits":
+        resident += state_bytes(teacher.model.parameters())
+    elif work == "labels on the fly":
         resident += state_bytes(teacher.model.parameters()) + state_bytes(sae.parameters())
     return Run(key, cfg, method, module, optimizer, method.train_flops_per_token(seq) + teacher_flops,
                teacher_flops, resident)
@@ -382,7 +387,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"{Path(args.config).name}: {m.arch} {m.n_layer} x {m.n_embd}, vocab {m.vocab_size}, batch "
           f"{cfg.train.batch_size} x {cfg.seq_len}, {name}, dtype {'bf16 autocast' if bf16 else 'fp32'}"
-          f"{', compiled' if args.compile else ''}, median of {args.steps} round-robin steps; torch {torch.__version__}; "
+          f"{', compiled' if args.compile else ''}, median of {args.steps} round-robin steps; "
+          f"torch {torch.__version__}; "
           f"matmul ceiling {ceiling / 1e12:.3f} TFLOP/s; peak {fmt(peak and peak / 1e12, '.0f')} TFLOP/s; "
           f"load {load_before:.2f} -> {load_after:.2f}; memory = {mem_kind}\n")
     rss_col = args.rss and device.type == "cpu"
@@ -397,7 +403,8 @@ def main() -> None:
         print(f"| {r['method']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | {r['tflops']:.3g} | "
               f"{pct(r['mfu_peak'])} | {pct(r['mfu_ceiling'])} | {r['peak_mib']:.1f} | {r['saved_mib']:.1f} | "
               + (f"{fmt(r['rss_mib'], '.1f')} | " if rss_col else "")
-              + f"{r['mem_vs_ntp']:.2f} | {r['step_vs_ntp']:.2f} | {r['flops_vs_ntp']:.2f} | {r['step_vs_flops']:.2f} |")
+              + f"{r['mem_vs_ntp']:.2f} | {r['step_vs_ntp']:.2f} | {r['flops_vs_ntp']:.2f} | "
+              f"{r['step_vs_flops']:.2f} |")
     if args.json:
         doc = {"config": args.config, "device": name, "torch": torch.__version__, "matmul_ceiling": ceiling,
                "peak_flops": peak, "load": [load_before, load_after], "batch_size": cfg.train.batch_size,

@@ -104,12 +104,14 @@ def test_training_forward_never_reads_device_values(name):
 
 @pytest.mark.parametrize("name", ["ntp", "ponder"])
 def test_compiled_training_step_has_no_graph_break(name):
-    """fullgraph=True fails on any graph break; ponder's n comes from batch_inputs, outside the graph."""
+    """fullgraph=True fails on any graph break (bf16 autocast, as on the GPU path); ponder's n comes
+    from batch_inputs, outside the graph."""
     torch._dynamo.reset()
     method = build(name)
     x, y, _ = batch(name)
     compiled = torch.compile(method, fullgraph=True, backend="aot_eager")
-    loss, _ = compiled(x, y, **method.batch_inputs(x, y, None))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = compiled(x, y, **method.batch_inputs(x, y, None))
     loss.backward()
     assert torch.isfinite(loss)
 

@@ -59,10 +59,15 @@ def rope_table(n: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch
     return tuple(t[0, 0] for t in rope_cos_sin(torch.arange(n)[None], head_dim, theta, torch.float32))
 
 
+def linear_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer gives for input ``x``: autocast's where it is on, else x's."""
+    kind = x.device.type
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` in its own dtype (under bf16 autocast q and k stay bf16, as the fused attention
-    kernels need, instead of being promoted by float32 tables)."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -243,6 +248,7 @@ class Transformer(nn.Module):
         rope = None
         if self.cfg.pos == "rope":
             rope = self.rope(position_ids, max(x.shape[1], cache.capacity if cache is not None else 0))
+            rope = tuple(t.to(linear_dtype(x)) for t in rope)  # float32 tables would promote q and k
         mask = attention_mask(x.shape[1], 0, valid, x.device) if (valid is not None and cache is None) else None
         for block in self.blocks[start:end]:
             if checkpoint_blocks:

@@ -64,7 +64,8 @@ def wrap(module: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
     if info.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        return DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+        # No buffer changes during training (the RoPE tables are constants), so none is re-sent each step.
+        return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     if info.mode == "fsdp2":
         try:
             from torch.distributed.fsdp import fully_shard
