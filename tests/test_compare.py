@@ -74,6 +74,13 @@ def test_equal_tokens_report_and_resume(tmp_path, byte_wiki, monkeypatch):
     after = json.loads((out / "runs" / "ponder" / "compare_eval.json").read_text())
     assert after["val"]["loss"] == pytest.approx(before["val"]["loss"], abs=1e-6)  # bit-exact resume on CPU
 
+    # A finished run is reused only if it is the run asked for: another lr is refused, naming the key.
+    exp = yaml.safe_load(path.read_text())
+    exp["base"]["train"]["lr"] = 1e-3
+    path.write_text(yaml.safe_dump(exp))
+    with pytest.raises(LatentLMError, match=r"was trained with train.lr=0.003 \(not 0.001\)"):
+        run_compare(path, progress=False)
+
 
 def test_equal_flops_budget_gives_fewer_steps_to_costlier_methods(tmp_path, byte_wiki):
     path = experiment(tmp_path, byte_wiki, budget={"flops": 4e8})
@@ -127,3 +134,14 @@ def test_cli_errors_are_one_line(tmp_path, byte_wiki, capsys):
     assert main(["compare", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nope" in err
+
+
+def test_the_demo_experiment_is_a_valid_comparison(tmp_path):
+    """`make demo`'s embedded experiment parses, and its three students share one core and budget."""
+    from latentlm.demo import DEMO_EXPERIMENT
+
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(dict(DEMO_EXPERIMENT, out_dir=str(tmp_path / "demo"))))
+    exp = load_experiment(path)
+    assert set(exp["runs"]) == {"ntp", "cocomix", "ponder"} and exp["sae"]["layer"] == 1
+    assert exp["base"]["cocomix"]["insert_layer"] <= exp["base"]["model"]["n_layer"] - 1

@@ -29,7 +29,8 @@ def position_stream(tmp_path: Path, n_tokens: int, shard_tokens: int) -> TokenSp
         "format_version": FORMAT_VERSION,
         "dtype": "uint16",
         "tokenizer": {"name": "positions", "vocab_size": 65536, "eot_id": 0, "fingerprint": ""},
-        "splits": {"train": {"tokens": n_tokens, "documents": 1, "bytes": n_tokens, "shards": shards}},
+        "splits": {"train": {"tokens": n_tokens, "documents": 1, "bytes": n_tokens, "shards": shards},
+                   "val": {"tokens": 0, "documents": 0, "bytes": 0, "shards": []}},
     }
     write_json_atomic(out / MANIFEST_NAME, manifest)
     return TokenSplit(out, "train")

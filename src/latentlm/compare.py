@@ -78,6 +78,30 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
     return exp
 
 
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+# Not part of what a run computes (progress bars), or filled in by the method from its SAE (0 = "from the SAE").
+IGNORED = {"train.progress"}
+FILLED_IN = {"cocomix.n_concepts", "cocomix.k_concepts"}
+
+
+def config_mismatch(saved: dict, wanted: dict) -> str | None:
+    """``"KEY=SAVED (not WANTED)"`` for the first setting where a run directory's saved config
+    differs from the one asked for, else None: reusing a finished run is only right if it is the same run."""
+    a, b = _flat(saved), _flat(wanted)
+    for key in sorted(set(a) | set(b)):
+        if key in IGNORED or (key in FILLED_IN and not b.get(key)):
+            continue
+        if a.get(key) != b.get(key):
+            return f"{key}={a.get(key)!r} (not {b.get(key)!r})"
+    return None
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in (over or {}).items():
@@ -185,6 +209,11 @@ class Comparison:
         from latentlm.train.trainer import train
 
         run = Path(cfg.train.out_dir)
+        if (run / "config.yaml").is_file():
+            differs = config_mismatch(yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")), cfg.to_dict())
+            if differs:
+                raise LatentLMError(f"{run} was trained with {differs}; the experiment asks for something else. "
+                                    f"Delete {run} to retrain it, or use another out_dir")
         if (run / "final.json").is_file():
             self.log(f"[{name}] already trained; reusing {run}")
             return json.loads((run / "final.json").read_text())

@@ -88,6 +88,7 @@ def plot_curves(rows: list[dict], out: Path) -> list[Path] | str:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return "plots skipped: matplotlib is not installed (pip install 'latentlm[plots]')"
     paths = []
@@ -101,6 +102,7 @@ def plot_curves(rows: list[dict], out: Path) -> list[Path] | str:
         ax.set_ylabel("validation loss (nats/token)")
         if axis == 1:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
