@@ -20,7 +20,6 @@ predict (``infer_flops_per_token``: the slots a decoded token runs, attention ov
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -31,7 +30,7 @@ import torch
 from latentlm.config import make_config
 from latentlm.methods import build_method
 from latentlm.methods.base import Method
-from latentlm.perf import synchronize
+from latentlm.perf import emit_json, synchronize
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -151,12 +150,8 @@ def main() -> None:
               f"{r['cached_tokens_per_s']:,.0f} | {r['speedup']:.1f} | {r['decode_vs_ntp']:.2f} | "
               f"{r['flops_vs_ntp']:.2f} |")
     if args.json:
-        text = json.dumps({"config": args.config, "device": name, "torch": torch.__version__,
-                           "load": [load_before, load_after], "rows": rows}, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text)
+        emit_json(args.json, {"config": args.config, "device": name, "torch": torch.__version__,
+                              "load": [load_before, load_after], "rows": rows})
 
 
 if __name__ == "__main__":

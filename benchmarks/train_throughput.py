@@ -49,7 +49,7 @@ from latentlm.config import Config, make_config, parse_overrides, save_yaml
 from latentlm.methods import build_method
 from latentlm.model.flops import device_peak_flops
 from latentlm.model.transformer import Transformer
-from latentlm.perf import matmul_flops_ceiling, saved_activation_bytes, synchronize
+from latentlm.perf import emit_json, matmul_flops_ceiling, saved_activation_bytes, synchronize
 from latentlm.train.optim import build_optimizer
 from latentlm.train.trainer import autocast_context
 
@@ -409,11 +409,7 @@ def main() -> None:
         doc = {"config": args.config, "device": name, "torch": torch.__version__, "matmul_ceiling": ceiling,
                "peak_flops": peak, "load": [load_before, load_after], "batch_size": cfg.train.batch_size,
                "seq_len": cfg.seq_len, "steps": args.steps, "rows": rows}
-        text = json.dumps(doc, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text)
+        emit_json(args.json, doc)
 
 
 if __name__ == "__main__":

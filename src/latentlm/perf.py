@@ -18,6 +18,18 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 
+def emit_json(dest: str, doc: dict[str, Any]) -> None:
+    """A benchmark's ``--json`` output: printed for ``-``, else written to the file ``dest``."""
+    import json
+    from pathlib import Path
+
+    text = json.dumps(doc, indent=2)
+    if dest == "-":
+        print(text)
+    else:
+        Path(dest).write_text(text)
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work, so wall-clock timings measure it (no-op on CPU)."""
     if device.type == "cuda":
