@@ -9,7 +9,7 @@ import torch
 from latentlm.config import Config
 from latentlm.errors import LatentLMError
 from latentlm.methods.base import Method
-from latentlm.methods.cocomix import Cocomix, PauseInsert
+from latentlm.methods.cocomix import Cocomix, PauseInsert, resolve_concept_sizes
 from latentlm.methods.kd import KD, KDPause
 from latentlm.methods.loop import Loop
 from latentlm.methods.ntp import NTP
@@ -49,6 +49,8 @@ def flops_report(cfg: Config, methods: list[str], context: int | None = None) ->
         c.train.method = name
         row: dict = {"method": name}
         try:
+            if name == "cocomix":
+                resolve_concept_sizes(c.cocomix)  # reads the SAE on the CPU, not under the meta device
             with torch.device("meta"):
                 m = build_method(c)
             row["params"] = sum(p.numel() for p in m.parameters())

@@ -68,6 +68,21 @@ def _masked_ce_sum(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return ((torch.logsumexp(z, dim=-1, keepdim=True) - picked) * keep).sum()
 
 
+def resolve_concept_sizes(c) -> None:
+    """Fill ``cocomix.n_concepts`` / ``k_concepts`` left at 0 from the SAE, in the config itself,
+    so a saved config carries C and k (inference then needs no SAE)."""
+    if c.n_concepts and c.k_concepts:
+        return
+    if not c.sae:
+        raise LatentLMError("cocomix needs --cocomix.sae (or --cocomix.n_concepts and "
+                            "--cocomix.k_concepts) to size its concept head")
+    from latentlm.concepts.sae import load_sae
+
+    sae = load_sae(c.sae)
+    c.n_concepts = c.n_concepts or sae.n_latents
+    c.k_concepts = c.k_concepts or sae.k
+
+
 class Cocomix(Method):
     name = "cocomix"
 
@@ -78,16 +93,7 @@ class Cocomix(Method):
         if c.mix == "none" and not c.concept_loss:
             raise LatentLMError("cocomix.mix=none with concept_loss=false is plain next-token prediction; "
                                 "use --train.method ntp")
-        if not c.n_concepts or not c.k_concepts:
-            if not c.sae:
-                raise LatentLMError("cocomix needs --cocomix.sae (or --cocomix.n_concepts and "
-                                    "--cocomix.k_concepts) to size its concept head")
-            from latentlm.concepts.sae import load_sae
-
-            sae = load_sae(c.sae)
-            # Written back so the saved config carries C and k: inference then needs no SAE.
-            c.n_concepts = c.n_concepts or sae.n_latents
-            c.k_concepts = c.k_concepts or sae.k
+        resolve_concept_sizes(c)
         if c.k_concepts > c.n_concepts:
             raise LatentLMError(f"cocomix.k_concepts={c.k_concepts} exceeds n_concepts={c.n_concepts}")
         self.n_concepts, self.k = c.n_concepts, c.k_concepts
