@@ -10,7 +10,8 @@ from latentlm.config import make_config
 from latentlm.data.loader import TokenSplit, iter_eval_windows
 from latentlm.errors import LatentLMError
 from latentlm.methods import build_method
-from latentlm.methods.kd import KD, kd_loss, teacher_forward_logits
+from latentlm.methods.base import token_nll
+from latentlm.methods.kd import KD, ce_plus_kd, kd_loss, teacher_forward_logits
 from latentlm.train.checkpoint import load_method
 from latentlm.train.trainer import train
 
@@ -35,6 +36,24 @@ def test_kd_loss_is_zero_for_equal_logits_and_trains_only_the_student():
     assert s.grad is not None and t.grad is None
     with pytest.raises(LatentLMError, match="vocabulary"):
         kd_loss(s, torch.randn(4, 8))
+
+
+@pytest.mark.parametrize("weight", [0.1, 1.0])
+def test_fused_soft_target_loss_equals_ce_plus_kd(weight):
+    """The training path at tau = 1: one soft-target cross-entropy equals CE + w KL in value and in
+    gradient, and returns the two parts."""
+    torch.manual_seed(0)
+    s, t, y = torch.randn(2, 5, 11, requires_grad=True), torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+    ce, kl = token_nll(s, y).mean(), kd_loss(s, t)
+    total, ce_part, kl_part = ce_plus_kd(s, y, t, weight)
+    torch.testing.assert_close(total, ce + weight * kl, rtol=0, atol=1e-6)
+    torch.testing.assert_close((ce_part, kl_part), (ce.detach(), kl.detach()), rtol=0, atol=1e-5)
+    g_fused, = torch.autograd.grad(total, s)
+    g_ref, = torch.autograd.grad(ce + weight * kl, s)
+    torch.testing.assert_close(g_fused, g_ref, rtol=0, atol=1e-7)
+    assert not ce_part.requires_grad and not kl_part.requires_grad
+    with pytest.raises(LatentLMError, match="vocabulary"):
+        ce_plus_kd(s, y, torch.randn(2, 5, 10), weight)
 
 
 @pytest.fixture(scope="module")
