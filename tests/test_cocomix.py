@@ -150,7 +150,7 @@ def test_positions_enter_at_the_input_and_concepts_share_them(arch):
     with torch.no_grad():
         method.run(x, positions(x))
         assert added == [(2, T, 32)]
-        (h_low, pos_low, _), (seq, pos_high, start) = runs[0], runs[-1]
+        (_, pos_low, _), (seq, pos_high, start) = runs[0], runs[-1]
         assert start == LAYER and seq.shape == (2, 2 * T, 32)
         assert torch.equal(pos_low, positions(x))
         assert torch.equal(pos_high, torch.arange(T).repeat_interleave(2)[None].expand(2, -1))

@@ -83,6 +83,18 @@ def temp_sibling(path: str | Path, tag: str = "tmp") -> Path:
     return path.with_name(f"{path.name}.{tag}-{os.getpid()}")
 
 
+def scratch_dir(out: str | Path) -> Path:
+    """An empty scratch directory beside ``out`` (its final place), after clearing the leftovers
+    of killed writers: fill it, then :func:`publish_dir` it."""
+    out = Path(os.path.abspath(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
+    tmp = temp_sibling(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

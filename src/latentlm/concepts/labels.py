@@ -28,7 +28,7 @@ from latentlm.config import Config
 from latentlm.data.loader import TokenSplit, iter_eval_windows
 from latentlm.data.prepare import check_tokenizer, load_manifest
 from latentlm.errors import LatentLMError
-from latentlm.fileio import publish_dir, remove_stale_temps, sha256_file, temp_sibling, write_delay, write_json_atomic
+from latentlm.fileio import publish_dir, scratch_dir, sha256_file, write_delay, write_json_atomic
 
 
 class LabelSource(Protocol):
@@ -106,11 +106,7 @@ def build_label_cache(data_dir: str | Path, teacher: Teacher, sae: TopKSAE, out_
         raise LatentLMError(f"the train split of {data_dir} has {len(split)} tokens, fewer than one window of "
                             f"{seq_len + 1}; lower --seq-len or prepare more data")
     sae = sae.to(teacher.device)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
-    tmp = temp_sibling(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = scratch_dir(out)
     try:
         bar = tqdm(total=n, disable=not progress, unit="window", desc="labels", dynamic_ncols=True)
         done = 0

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import latentlm
 from latentlm.errors import LatentLMError
-from latentlm.fileio import (fsync_file, publish_dir, remove_stale_temps, sha256_file, temp_sibling, write_delay,
+from latentlm.fileio import (fsync_file, publish_dir, scratch_dir, sha256_file, write_delay,
                              write_json_atomic)
 
 NORM_EPS = 1e-5
@@ -353,11 +353,7 @@ def save_sae(sae: TopKSAE, directory: str | Path, metrics: dict[str, Any] | None
         json.dumps(sae.meta)
     except (TypeError, ValueError):
         raise LatentLMError("sae.meta must be JSON-serialisable (plain dicts, lists, strings, numbers)") from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
-    tmp = temp_sibling(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = scratch_dir(out)
     try:
         save_file({name: getattr(sae, name).detach().cpu().contiguous() for name in PARAM_NAMES},
                   str(tmp / WEIGHTS_FILE), metadata={"format": MANIFEST_KIND})

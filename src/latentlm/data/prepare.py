@@ -39,7 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 import latentlm
-from latentlm.fileio import publish_dir, remove_stale_temps, sha256_file, temp_sibling, write_delay, write_json_atomic
+from latentlm.fileio import publish_dir, scratch_dir, sha256_file, write_delay, write_json_atomic
 from latentlm.data.sources import describe_source, iter_documents
 from latentlm.data.tokenizers import Tokenizer, load_tokenizer
 from latentlm.errors import LatentLMError
@@ -291,11 +291,7 @@ def prepare(
     source_info = describe_source(source, text_field=text_field, limit=limit)
     dtype = token_dtype(tokenizer.vocab_size)
 
-    remove_stale_temps(out_dir)
-    tmp = temp_sibling(out_dir)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = scratch_dir(out_dir)
     writers = {s: ShardWriter(tmp, s, dtype, shard_tokens, buffer_tokens) for s in SPLITS}
     try:
         counts = {s: {"documents": 0, "bytes": 0} for s in SPLITS}
