@@ -94,3 +94,22 @@ def recorded_generate(method, prompts: list[list[int]], max_new_tokens: int):
     finally:
         del method.step
     return outs, seen
+
+
+def assert_cached_matches_parallel(method, prompts: list[list[int]], parallel_logits,
+                                   max_new_tokens: int = 5) -> None:
+    """Greedy cached generation from the left-padded batch ``prompts`` gives, at every prefill and
+    decode position of each row, the logits ``parallel_logits(x)`` [1, T, V] of the row's whole
+    sequence run in parallel, and the tokens greedy decoding of those logits picks."""
+    import torch
+
+    outs, seen = recorded_generate(method, prompts, max_new_tokens)
+    assert [len(o) for o in outs] == [max_new_tokens] * len(prompts) and len(seen) == max_new_tokens
+    width = max(len(p) for p in prompts)
+    for row, (prompt, out) in enumerate(zip(prompts, outs)):
+        with torch.no_grad():
+            parallel = parallel_logits(torch.tensor([prompt + out]))[0]
+        torch.testing.assert_close(seen[0][row, width - len(prompt):], parallel[:len(prompt)], atol=1e-4, rtol=0)
+        for i, logits in enumerate(seen[1:], start=1):
+            torch.testing.assert_close(logits[row, -1], parallel[len(prompt) - 1 + i], atol=1e-4, rtol=0)
+        assert out == parallel[len(prompt) - 1:-1].argmax(-1).tolist()

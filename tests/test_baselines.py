@@ -21,7 +21,7 @@ from latentlm.train import trainer
 from latentlm.train.metrics import read_metrics
 from latentlm.train.trainer import train
 
-from conftest import recorded_generate
+from conftest import assert_cached_matches_parallel
 
 VOCAB, T = 61, 8  # a vocabulary that is not a multiple of 64, so the embedding has padded rows
 BASELINES = ["pause", "loop", "ponderlm"]
@@ -133,17 +133,7 @@ def test_cached_generation_matches_parallel_forward(name, arch, k):
     if name != "pause":
         assert len(method.new_cache(1, 5).k) == 2 * (k + 1)  # each pass has its own layers
     prompts = [tokens(1, 3, seed=4)[0].tolist(), tokens(1, 6, seed=5)[0].tolist()]
-    outs, seen = recorded_generate(method, prompts, 5)
-    assert [len(o) for o in outs] == [5, 5] and len(seen) == 5
-    width = max(len(p) for p in prompts)
-    for row, (prompt, out) in enumerate(zip(prompts, outs)):
-        x = torch.tensor([prompt + out])
-        with torch.no_grad():
-            parallel = method.logits(x, positions(x))[0]
-        torch.testing.assert_close(seen[0][row, width - len(prompt):], parallel[:len(prompt)], atol=1e-4, rtol=0)
-        for i, logits in enumerate(seen[1:], start=1):
-            torch.testing.assert_close(logits[row, -1], parallel[len(prompt) - 1 + i], atol=1e-4, rtol=0)
-        assert out == parallel[len(prompt) - 1:-1].argmax(-1).tolist()
+    assert_cached_matches_parallel(method, prompts, lambda x: method.logits(x, positions(x)))
 
 
 @pytest.mark.parametrize("name", BASELINES)

@@ -24,7 +24,7 @@ from latentlm.train import checkpoint as ckpt_io
 from latentlm.train.metrics import read_metrics
 from latentlm.train.trainer import train
 
-from conftest import recorded_generate
+from conftest import assert_cached_matches_parallel
 
 VOCAB, T, C, K, LAYER = 61, 8, 64, 4, 1
 
@@ -200,19 +200,9 @@ def test_cached_generation_matches_parallel_forward(name, extra, arch):
     doubled = name == "pause_insert" or not extra
     assert method.cache_slots(5) == (10 if doubled else 5)
     prompts = [tokens(1, 3, seed=4)[0].tolist(), tokens(1, 6, seed=5)[0].tolist()]
-    outs, seen = recorded_generate(method, prompts, 5)
-    assert [len(o) for o in outs] == [5, 5] and len(seen) == 5
-    width = max(len(p) for p in prompts)
-    for row, (prompt, out) in enumerate(zip(prompts, outs)):
-        x = torch.tensor([prompt + out])
-        with torch.no_grad():
-            parallel = parallel_logits(method, x)[0]
-        torch.testing.assert_close(seen[0][row, width - len(prompt):], parallel[:len(prompt)], atol=1e-4, rtol=0)
-        for i, logits in enumerate(seen[1:], start=1):
-            torch.testing.assert_close(logits[row, -1], parallel[len(prompt) - 1 + i], atol=1e-4, rtol=0)
-        assert out == parallel[len(prompt) - 1:-1].argmax(-1).tolist()
+    assert_cached_matches_parallel(method, prompts, lambda x: parallel_logits(method, x))
 
-    cache = method.new_cache(1, 6)  # recorded_generate restored the real step
+    cache = method.new_cache(1, 6)  # the check restored the real step
     with torch.no_grad():
         method.step(tokens(1, 4), positions(tokens(1, 4)), torch.ones(1, 4, dtype=torch.bool), cache)
         for t in (4, 5):

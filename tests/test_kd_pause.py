@@ -19,7 +19,7 @@ from latentlm.train.trainer import train
 
 from test_kd import teacher_run  # noqa: F401  (the module-scoped tiny teacher fixture)
 
-from conftest import recorded_generate
+from conftest import assert_cached_matches_parallel
 
 VOCAB = 61
 
@@ -62,15 +62,7 @@ def test_loss_is_pause_ce_plus_weighted_kd():
 
 def test_cached_generation_matches_parallel_forward():
     method = tiny()
-    prompt = [3, 14, 15, 9]
-    outs, seen = recorded_generate(method, [prompt], 4)
-    out = outs[0]
-    with torch.no_grad():
-        parallel = method.logits(torch.tensor([prompt + out]), positions(torch.tensor([prompt + out])))[0]
-    torch.testing.assert_close(seen[0][0], parallel[:len(prompt)], atol=1e-4, rtol=0)
-    for i, logits in enumerate(seen[1:], start=1):
-        torch.testing.assert_close(logits[0, -1], parallel[len(prompt) - 1 + i], atol=1e-4, rtol=0)
-    assert out == parallel[len(prompt) - 1:-1].argmax(-1).tolist()
+    assert_cached_matches_parallel(method, [[3, 14, 15, 9]], lambda x: method.logits(x, positions(x)), 4)
 
 
 def kl_to_teacher(method: KDPause, teacher, x: torch.Tensor) -> float:

@@ -18,7 +18,7 @@ from latentlm.methods.ponder import Ponder, paper_embed_scale
 from latentlm.train.metrics import read_metrics
 from latentlm.train.trainer import train
 
-from conftest import recorded_generate
+from conftest import assert_cached_matches_parallel, recorded_generate
 
 VOCAB, T = 64, 8
 
@@ -166,18 +166,7 @@ def test_cached_generation_matches_exact_model(arch, k):
     method = tiny_ponder(arch, k)
     assert method.cache_slots(5) == 5 * (k + 1)
     prompts = two_prompts()
-    outs, seen = recorded_generate(method, prompts, max_new_tokens=5)
-    assert [len(o) for o in outs] == [5, 5]
-    width = max(len(p) for p in prompts)
-    for row, (prompt, out) in enumerate(zip(prompts, outs)):
-        with torch.no_grad():
-            exact = method.exact_logits(torch.tensor([prompt + out]))[0]
-        pad = width - len(prompt)
-        prefill = seen[0][row, pad:]
-        torch.testing.assert_close(prefill, exact[:len(prompt)], atol=1e-4, rtol=0)
-        for i, logits in enumerate(seen[1:], start=1):
-            torch.testing.assert_close(logits[row, -1], exact[len(prompt) - 1 + i], atol=1e-4, rtol=0)
-        assert int(seen[0][row, -1].argmax()) == out[0]
+    assert_cached_matches_parallel(method, prompts, method.exact_logits)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

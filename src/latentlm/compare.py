@@ -221,7 +221,7 @@ class Comparison:
         self.log(f"[{name}] {'resuming' if resume else 'training'} {cfg.train.method} -> {run}")
         return train(cfg, resume=resume)
 
-    def run_config(self, name: str, run: dict, data: Path, shared: dict[str, str]):
+    def run_config(self, name: str, run: dict, data: Path, shared: dict[str, Any]):
         """The run's config: base <- run config file <- run overrides, then the experiment's data,
         run directory, the shared artifacts (unless the run sets them) and the budget's step count."""
         from latentlm.methods import flops_report
@@ -249,6 +249,24 @@ class Comparison:
         tc.ckpt_every = tc.eval_every
         tc.warmup_steps = min(tc.warmup_steps, tc.max_steps // 2)
         return cfg
+
+    def shared_artifacts(self, data: Path) -> dict[str, Any]:
+        """The teacher, SAE (and its layer) and label cache shared by the CoCoMix / KD runs, built or
+        reused; empty when no run needs a teacher or the experiment names none."""
+        runs = self.exp["runs"]
+        teacher = self.teacher(data) if any(r["method"] in TEACHER_METHODS for r in runs.values()) else None
+        if not teacher:
+            return {}
+        shared: dict[str, Any] = {"teacher": teacher}
+        sae = self.sae(teacher, data, self.config({"data": {"path": str(data)}}).seq_len)
+        if not sae:
+            return shared
+        shared.update(sae=sae, teacher_layer=self.exp["sae"]["layer"])
+        cocomix = next(((n, r) for n, r in runs.items() if r["method"] == "cocomix"), None)
+        if self.exp.get("labels", True) and cocomix:
+            # The cache must match the CoCoMix runs' windows and label settings: take them from one.
+            shared["labels"] = self.labels(teacher, sae, data, self.run_config(*cocomix, data, shared))
+        return shared
 
     def evaluate(self, name: str, cfg) -> dict[str, Any]:
         """Held-out loss/ppl/bpb on the same tokens for every run, and the zero-shot tasks."""
@@ -287,20 +305,7 @@ def run_compare(path: str | Path, *, progress: bool = True) -> Path:
     c.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data = c.data()
-    needs_teacher = any(r["method"] in TEACHER_METHODS for r in exp["runs"].values())
-    shared: dict[str, str] = {}
-    if needs_teacher:
-        teacher = c.teacher(data)
-        if teacher:
-            shared["teacher"] = teacher
-            sae = c.sae(teacher, data, c.config({"data": {"path": str(data)}}).seq_len)
-            if sae:
-                shared["sae"], shared["teacher_layer"] = sae, exp["sae"]["layer"]
-                if exp.get("labels", True) and any(r["method"] == "cocomix" for r in exp["runs"].values()):
-                    cocomix_cfg = c.run_config(next(n for n, r in exp["runs"].items() if r["method"] == "cocomix"),
-                                               next(r for r in exp["runs"].values() if r["method"] == "cocomix"),
-                                               data, shared)
-                    shared["labels"] = c.labels(teacher, sae, data, cocomix_cfg)
+    shared = c.shared_artifacts(data)
     summaries = []
     for name, run in exp["runs"].items():
         cfg = c.run_config(name, run, data, shared)
