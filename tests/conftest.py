@@ -47,6 +47,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# The config key holding K (thoughts / pauses / extra passes / ponder steps per token) of each method.
+K_KEYS = {"ponder": "ponder.n_thoughts", "pause": "pause.n_pauses", "loop": "loop.n_loops",
+          "ponderlm": "ponderlm.n_steps"}
+
+
+def k_override(method: str, k: int) -> list[str]:
+    """``--<section>.<key> K`` setting ``method``'s K (nothing for a method without one)."""
+    return ["--" + K_KEYS[method], str(k)] if method in K_KEYS else []
+
+
 TINY_MODEL = {"arch": "gpt2", "vocab_size": 257, "block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 32}
 
 

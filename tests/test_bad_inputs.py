@@ -38,6 +38,10 @@ class Evil:
         return open, (str(self.marker), "w")
 
 
+# World.cocomix keyword -> the config key it sets
+COCOMIX_KEYS = {"teacher": "teacher.path", "sae": "concepts.sae", "layer": "concepts.layer", "labels": "concepts.labels"}
+
+
 class World:
     """Artifacts the cases corrupt copies of: data, two NTP runs and a ponder run, an SAE of the first
     NTP run, a label cache."""
@@ -59,9 +63,9 @@ class World:
         build_label_cache(self.small, teacher, load_sae(self.sae), self.labels, seq_len=32, layer=0, progress=False)
 
     def cocomix(self, **over: str) -> list[str]:
-        c = {"teacher": str(self.run), "sae": str(self.sae), "teacher_layer": "0", "insert_layer": "1", **over}
-        return ["train", *MODEL, *FAST, "--train.method", "cocomix", *[x for k, v in c.items()
-                                                                       for x in (f"--cocomix.{k}", v)]]
+        c = {"teacher.path": str(self.run), "concepts.sae": str(self.sae), "concepts.layer": "0",
+             "cocomix.insert_layer": "1", **{COCOMIX_KEYS[k]: v for k, v in over.items()}}
+        return ["train", *MODEL, *FAST, "--train.method", "cocomix", *[x for k, v in c.items() for x in (f"--{k}", v)]]
 
     def ckpt(self, run: Path) -> Path:
         return next((run / "checkpoints").iterdir())
@@ -235,9 +239,9 @@ CASES: list[tuple[str, Callable[[World, Path], list[str]], str]] = [
     ("config-seq-len-over-block", lambda w, t: ["train", *MODEL, "--data.seq_len", "65",
                                                 "--train.out_dir", str(t / "out")], "exceeds model.block_size=64"),
     ("config-zero-batch", lambda w, t: ["train", "--train.batch_size", "0", "--train.out_dir", str(t / "out")],
-     "train.batch_size=0 must be positive"),
+     "train.batch_size=0 must be positive and finite"),
     ("config-unknown-method", lambda w, t: ["train", "--train.method", "magic", "--train.out_dir", str(t / "out")],
-     "train.method='magic' is not one of"),
+     "unknown method 'magic'; choose from"),
     ("config-yaml-invalid", bad_yaml("model: [unclosed\n"), "is not valid YAML"),
     ("config-yaml-not-mapping", bad_yaml("- a\n- b\n"), "must hold a mapping of sections"),
     ("config-yaml-unknown-section", bad_yaml("optim:\n  lr: 0.1\n"), "unknown config key 'optim'"),
@@ -262,7 +266,7 @@ CASES: list[tuple[str, Callable[[World, Path], list[str]], str]] = [
     ("train-existing-run", lambda w, t: ["train", "--config", str(copy_run(w.run, t / "out") / "config.yaml"),
                                          "--train.out_dir", str(t / "out")], "pass --resume"),
     # cocomix inputs
-    ("cocomix-sae-other-layer", lambda w, t: [*w.cocomix(teacher_layer="1"), "--data.path", str(w.data),
+    ("cocomix-sae-other-layer", lambda w, t: [*w.cocomix(layer="1"), "--data.path", str(w.data),
                                               "--train.out_dir", str(t / "out")],
      "SAE was trained on teacher layer 0, not 1"),
     ("cocomix-sae-other-teacher", lambda w, t: [*w.cocomix(teacher=str(w.other)), "--data.path", str(w.data),
@@ -270,7 +274,7 @@ CASES: list[tuple[str, Callable[[World, Path], list[str]], str]] = [
      "SAE was trained on teacher fingerprint"),
     ("cocomix-teacher-not-ntp", lambda w, t: [*w.cocomix(teacher=str(w.ponder)), "--data.path", str(w.data),
                                               "--train.out_dir", str(t / "out")],
-     "was trained with method 'ponder'; a teacher must be a plain next-token model"),
+     "was trained with method 'ponder', which is not a plain next-token model"),
     ("cocomix-sae-unknown-teacher", sae_edit(lambda s: s.meta["teacher"].update(fingerprint="0" * 64), "train"),
      "SAE was trained on teacher fingerprint '000000"),
     ("cocomix-labels-other-corpus", lambda w, t: [*w.cocomix(labels=str(w.labels)), "--data.path", str(w.data),
@@ -291,7 +295,8 @@ CASES: list[tuple[str, Callable[[World, Path], list[str]], str]] = [
     ("eval-seq-len-over-block", lambda w, t: ["eval", str(w.run), "--seq-len", "100"], "block_size"),
     ("eval-bad-mode", lambda w, t: ["eval", str(w.run), "--mode", "exact"], "has no evaluation mode 'exact'"),
     ("generate-damaged-weights", damaged_weights, "does not match its manifest"),
-    ("generate-steer-ntp", lambda w, t: ["generate", str(w.run), "--steer", "1=2"], "needs a cocomix checkpoint"),
+    ("generate-steer-ntp", lambda w, t: ["generate", str(w.run), "--steer", "1=2"],
+     "--steer needs a checkpoint of a method with concepts"),
     ("generate-top-p", lambda w, t: ["generate", str(w.run), "--top-p", "1.5", "--max-new-tokens", "2"],
      "top_p=1.5 must be in (0, 1]"),
     # sae / concepts
@@ -323,7 +328,7 @@ CASES: list[tuple[str, Callable[[World, Path], list[str]], str]] = [
                                           str(_sae_copy(w, t)), "--data", str(w.small), "--top-n", "0",
                                           "--seq-len", "32"], "top"),
     ("inspect-ntp-checkpoint", lambda w, t: ["concepts", "inspect", str(w.run), "--text", "hi"],
-     "needs a cocomix checkpoint"),
+     "concepts inspect needs a checkpoint of a method with concepts"),
 ]
 
 

@@ -13,15 +13,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from latentlm.config import make_config
-from latentlm.methods import METHODS, build_method
+from latentlm.loading import load_method
+from latentlm.methods import build_method, methods
 from latentlm.methods.base import Method
 from latentlm.methods.ponder import paper_embed_scale
-from latentlm.train import checkpoint as ckpt_io
 from latentlm.train import trainer
 from latentlm.train.metrics import read_metrics
 from latentlm.train.trainer import train
 
-from conftest import assert_cached_matches_parallel
+from conftest import assert_cached_matches_parallel, k_override
 
 VOCAB, T = 61, 8  # a vocabulary that is not a multiple of 64, so the embedding has padded rows
 BASELINES = ["pause", "loop", "ponderlm"]
@@ -37,7 +37,7 @@ def tiny(method: str, arch: str = "gpt2", k: int = 1, seed: int = 0) -> Method:
                                  "--model.n_embd", "32", "--model.n_head", "2", "--model.block_size", "32",
                                  "--model.vocab_size", str(VOCAB), "--model.init_std", "0.1",
                                  "--model.embed_scale", str(paper_embed_scale(32)),
-                                 "--ponder.thoughts", str(k)])
+                                 *k_override(method, k)])
     return build_method(cfg).eval()
 
 
@@ -158,7 +158,7 @@ def test_baselines_keep_the_core_init():
         core = tiny(name).model.state_dict()
         assert core.keys() == reference.keys()
         assert all(torch.equal(core[key], reference[key]) for key in core), name
-    assert set(BASELINES) <= set(METHODS)
+    assert set(BASELINES) <= set(methods())
 
 
 @pytest.mark.parametrize("name", BASELINES)
@@ -178,7 +178,7 @@ def test_learns_real_text_and_checkpoint_round_trips(name, tiny_config, monkeypa
     first = next(r["loss"] for r in read_metrics(f"{cfg.train.out_dir}/metrics.jsonl") if "loss" in r)
     assert abs(first - math.log(257)) < 0.5  # starts near uniform
     assert result["val_loss"] < 3.25  # log(257) = 5.55
-    loaded, _, _ = ckpt_io.load_method(cfg.train.out_dir)
+    loaded, _, _ = load_method(cfg.train.out_dir)
     trained = built[0].eval()
     x = tokens(2, 16, seed=6)
     with torch.no_grad():

@@ -45,7 +45,7 @@ def run_cli(*args):
 
 @pytest.mark.parametrize("args, needle", [
     (["train", "--model.n_layers", "2"], "unknown config key 'model.n_layers'"),
-    (["train", "--train.lr", "-1"], "train.lr=-1.0 must be positive"),
+    (["train", "--train.lr", "-1"], "train.lr=-1.0 must be positive and finite"),
     (["train", "--data.path", "/nonexistent/data"], "/nonexistent/data"),
     (["eval", "/nonexistent/run"], "no checkpoint found at /nonexistent/run"),
     (["prepare", "--source", "/nonexistent/corpus.txt", "--out", "OUT"], "/nonexistent/corpus.txt"),

@@ -12,15 +12,15 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from latentlm.concepts import labels as label_module
 from latentlm.concepts.sae import TopKSAE, save_sae
 from latentlm.config import make_config
 from latentlm.errors import LatentLMError
 from latentlm.generate import generate
-from latentlm.methods import METHODS, build_method
+from latentlm.loading import load_method
+from latentlm.methods import build_method, methods
 from latentlm.methods.base import Method
+from latentlm.methods import cocomix as cocomix_module
 from latentlm.methods.cocomix import Cocomix, PauseInsert
-from latentlm.train import checkpoint as ckpt_io
 from latentlm.train.metrics import read_metrics
 from latentlm.train.trainer import train
 
@@ -38,7 +38,8 @@ def tiny(method: str = "cocomix", arch: str = "gpt2", *extra: str, seed: int = 0
     cfg = make_config(overrides=["--train.method", method, "--model.arch", arch, "--model.n_layer", "3",
                                  "--model.n_embd", "32", "--model.n_head", "2", "--model.block_size", "32",
                                  "--model.vocab_size", str(VOCAB), "--model.init_std", "0.1",
-                                 "--cocomix.insert_layer", str(LAYER), "--cocomix.n_concepts", str(C),
+                                 "--cocomix.insert_layer", str(LAYER), "--pause_insert.insert_layer", str(LAYER),
+                                 "--cocomix.n_concepts", str(C),
                                  "--cocomix.k_concepts", str(K), *extra])
     method = build_method(cfg).eval()
     with torch.no_grad():  # non-zero method biases (b_pred, b_comp, b), so every term is exercised
@@ -81,11 +82,12 @@ def manual_concepts(method: Cocomix, h: torch.Tensor) -> tuple[torch.Tensor, tor
     mu = h.mean(-1, keepdim=True)
     s = ((h - mu).pow(2).sum(-1, keepdim=True) / (h.shape[-1] - 1)).sqrt()
     x_hat = (h - mu) / (s + 1e-5)
-    z = (x_hat - method.b) @ method.predict.weight.t() + method.predict.bias
+    head = method.concept_head
+    z = (x_hat - head.b) @ head.predict.weight.t() + head.predict.bias
     vals, idx = z.topk(K, dim=-1)
     z_k = torch.zeros_like(z).scatter(-1, idx, vals)
-    w_comp = method.compress_weight.t()  # d x C
-    return z, (z_k @ w_comp.t() + method.compress_bias + method.b) * s + mu
+    w_comp = head.compress_weight.t()  # d x C
+    return z, (z_k @ w_comp.t() + head.compress_bias + head.b) * s + mu
 
 
 def interleave(h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -112,9 +114,10 @@ def test_forward_follows_the_spec_equations(arch):
         shifted = z - 5.0
         vals, idx = shifted.topk(K, dim=-1)
         assert (vals < 0).all()
-        dense = torch.zeros_like(z).scatter(-1, idx, vals) @ method.compress_weight
-        torch.testing.assert_close(method.compress(shifted, mu, s),
-                                   (dense + method.compress_bias + method.b) * s + mu, atol=1e-5, rtol=0)
+        head = method.concept_head
+        dense = torch.zeros_like(z).scatter(-1, idx, vals) @ head.compress_weight
+        torch.testing.assert_close(head.compress(shifted, mu, s),
+                                   (dense + head.compress_bias + head.b) * s + mu, atol=1e-5, rtol=0)
 
         loss, metrics = method(x[:, :-1], x[:, 1:], labels=lab[:, :-1])
         ntp = F.cross_entropy(manual[:, :-1].flatten(0, 1), x[:, 1:].flatten())
@@ -161,13 +164,12 @@ def test_positions_enter_at_the_input_and_concepts_share_them(arch):
 def test_concept_loss_chunks_and_masks():
     """Chunked CE (3 tokens a chunk) equals one chunk in value and gradient; masked labels (-1)
     do not count, whatever else they would have said."""
-    method = tiny("cocomix", "gpt2")
+    head = tiny("cocomix", "gpt2").concept_head
     z = torch.randn(2, T, C, requires_grad=True)
     lab = labels_for(tokens(), k_attr=3)
     results = []
     for chunk in (3, 10_000):
-        method.cfg.cocomix.concept_chunk = chunk
-        loss, acc = method.concept_loss(z, lab)
+        loss, acc = head.loss(z, lab, chunk)
         (grad,) = torch.autograd.grad(loss, z)
         results.append((loss, acc, grad))
     (l0, a0, g0), (l1, a1, g1) = results
@@ -179,11 +181,11 @@ def test_concept_loss_chunks_and_masks():
     torch.testing.assert_close(l0, manual, atol=1e-6, rtol=0)
     # a token whose labels are all masked does not count, whatever its logits; nor does a masked batch
     lab[0, 0] = -1
-    before = method.concept_loss(z, lab)[0]
+    before = head.loss(z, lab, 3)[0]
     moved = z.detach().clone()
     moved[0, 0] += 10 * torch.randn(C)
-    assert torch.equal(method.concept_loss(moved, lab)[0], before.detach())
-    zero, acc = method.concept_loss(z, torch.full_like(lab, -1))
+    assert torch.equal(head.loss(moved, lab, 3)[0], before.detach())
+    zero, acc = head.loss(z, torch.full_like(lab, -1), 3)
     assert zero == 0 and acc == 0
 
 
@@ -216,11 +218,12 @@ def test_steering_raises_a_concept_and_changes_the_continuation():
     prompt's last and each new one), puts it in the TopK there, and changes the greedy tokens;
     alpha = 1 is no steering; clearing restores the unsteered output."""
     method = tiny("cocomix", "gpt2")
+    head = method.concept_head
     concept = 7
     with torch.no_grad():
-        method.predict.bias[concept] = 1.0  # a positive logit, which scaling raises
-    raw, steered, compress = [], [], method.compress
-    concept_logits = method.concept_logits
+        head.predict.bias[concept] = 1.0  # a positive logit, which scaling raises
+    raw, steered, compress = [], [], head.compress
+    concept_logits = head.logits
 
     def record_logits(h):
         z, mu, s = concept_logits(h)
@@ -231,7 +234,7 @@ def test_steering_raises_a_concept_and_changes_the_continuation():
         steered.append(z.clone())
         return compress(z, mu, s)
 
-    method.concept_logits, method.compress = record_logits, record_compress
+    head.logits, head.compress = record_logits, record_compress
     prompt = [tokens(1, 5, seed=4)[0].tolist()]
     plain = generate(method, prompt, max_new_tokens=6, temperature=0.0)
     assert all(torch.equal(r, s) for r, s in zip(raw, steered))
@@ -276,7 +279,7 @@ def test_variants(arch):
         logits, z = none.run(x, positions(x))
         torch.testing.assert_close(logits, none.model(x), atol=1e-5, rtol=0)
         assert z.shape == (2, T, C)
-        assert not hasattr(none, "compress_weight")  # nothing is inserted, so no W_comp, b_comp
+        assert not hasattr(none.concept_head, "compress_weight")  # nothing is inserted, so no W_comp, b_comp
         loss, metrics = none(x, x, labels=lab)
         assert set(metrics) == {"ntp_loss", "concept_loss", "concept_acc"} and loss > metrics["ntp_loss"]
         assert none(x, x, nll=True).shape == (2, T)
@@ -284,7 +287,7 @@ def test_variants(arch):
             none(x, x)
 
         only = tiny("cocomix", arch, "--cocomix.concept_loss", "false")
-        assert only.batch_inputs(x, x, None) == {}
+        assert only.batch_inputs(x, x, windows=None, step=0) == {}
         loss, metrics = only(x, x)
         assert set(metrics) == {"ntp_loss"} and loss == metrics["ntp_loss"]
 
@@ -327,12 +330,13 @@ def test_core_init_and_concept_sizes_from_the_sae(tmp_path):
         core = tiny(name).model.state_dict()
         assert core.keys() == reference.keys()
         assert all(torch.equal(core[key], reference[key]) for key in core), name
-    assert {"cocomix", "pause_insert"} <= set(METHODS)
+    assert {"cocomix", "pause_insert"} <= set(methods())
     sae = save_sae(TopKSAE(32, 48, 6), tmp_path / "sae")
-    method = tiny("cocomix", "gpt2", "--cocomix.sae", str(sae), "--cocomix.n_concepts", "0",
+    method = tiny("cocomix", "gpt2", "--concepts.sae", str(sae), "--cocomix.n_concepts", "0",
                   "--cocomix.k_concepts", "0")
     assert (method.cfg.cocomix.n_concepts, method.cfg.cocomix.k_concepts) == (48, 6)
-    assert method.predict.weight.shape == (48, 32) and method.compress_weight.shape == (48, 32)
+    head = method.concept_head
+    assert head.predict.weight.shape == (48, 32) and head.compress_weight.shape == (48, 32)
     with pytest.raises(LatentLMError, match="sae"):
         tiny("cocomix", "gpt2", "--cocomix.n_concepts", "0")
     with pytest.raises(LatentLMError, match="plain next-token"):
@@ -343,7 +347,9 @@ def test_core_init_and_concept_sizes_from_the_sae(tmp_path):
 
 class TokenLabels:
     """Learnable synthetic labels: concepts (x mod C) and (3x + 1 mod C) of each token, every
-    fifth position masked."""
+    fifth position masked. Indexes the C concepts of an SAE with TopK K (the student's sizes)."""
+
+    n_latents, k = C, K
 
     def __init__(self):
         self.calls = 0
@@ -359,10 +365,10 @@ def test_learns_text_and_concepts_with_the_trainer(tiny_config, monkeypatch):
     """The real trainer, its labels from the label source factory: the NTP loss falls well below
     log(257) and the concept accuracy far above chance (2 / 64); the checkpoint loads without an SAE."""
     source = TokenLabels()
-    monkeypatch.setattr(label_module, "label_source", lambda cfg, device: source)
+    monkeypatch.setattr(cocomix_module, "label_source", lambda cfg, device: source)
     cfg = tiny_config(method="cocomix", max_steps=60)
     cfg.data.seq_len = 32
-    cfg.cocomix.n_concepts, cfg.cocomix.k_concepts, cfg.cocomix.k_attr, cfg.cocomix.insert_layer = C, K, 2, 1
+    cfg.cocomix.n_concepts, cfg.cocomix.k_concepts, cfg.concepts.k_attr, cfg.cocomix.insert_layer = C, K, 2, 1
     result = train(cfg)
     records = [r for r in read_metrics(f"{cfg.train.out_dir}/metrics.jsonl") if "ntp_loss" in r]
     assert source.calls == 60 and len(records) == 60
@@ -371,8 +377,8 @@ def test_learns_text_and_concepts_with_the_trainer(tiny_config, monkeypatch):
     late = records[-5:]
     assert sum(r["ntp_loss"] for r in late) / 5 < 3.4 and result["val_loss"] < 3.4
     assert sum(r["concept_acc"] for r in late) / 5 > 0.5
-    loaded, _, _ = ckpt_io.load_method(cfg.train.out_dir)  # C and k come from the saved config
+    loaded, _, _ = load_method(cfg.train.out_dir)  # C and k come from the saved config
     x = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         nll = loaded(x[:, :-1], x[:, 1:], nll=True)
-    assert nll.shape == (2, 15) and loaded.n_concepts == C and loaded.k == K
+    assert nll.shape == (2, 15) and loaded.n_concepts == C and loaded.concept_head.k_concepts == K

@@ -29,8 +29,8 @@ def test_teacher_sae_labels_student_generate(byte_wiki, tmp_path, capsys):
                  "--out", str(labels), "--seq-len", "64", "--quiet"]) == 0
     capsys.readouterr()
     assert main(["train", *MODEL, "--data.path", str(byte_wiki), "--train.out_dir", str(student),
-                 "--train.method", "cocomix", "--cocomix.teacher", str(teacher), "--cocomix.sae", str(sae),
-                 "--cocomix.labels", str(labels), "--cocomix.teacher_layer", "0", "--cocomix.insert_layer", "1",
+                 "--train.method", "cocomix", "--teacher.path", str(teacher), "--concepts.sae", str(sae),
+                 "--concepts.labels", str(labels), "--concepts.layer", "0", "--cocomix.insert_layer", "1",
                  "--train.max_steps", "40", "--data.verify", "size", *COMMON]) == 0
     rec = [r for r in read_metrics(student / "metrics.jsonl") if "concept_acc" in r]
     assert rec[-1]["ntp_loss"] < rec[0]["ntp_loss"] - 0.5

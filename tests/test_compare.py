@@ -14,7 +14,8 @@ from latentlm.cli import main
 from latentlm.compare import load_experiment, run_compare
 from latentlm.errors import LatentLMError
 from latentlm.methods import build_method, flops_report
-from latentlm.train.checkpoint import load_config, resolve_checkpoint
+from latentlm.loading import load_config
+from latentlm.train.checkpoint import resolve_checkpoint
 from latentlm.train.metrics import read_metrics
 
 from conftest import TINY_MODEL
@@ -101,11 +102,11 @@ def test_cocomix_and_kd_share_one_teacher_sae_and_label_cache(tmp_path, byte_wik
     report = run_compare(path, progress=False)
     out = tmp_path / "cmp"
     cocomix = load_config(resolve_checkpoint(out / "runs" / "cocomix"))
-    assert cocomix.cocomix.teacher == str(out / "teacher") and cocomix.cocomix.sae == str(out / "sae")
-    assert cocomix.cocomix.labels == str(out / "labels") and cocomix.cocomix.teacher_layer == 1
+    assert cocomix.teacher.path == str(out / "teacher") and cocomix.concepts.sae == str(out / "sae")
+    assert cocomix.concepts.labels == str(out / "labels") and cocomix.concepts.layer == 1
     assert cocomix.cocomix.n_concepts == 64
     kd = load_config(resolve_checkpoint(out / "runs" / "kd"))
-    assert kd.cocomix.teacher == str(out / "teacher") and not kd.cocomix.labels
+    assert kd.teacher.path == str(out / "teacher") and not kd.concepts.labels
     rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
     assert rows["cocomix"]["teacher_flops_per_token"] > 0 and rows["kd"]["teacher_flops_per_token"] > 0
     assert rows["cocomix"]["train_flops"] == rows["cocomix"]["tokens"] * (

@@ -48,8 +48,9 @@ def activated_params(method) -> int:
     """Parameters used per token: all of the method's (tied embeddings counted once) except the
     C - k rows of W_comp that the TopK does not gather."""
     total = sum(p.numel() for p in method.parameters())
-    w = getattr(method, "compress_weight", None)
-    return total if w is None else total - (method.n_concepts - method.k) * w.shape[1]
+    head = getattr(method, "concept_head", None)
+    w = getattr(head, "compress_weight", None)
+    return total if w is None else total - (head.n_concepts - head.k_concepts) * w.shape[1]
 
 
 @pytest.mark.parametrize("size", COCOMIX)
@@ -72,19 +73,29 @@ def test_cocomix_presets_and_their_width_matched_ntp_baselines(size):
         assert t.batch_size * t.grad_accum == batch and t.max_steps == 20_480_000 // batch  # 20B tokens
         assert t.min_lr == pytest.approx(t.lr / 10) and t.dtype == "bfloat16"
     assert (student_cfg.train.method, ntp_cfg.train.method) == ("cocomix", "ntp")
-    assert student_cfg.cocomix.insert_layer == insert and not student_cfg.cocomix.sae
+    assert student_cfg.cocomix.insert_layer == insert and not student_cfg.concepts.sae
     with torch.device("meta"):
         student, ntp = build_method(student_cfg), build_method(ntp_cfg)
-    assert isinstance(student, Cocomix) and (student.n_concepts, student.k) == (32768, 32)
+    assert isinstance(student, Cocomix) and (student.n_concepts, student.concept_head.k_concepts) == (32768, 32)
     assert activated_params(ntp) == pytest.approx(activated_params(student), rel=0.03)
 
 
-def test_cocomix_tiny_preset_builds_for_every_baseline():
-    """The CPU preset builds without an SAE (C and k set) as CoCoMix and each paper baseline."""
+def test_cocomix_tiny_preset_builds_for_every_baseline(tmp_path):
+    """The CPU preset builds as each paper baseline without an SAE, and as CoCoMix with its concept
+    head sized by the SAE (C and k are not set in the preset, so without one it is refused)."""
+    from latentlm.concepts.sae import TopKSAE, save_sae
+    from latentlm.errors import LatentLMError
     from latentlm.methods import build_method
 
     path = Path(__file__).parent.parent / "configs" / "cocomix" / "tiny.yaml"
+    sae = save_sae(TopKSAE(128, 4096, 32), tmp_path / "sae")
     for method in ("cocomix", "ntp", "pause_insert", "kd", "kd_pause"):
-        built = build_method(make_config(path, overrides=["--train.method", method]))
+        extra = ["--concepts.sae", str(sae)] if method == "cocomix" else []
+        built = build_method(make_config(path, overrides=["--train.method", method, *extra]))
         assert built.name == method and built.model.cfg.vocab_size == 8192
-    assert make_config(path).cocomix.insert_layer == 1
+        if method == "cocomix":
+            assert (built.n_concepts, built.concept_head.k_concepts) == (4096, 32)
+    with pytest.raises(LatentLMError, match="needs --concepts.sae"):
+        build_method(make_config(path))
+    cfg = make_config(path)
+    assert cfg.cocomix.insert_layer == cfg.pause_insert.insert_layer == cfg.concepts.layer == 1

@@ -55,8 +55,9 @@ def run_config(method: str, data: Path, out: Path, teacher_sae: tuple[Path, Path
                       "warmup_steps": 2, "eval_every": 0, "eval_batches": 1, "ckpt_every": CKPT_EVERY,
                       "keep_last": 2, "log_every": 1, "progress": False, "device": "cpu"}}
     if method == "cocomix":
-        base["cocomix"] = {"teacher": str(teacher_sae[0]), "sae": str(teacher_sae[1]), "teacher_layer": 0,
-                           "insert_layer": 1}
+        base["teacher"] = {"path": str(teacher_sae[0])}
+        base["concepts"] = {"sae": str(teacher_sae[1]), "layer": 0}
+        base["cocomix"] = {"insert_layer": 1}
     return make_config(base=base)
 
 

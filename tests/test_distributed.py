@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from latentlm.train import checkpoint as ckpt_io
+from latentlm.loading import load_method
 from latentlm.train.metrics import read_metrics
 from latentlm.train.trainer import train
 
@@ -39,9 +39,9 @@ def test_two_processes_match_one(mode, method, tiny_config, tmp_path):
     assert len(a) == len(b) == 6 and a[-1] < a[0]
     assert a == pytest.approx(b, rel=1e-5, abs=1e-5)
 
-    method, cfg, manifest = ckpt_io.load_method(out)  # the distributed checkpoint in one process
+    method, cfg, manifest = load_method(out)  # the distributed checkpoint in one process
     assert manifest["world_size"] == 2 and cfg.train.dist == mode
-    ref, _, _ = ckpt_io.load_method(tmp_path / "single")
+    ref, _, _ = load_method(tmp_path / "single")
     for (k, p), (k2, q) in zip(method.state_dict().items(), ref.state_dict().items()):
         assert k == k2
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)

@@ -16,20 +16,23 @@ from torch.utils.flop_counter import FlopCounterMode
 from latentlm.cli import main
 from latentlm.concepts.attribution import label_flops_per_token
 from latentlm.concepts.sae import TopKSAE
-from latentlm.concepts.teacher import LatentLMTeacher, hf_model_config, teacher_model_config
+from latentlm.concepts.teacher import LatentLMTeacher, teacher_model_config
 from latentlm.config import make_config
 from latentlm.data.tokenizers import ByteTokenizer
 from latentlm.methods import build_method, flops_report
 from latentlm.model.flops import forward_flops_per_slot
+from latentlm.model.hf import hf_model_config
 from latentlm.model.transformer import Transformer
 from latentlm.train.metrics import read_metrics
 from latentlm.train.trainer import train
+
+from conftest import k_override
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB, S = 61, 6
 SMALL = ["--model.n_layer", "3", "--model.n_embd", "32", "--model.n_head", "2", "--model.block_size", "64",
          "--model.vocab_size", str(VOCAB), "--cocomix.insert_layer", "1", "--cocomix.n_concepts", "64",
-         "--cocomix.k_concepts", "4"]
+         "--cocomix.k_concepts", "4", "--pause_insert.insert_layer", "1"]
 
 
 def counted(fn) -> int:
@@ -50,7 +53,7 @@ def test_generation_flops_equal_a_counted_decode_step(arch, name, k):
     context; CoCoMix's k-row gather is an embedding_bag the counter does not see (2 k d)."""
     torch.manual_seed(0)
     m = build_method(make_config(overrides=["--train.method", name, "--model.arch", arch, *SMALL,
-                                            "--ponder.thoughts", str(k)])).eval()
+                                            *k_override(name, k)])).eval()
     x = torch.randint(0, VOCAB, (1, S + 1))
     cache = m.new_cache(1, S + 1)
     valid = torch.ones(1, S + 1, dtype=torch.bool)
@@ -107,19 +110,19 @@ def test_teacher_shapes_from_specs(tmp_path):
 
 
 def test_flops_report_counts_the_teacher_and_every_method():
-    cfg = make_config("configs/cocomix/cocomix-69m.yaml", ["--cocomix.teacher", "configs/gpt2-124m.yaml"])
+    cfg = make_config("configs/cocomix/cocomix-69m.yaml", ["--teacher.path", "configs/gpt2-124m.yaml"])
     rows = {r["method"]: r for r in flops_report(cfg, ["ntp", "kd", "cocomix", "ponder"])}
     teacher = make_config("configs/gpt2-124m.yaml").model
     assert rows["ntp"]["teacher"] == 0 and rows["ponder"]["teacher"] == 0
     assert rows["kd"]["teacher"] == forward_flops_per_slot(teacher, cfg.seq_len)
     assert rows["kd"]["train_total"] == rows["ntp"]["train_total"] + rows["kd"]["teacher"]
-    c = cfg.cocomix
-    assert rows["cocomix"]["teacher"] == label_flops_per_token(teacher, c.teacher_layer, cfg.seq_len, c.n_concepts)
+    assert rows["cocomix"]["teacher"] == label_flops_per_token(teacher, cfg.concepts.layer, cfg.seq_len,
+                                                               cfg.cocomix.n_concepts)
     assert rows["ntp"]["params"] == sum(p.numel() for p in Transformer(cfg.model).parameters())
     two_slots = 2 * forward_flops_per_slot(cfg.model, 2 * cfg.seq_len, head=False)  # K=1: the head once
     assert rows["ponder"]["infer"] == two_slots + forward_flops_per_slot(cfg.model, 0, n_layers=0)
     no_teacher = flops_report(make_config("configs/cocomix/cocomix-69m.yaml", []), ["kd"])[0]
-    assert "set --cocomix.teacher" in no_teacher["error"]
+    assert "set --teacher.path" in no_teacher["error"]
 
 
 def test_flops_cli(capsys):
@@ -139,7 +142,7 @@ def test_trainer_logs_student_plus_teacher_flops(tiny_config, tmp_path):
     teacher_cfg = tiny_config(max_steps=2, out_dir=str(tmp_path / "teacher"))
     train(teacher_cfg)
     cfg = tiny_config(max_steps=2, out_dir=str(tmp_path / "kd"))
-    cfg.train.method, cfg.cocomix.teacher = "kd", str(tmp_path / "teacher")
+    cfg.train.method, cfg.teacher.path = "kd", str(tmp_path / "teacher")
     train(cfg)
     rec = next(r for r in read_metrics(Path(cfg.train.out_dir) / "metrics.jsonl") if "flops_per_token" in r)
     student = build_method(cfg)

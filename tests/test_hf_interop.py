@@ -19,9 +19,9 @@ from latentlm.cli import main
 from latentlm.config import ModelConfig
 from latentlm.data.tokenizers import load_tokenizer
 from latentlm.errors import LatentLMError
-from latentlm.interop import export_hf, import_hf, write_checkpoint
+from latentlm.interop import export_hf, import_hf, write_core_checkpoint
 from latentlm.model.transformer import Transformer
-from latentlm.train.checkpoint import load_method
+from latentlm.loading import load_method
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 needs_hf = pytest.mark.skipif(find_spec("transformers") is None,
@@ -47,7 +47,7 @@ def random_checkpoint(directory: Path, seed: int = 0, **overrides) -> Transforme
             if "norm" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
     directory.mkdir(parents=True)
-    write_checkpoint(directory, cfg, dict(model.state_dict()), load_tokenizer("byte").describe(), {})
+    write_core_checkpoint(directory, cfg, dict(model.state_dict()), load_tokenizer("byte").describe(), {})
     return model
 
 
@@ -119,7 +119,7 @@ def test_export_refuses_what_hf_cannot_represent(tmp_path):
     random_checkpoint(tmp_path / "ck")
     manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
     (tmp_path / "ck" / "manifest.json").write_text(json.dumps({**manifest, "method": "ponder"}))
-    with pytest.raises(LatentLMError, match="method 'ponder'; only plain next-token"):
+    with pytest.raises(LatentLMError, match="trained with method 'ponder', which is not a plain next-token model"):
         export_hf(tmp_path / "ck", tmp_path / "out")
     for i, (overrides, msg) in enumerate([
             (dict(arch="gpt2", mlp="swiglu"), "model.mlp=swiglu with model.pos=learned"),
@@ -267,7 +267,7 @@ def test_exported_tokenizer_matches_ours(name, tmp_path, bpe_path):
         (ckpt / "tokenizer.json").write_bytes(bpe_path.read_bytes())
         desc["path"] = "tokenizer.json"
     cfg = ModelConfig(**{**TINY, "vocab_size": ours.vocab_size, "n_embd": 16})
-    write_checkpoint(ckpt, cfg, dict(Transformer(cfg).state_dict()), desc, {})
+    write_core_checkpoint(ckpt, cfg, dict(Transformer(cfg).state_dict()), desc, {})
     export_hf(ckpt, tmp_path / "hf")
     theirs = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     text = "The Eiffel Tower, built in 1889, is 330 m tall.\n\nIt's  visited   by ~7 million people."

@@ -13,7 +13,7 @@ from latentlm.concepts.sae import load_sae
 from latentlm.concepts.teacher import load_teacher
 from latentlm.data.loader import TokenSplit, iter_eval_windows
 from latentlm.errors import LatentLMError
-from latentlm.train.checkpoint import checkpoint_tokenizer, load_method
+from latentlm.loading import checkpoint_tokenizer, load_method
 
 from conftest import TINY_MODEL
 
@@ -33,8 +33,8 @@ def artifacts(byte_wiki, tmp_path_factory):
                  "--out", str(sae), "--latents", "16", "--k", "2", "--steps", "20", "--batch-tokens", "256",
                  "--seq-len", "32", "--eval-tokens", "256", "--quiet"]) == 0
     assert main(["train", *MODEL, "--data.path", str(byte_wiki), "--train.out_dir", str(student),
-                 "--train.method", "cocomix", "--cocomix.teacher", str(teacher), "--cocomix.sae", str(sae),
-                 "--cocomix.teacher_layer", "0", "--cocomix.insert_layer", "1", "--train.max_steps", "2",
+                 "--train.method", "cocomix", "--teacher.path", str(teacher), "--concepts.sae", str(sae),
+                 "--concepts.layer", "0", "--cocomix.insert_layer", "1", "--train.max_steps", "2",
                  *COMMON]) == 0
     return {"teacher": teacher, "sae": sae, "student": student, "data": byte_wiki}
 
@@ -103,7 +103,7 @@ def test_inspect_text_is_topk_of_z(artifacts):
         for c in r["concepts"]:
             assert c["description"] == ("three" if c["id"] == 3 else "(never active in the scanned corpus)")
     teacher, _, _ = load_method(artifacts["teacher"])
-    with pytest.raises(LatentLMError, match="needs a cocomix checkpoint"):
+    with pytest.raises(LatentLMError, match="needs a checkpoint of a method with concepts"):
         inspect_text(teacher, tok, text)
 
 
@@ -130,4 +130,4 @@ def test_cli_contexts_and_inspect(artifacts, capsys):
     assert len(out) == 3 * len(text)  # a token line, then one description line per concept
     assert main(["concepts", "inspect", str(artifacts["teacher"]), "--text", text]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "needs a cocomix checkpoint" in err[0] and "'ntp'" in err[0]
+    assert len(err) == 1 and "needs a checkpoint of a method with concepts" in err[0] and "'ntp'" in err[0]

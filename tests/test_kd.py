@@ -12,7 +12,7 @@ from latentlm.errors import LatentLMError
 from latentlm.methods import build_method
 from latentlm.methods.base import token_nll
 from latentlm.methods.kd import KD, ce_plus_kd, kd_loss, teacher_forward_logits
-from latentlm.train.checkpoint import load_method
+from latentlm.loading import load_method
 from latentlm.train.trainer import train
 
 from conftest import TINY_MODEL
@@ -76,7 +76,7 @@ def kl_and_ce(method, teacher, x, y) -> tuple[float, float]:
 
 def test_kd_training_moves_the_student_towards_the_teacher(teacher_run, tiny_config, byte_wiki):
     cfg = tiny_config(method="kd", max_steps=15)
-    cfg.cocomix.teacher, cfg.cocomix.kd_weight = teacher_run, 1.0
+    cfg.teacher.path, cfg.kd.weight = teacher_run, 1.0
     torch.manual_seed(cfg.train.seed)
     initial = build_method(cfg).eval()  # the trainer's initial student (same seed)
     result = train(cfg)
@@ -93,8 +93,8 @@ def test_kd_training_moves_the_student_towards_the_teacher(teacher_run, tiny_con
 def test_kd_needs_a_teacher_with_the_students_vocabulary(teacher_run, tiny_config):
     x = torch.zeros(1, 8, dtype=torch.long)
     cfg = tiny_config(method="kd")
-    with pytest.raises(LatentLMError, match="cocomix.teacher"):
-        build_method(cfg).batch_inputs(x, x, None)
-    cfg.cocomix.teacher, cfg.model.vocab_size = teacher_run, 300
+    with pytest.raises(LatentLMError, match="teacher.path"):
+        build_method(cfg).batch_inputs(x, x, windows=None, step=0)
+    cfg.teacher.path, cfg.model.vocab_size = teacher_run, 300
     with pytest.raises(LatentLMError, match="vocabulary of 257"):
-        build_method(cfg).batch_inputs(x, x, None)
+        build_method(cfg).batch_inputs(x, x, windows=None, step=0)

@@ -14,7 +14,7 @@ from latentlm.errors import LatentLMError
 from latentlm.methods import build_method
 from latentlm.methods.cocomix import PauseInsert
 from latentlm.methods.kd import KDPause, kd_loss, teacher_forward_logits
-from latentlm.train.checkpoint import load_method
+from latentlm.loading import load_method
 from latentlm.train.trainer import train
 
 from test_kd import teacher_run  # noqa: F401  (the module-scoped tiny teacher fixture)
@@ -29,8 +29,8 @@ def tiny(method: str = "kd_pause", kd_weight: float = 0.3) -> PauseInsert:
     torch.manual_seed(0)
     cfg = make_config(overrides=["--train.method", method, "--model.n_layer", "3", "--model.n_embd", "32",
                                  "--model.n_head", "2", "--model.block_size", "32", "--model.vocab_size", str(VOCAB),
-                                 "--model.init_std", "0.1", "--cocomix.insert_layer", "1",
-                                 "--cocomix.kd_weight", str(kd_weight), "--cocomix.kd_temperature", "2.0"])
+                                 "--model.init_std", "0.1", "--pause_insert.insert_layer", "1",
+                                 "--kd.weight", str(kd_weight), "--kd.temperature", "2.0"])
     return build_method(cfg).eval()
 
 
@@ -72,7 +72,7 @@ def kl_to_teacher(method: KDPause, teacher, x: torch.Tensor) -> float:
 
 def test_training_moves_the_pause_student_towards_the_teacher(teacher_run, tiny_config, byte_wiki):  # noqa: F811
     cfg = tiny_config(method="kd_pause", max_steps=15)
-    cfg.cocomix.teacher, cfg.cocomix.kd_weight, cfg.cocomix.insert_layer = teacher_run, 1.0, 1
+    cfg.teacher.path, cfg.kd.weight, cfg.pause_insert.insert_layer = teacher_run, 1.0, 1
     torch.manual_seed(cfg.train.seed)
     initial = build_method(cfg).eval()  # the trainer's initial student (same seed)
     result = train(cfg)

@@ -65,10 +65,10 @@ def cache(teacher_run, sae_dir, small_data, tmp_path_factory):
     return out
 
 
-def run_cfg(teacher_run, sae_dir, data, cache="", **cocomix):
+def run_cfg(teacher_run, sae_dir, data, cache="", **concepts):
     return make_config(base={"model": dict(TINY_MODEL), "data": {"path": str(data), "seq_len": SEQ},
-                             "cocomix": {"teacher": str(teacher_run), "sae": str(sae_dir), "labels": str(cache),
-                                         "teacher_layer": LAYER, **cocomix}})
+                             "teacher": {"path": str(teacher_run)},
+                             "concepts": {"sae": str(sae_dir), "labels": str(cache), "layer": LAYER, **concepts}})
 
 
 def test_cache_equals_on_the_fly_labels_by_window_id(teacher_run, sae_dir, small_data, cache):
@@ -82,10 +82,10 @@ def test_cache_equals_on_the_fly_labels_by_window_id(teacher_run, sae_dir, small
     fly = OnTheFlyLabels(run_cfg(teacher_run, sae_dir, small_data), "cpu")
     loader = WindowLoader(TokenSplit(small_data, "train"), SEQ, 4, seed=3)
     for _ in range(2):  # shuffled windows, looked up by the loader's ids
-        x, _ = loader.next_batch()
-        got = cached.labels(x, loader.last_windows)
+        x, _, windows = loader.next_batch_windows()
+        got = cached.labels(x, windows)
         assert got.dtype == torch.int64 and got.shape == (4, SEQ, 4)
-        assert torch.equal(got, fly.labels(x, loader.last_windows))
+        assert torch.equal(got, fly.labels(x, windows))
     x, _ = next(iter_eval_windows(TokenSplit(small_data, "train"), SEQ, 8))
     want = fly.labels(x, np.arange(8))
     assert torch.equal(cached.labels(x, np.arange(8)), want)
@@ -94,9 +94,9 @@ def test_cache_equals_on_the_fly_labels_by_window_id(teacher_run, sae_dir, small
 
 @pytest.mark.parametrize("change, message", [
     ({"data": {"seq_len": 16}}, "seq_len"),
-    ({"cocomix": {"k_attr": 3}}, "k_attr"),
-    ({"cocomix": {"select": "activation"}}, "select"),
-    ({"cocomix": {"teacher_layer": 0}}, "teacher_layer"),
+    ({"concepts": {"k_attr": 3}}, "k_attr"),
+    ({"concepts": {"select": "activation"}}, "select"),
+    ({"concepts": {"layer": 0}}, "teacher layer"),
     ({"data": {"path": "BYTE_WIKI"}}, "data manifest"),
 ])
 def test_cache_refuses_another_run(teacher_run, sae_dir, small_data, byte_wiki, cache, change, message):

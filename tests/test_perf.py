@@ -20,7 +20,8 @@ def build(name: str, arch: str = "llama", device: str = "cpu", **ponder):
                             "model": {"arch": arch, "n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": V,
                                       "block_size": T},
                             "ponder": ponder,
-                            "cocomix": {"insert_layer": 1, "n_concepts": 64, "k_concepts": 4, "concept_chunk": 8}})
+                            "cocomix": {"insert_layer": 1, "n_concepts": 64, "k_concepts": 4, "concept_chunk": 8},
+                            "pause_insert": {"insert_layer": 1}})
     torch.manual_seed(0)
     return build_method(cfg).train().to(device)
 
@@ -111,19 +112,26 @@ def test_compiled_training_step_has_no_graph_break(name):
     x, y, _ = batch(name)
     compiled = torch.compile(method, fullgraph=True, backend="aot_eager")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _ = compiled(x, y, **method.batch_inputs(x, y, None))
+        loss, _ = compiled(x, y, **method.batch_inputs(x, y, windows=None, step=0))
     loss.backward()
     assert torch.isfinite(loss)
 
 
 def test_ponder_draw_in_batch_inputs_matches_draw_in_forward():
+    """batch_inputs carries optimizer step s's n (``iters_for_step``: a function of the seed and s);
+    the forward given it is the forward at that n. A direct training call without ``iters`` runs
+    ``train_iters_max``."""
     a, b = build("ponder", train_iters_min=1, train_iters_max=4), build("ponder", train_iters_min=1, train_iters_max=4)
     x, y, _ = batch("ntp")
-    for _ in range(4):
-        la, ma = a(x, y)
-        lb, mb = b(x, y, **b.batch_inputs(x, y, None))
-        assert ma["jacobi_iters"] == mb["jacobi_iters"] and torch.equal(la, lb)
-    assert b.batch_inputs(x, y, None) != {} and b.eval().batch_inputs(x, y, None) == {}
+    for step in range(4):
+        inputs = b.batch_inputs(x, y, windows=None, step=step)
+        assert inputs == {"iters": a.iters_for_step(step)} and 1 <= inputs["iters"] <= 4
+        la, ma = a(x, y, iters=a.iters_for_step(step))
+        lb, mb = b(x, y, **inputs)
+        assert ma["jacobi_iters"] == mb["jacobi_iters"] == inputs["iters"] and torch.equal(la, lb)
+    la, ma = a(x, y)
+    lb, mb = b(x, y, iters=4)
+    assert ma["jacobi_iters"] == mb["jacobi_iters"] == 4.0 and torch.equal(la, lb)
 
 
 def test_rope_table_equals_direct_computation():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -14,7 +15,7 @@ from latentlm.config import make_config
 from latentlm.errors import LatentLMError
 from latentlm.generate import generate
 from latentlm.methods import build_method
-from latentlm.methods.ponder import Ponder, paper_embed_scale
+from latentlm.methods.ponder import Ponder, draw_train_iters, paper_embed_scale
 from latentlm.train.metrics import read_metrics
 from latentlm.train.trainer import train
 
@@ -33,7 +34,7 @@ def tiny_ponder(arch: str = "gpt2", k: int = 1, *extra: str, seed: int = 0) -> P
                                  "--model.n_embd", "32", "--model.n_head", "2", "--model.block_size", "32",
                                  "--model.vocab_size", str(VOCAB), "--model.init_std", "0.1",
                                  "--model.embed_scale", str(paper_embed_scale(32)),
-                                 "--ponder.thoughts", str(k), *extra])
+                                 "--ponder.n_thoughts", str(k), *extra])
     method = build_method(cfg)
     assert isinstance(method, Ponder)
     return method
@@ -101,31 +102,42 @@ def test_checkpointing_changes_memory_not_results():
 
 
 def test_iteration_count_is_drawn_per_optimizer_step_and_resumes():
-    """n is uniform over [train_iters_min, train_iters_max], shared by the grad_accum
-    micro-batches of a step, unaffected by evaluation, and carried by the state dict."""
+    """n is uniform over [train_iters_min, train_iters_max], a function of (train.seed, optimizer
+    step) alone: shared by the grad_accum micro-batches of a step, unaffected by evaluation and
+    by earlier draws, and held in no state (a resumed run draws the same n for the same step)."""
     over = ("--ponder.train_iters_min", "1", "--ponder.train_iters_max", "3", "--train.grad_accum", "2")
     method = tiny_ponder("gpt2", 1, *over).train()
     x = tokens(length=4)
+    windows = np.arange(x.shape[0])
 
-    def draws(m: Ponder, calls: int) -> list[float]:
+    def draws(m: Ponder, steps) -> list[float]:
+        out = []
         with torch.no_grad():
-            return [m(x, x)[1]["jacobi_iters"] for _ in range(calls)]
+            for step in steps:
+                for _ in range(2):  # the grad_accum micro-batches of the step
+                    inputs = m.batch_inputs(x, x, windows=windows, step=step)
+                    assert inputs == {"iters": m.iters_for_step(step)}
+                    out.append(m(x, x, **inputs)[1]["jacobi_iters"])
+        return out
 
-    first = draws(method, 24)
+    first = draws(method, range(12))
     assert first[0::2] == first[1::2] and set(first) == {1.0, 2.0, 3.0}
+    assert first[0::2] == [float(draw_train_iters(1337, step, 1, 3)) for step in range(12)]
     with torch.no_grad():
         method.eval()
-        assert method(x, x)[1]["jacobi_iters"] == 3.0  # eval_iters; the counter does not move
+        method(x[:, :-1], x[:, 1:], nll=True)
+        assert method.pop_eval_metrics()["jacobi_iters"] == 3  # eval_iters
         method.train()
-    assert int(method.calls) == 24
+        assert method(x, x)[1]["jacobi_iters"] == 3.0  # no iters= given: train_iters_max, nothing drawn
+    assert "calls" not in method.state_dict()
     state = {k: v.clone() for k, v in method.state_dict().items()}
-    later = draws(method, 8)
+    later = draws(method, range(12, 16))
     resumed = tiny_ponder("gpt2", 1, *over, seed=1).train()
-    draws(resumed, 3)  # its host-side counter is now 3; loading a state dict must reset it
+    draws(resumed, range(3))  # earlier draws leave nothing behind
     resumed.load_state_dict(state)
-    assert draws(resumed, 8) == later
+    assert draws(resumed, range(12, 16)) == later
     other_seed = tiny_ponder("gpt2", 1, *over, "--train.seed", "7").train()
-    assert draws(other_seed, 24) != first
+    assert draws(other_seed, range(12)) != first
 
 
 def test_loss_decreases_on_real_text_and_resume_is_exact(tiny_config, tmp_path):
@@ -148,8 +160,10 @@ def test_loss_decreases_on_real_text_and_resume_is_exact(tiny_config, tmp_path):
         run.data.seq_len = 16
         for i, stop in enumerate(stops):
             train(run, resume=i > 0, stop_after=stop)
-        losses[name] = [(r["loss"], r["jacobi_iters"])
-                        for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r]
+        records = [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r]
+        # n of each step is the (seed, step) draw (a record's step counts the steps done after it)
+        assert all(r["jacobi_iters"] == draw_train_iters(run.train.seed, r["step"] - 1, 2, 3) for r in records)
+        losses[name] = [(r["loss"], r["jacobi_iters"]) for r in records]
     assert losses["full"] == losses["part"] and len(losses["full"]) == 6
 
 
@@ -228,7 +242,8 @@ def test_flops_formula_matches_counted_passes(arch, k):
 
 
 @pytest.mark.parametrize("override, message", [
-    (["--ponder.thoughts", "0"], "ponder.thoughts=0 must be positive"),
+    (["--ponder.n_thoughts", "0"], "ponder.n_thoughts=0 must be positive and finite"),
+    (["--ponder.thoughts", "2"], "config key ponder.thoughts moved to ponder.n_thoughts / pause.n_pauses"),
     (["--ponder.train_iters_min", "3", "--ponder.train_iters_max", "2"], "ponder.train_iters_max=2 is below"),
     (["--ponder.eval_mode", "fast"], "ponder.eval_mode='fast' has the wrong type"),
 ])

@@ -35,6 +35,7 @@ TEACHER_LAYER = "5"
 @pytest.fixture
 def one_teacher(monkeypatch):
     """Load SmolLM2 once for all commands (each load dequantizes the GGUF: ~10 s); it is frozen."""
+    import latentlm.cli
     import latentlm.concepts.labels
     import latentlm.concepts.teacher
 
@@ -49,6 +50,7 @@ def one_teacher(monkeypatch):
 
     monkeypatch.setattr(latentlm.concepts.teacher, "load_teacher", load_teacher)
     monkeypatch.setattr(latentlm.concepts.labels, "load_teacher", load_teacher)
+    monkeypatch.setattr(latentlm.cli, "load_teacher", load_teacher)  # `sae train`, `concepts label`
     return loaded
 
 
@@ -97,8 +99,8 @@ def test_smollm2_prepare_sae_labels_student(tmp_path, capsys, one_teacher):
     capsys.readouterr()
     assert main(["train", "--model.vocab_size", str(SMOLLM2_VOCAB), "--model.n_layer", "2", "--model.n_embd", "64",
                  "--model.n_head", "4", "--model.block_size", "32", "--data.path", str(data),
-                 "--train.out_dir", str(student), "--train.method", "cocomix", "--cocomix.teacher", "smollm2",
-                 "--cocomix.sae", str(sae), "--cocomix.labels", str(labels), "--cocomix.teacher_layer", TEACHER_LAYER,
+                 "--train.out_dir", str(student), "--train.method", "cocomix", "--teacher.path", "smollm2",
+                 "--concepts.sae", str(sae), "--concepts.labels", str(labels), "--concepts.layer", TEACHER_LAYER,
                  "--cocomix.insert_layer", "1", "--train.max_steps", "3", "--train.batch_size", "2",
                  "--data.verify", "size", "--train.progress", "false", "--train.eval_batches", "1"]) == 0
     assert any("concept_loss" in r for r in read_metrics(student / "metrics.jsonl"))

@@ -97,7 +97,8 @@ def test_latentlm_grad_matches_finite_differences(arch, monkeypatch):
 
 
 def test_load_teacher_from_run_directory(tiny_config):
-    from latentlm.train.checkpoint import latest_checkpoint, load_method
+    from latentlm.loading import load_method
+    from latentlm.train.checkpoint import latest_checkpoint
     from latentlm.train.trainer import train
 
     cfg = tiny_config(max_steps=1, eval_batches=1)

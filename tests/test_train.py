@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from latentlm.errors import LatentLMError
+from latentlm.loading import load_method
 from latentlm.methods.ntp import NTP
 from latentlm.train import checkpoint as ckpt_io
 from latentlm.train.metrics import read_metrics
@@ -114,7 +115,7 @@ def test_checkpoint_integrity_checks(tiny_config, tmp_path):
     cfg = tiny_config(max_steps=2, ckpt_every=1)
     train(cfg)
     ck = ckpt_io.latest_checkpoint(cfg.train.out_dir)
-    method, loaded_cfg, manifest = ckpt_io.load_method(cfg.train.out_dir)
+    method, loaded_cfg, manifest = load_method(cfg.train.out_dir)
     assert manifest["step"] == 2 and loaded_cfg == cfg and manifest["tokenizer"]["name"] == "byte"
     # a half-written checkpoint (no manifest) is never picked up
     (ck.parent / ".step_00000003.tmp-1").mkdir()
@@ -125,14 +126,14 @@ def test_checkpoint_integrity_checks(tiny_config, tmp_path):
     data[-1] ^= 0xFF
     (ck / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(LatentLMError, match="does not match its manifest"):
-        ckpt_io.load_method(ck)
+        load_method(ck)
     data[-1] ^= 0xFF
     (ck / "model.safetensors").write_bytes(bytes(data))
     (ck / "optimizer.pt").unlink()
     with pytest.raises(LatentLMError, match="optimizer.pt is missing"):
-        ckpt_io.load_method(ck)
+        load_method(ck)
     with pytest.raises(LatentLMError, match="no checkpoint found"):
-        ckpt_io.load_method(tmp_path / "nowhere")
+        load_method(tmp_path / "nowhere")
 
 
 def test_data_vocab_mismatch_fails_before_training(tiny_config):
@@ -163,7 +164,7 @@ def test_mfu_logged_when_peak_known(tiny_config):
     cfg = tiny_config(max_steps=3, peak_flops=1e12)
     train(cfg)
     rec = [r for r in read_metrics(f"{cfg.train.out_dir}/metrics.jsonl") if "tok_per_s" in r][-1]
-    assert rec["flops_per_token"] == NTP.train_flops_per_token(ckpt_io.load_method(cfg.train.out_dir)[0], 64)
+    assert rec["flops_per_token"] == NTP.train_flops_per_token(load_method(cfg.train.out_dir)[0], 64)
     assert rec["mfu"] == pytest.approx(rec["flops_per_token"] * rec["tok_per_s"] / 1e12)
     cfg2 = tiny_config(max_steps=1, out_dir=cfg.train.out_dir + "2")
     train(cfg2)  # on CPU the peak is unknown: no MFU rather than a made-up one

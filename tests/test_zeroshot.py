@@ -23,7 +23,7 @@ from latentlm.eval.zeroshot import (evaluate_tasks, format_table, lambada_metric
                                     resolve_max_len, score_requests)
 from latentlm.methods import build_method
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, k_override
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,7 +55,8 @@ def tiny(method: str = "ntp", *extra: str, block_size: int = 32, seed: int = 0):
     cfg = make_config(overrides=["--train.method", method, "--model.n_layer", "2", "--model.n_embd", "32",
                                  "--model.n_head", "2", "--model.block_size", str(block_size),
                                  "--model.vocab_size", str(VOCAB), "--model.init_std", "0.1",
-                                 "--cocomix.insert_layer", "1", "--cocomix.n_concepts", "16",
+                                 "--cocomix.insert_layer", "1", "--pause_insert.insert_layer", "1",
+                                 "--cocomix.n_concepts", "16",
                                  "--cocomix.k_concepts", "2", *extra])
     return build_method(cfg).eval()
 
@@ -153,7 +154,7 @@ METHODS = [("ntp",), ("ponder",), ("ponder", "exact"), ("pause",), ("loop",), ("
 
 @pytest.mark.parametrize("spec", METHODS, ids=["-".join(s) for s in METHODS])
 def test_right_padding_leaves_every_methods_scores_unchanged(spec):
-    method = tiny(spec[0], "--ponder.thoughts", "2")
+    method = tiny(spec[0], *k_override(spec[0], 2))
     if len(spec) > 1:
         method.set_eval_mode(spec[1])
     g = torch.Generator().manual_seed(3)
@@ -245,7 +246,7 @@ def ponder_run(byte_wiki, tmp_path_factory):
 
 @needs_data
 def test_cli_eval_tasks_end_to_end(ponder_run, capsys):
-    from latentlm.train.checkpoint import checkpoint_tokenizer, load_method
+    from latentlm.loading import checkpoint_tokenizer, load_method
 
     capsys.readouterr()
     assert main(["eval", str(ponder_run), "--tasks", "piqa,lambada", "--limit", "4", "--mode", "all",

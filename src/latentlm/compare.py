@@ -20,15 +20,29 @@ from typing import Any
 
 import yaml
 
+from latentlm.concepts.labels import build_label_cache
+from latentlm.concepts.sae import load_sae, train_sae_on_teacher
+from latentlm.concepts.teacher import load_teacher
+from latentlm.config import make_config
+from latentlm.data.loader import TokenSplit
+from latentlm.data.prepare import load_manifest, prepare
+from latentlm.data.sources import iter_documents
+from latentlm.data.tokenizers import load_tokenizer, train_bpe
 from latentlm.errors import LatentLMError
+from latentlm.eval.perplexity import evaluate_tokens
+from latentlm.eval.zeroshot import evaluate_tasks
 from latentlm.fileio import write_json_atomic
+from latentlm.loading import checkpoint_tokenizer, load_method
+from latentlm.methods import BASELINE, flops_report, method_class, section_types
+from latentlm.report import run_summary, write_report
+from latentlm.train.checkpoint import latest_checkpoint
+from latentlm.train.trainer import train
 
 TOP_KEYS = {"name", "out_dir", "data", "base", "budget", "teacher", "sae", "labels", "eval", "runs"}
 DATA_KEYS = {"path", "source", "tokenizer", "tokenizer_path", "vocab_size", "val_fraction", "limit"}
 SAE_KEYS = {"layer", "latents", "k", "steps", "lr", "batch_tokens", "eval_tokens"}
 EVAL_KEYS = {"tokens", "points", "tasks", "limit", "batch_size"}
 RUN_KEYS = {"method", "config", "overrides"}
-TEACHER_METHODS = {"cocomix", "kd", "kd_pause"}
 
 
 def _check_keys(where: str, d: Any, allowed: set[str]) -> dict:
@@ -67,7 +81,8 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
         _check_keys(f"runs.{name}", run, RUN_KEYS)
         if "method" not in run:
             raise LatentLMError(f"runs.{name} needs a method")
-    _check_keys("base", exp.get("base") or {}, {"model", "data", "train", "ponder", "cocomix"})
+        method_class(run["method"])  # an unknown method fails here, before any work
+    _check_keys("base", exp.get("base") or {}, {"model", "data", "train", *section_types()})
     _check_keys("eval", exp.get("eval") or {}, EVAL_KEYS)
     if exp.get("sae") is not None:
         _check_keys("sae", exp["sae"], SAE_KEYS)
@@ -87,7 +102,7 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 # Not part of what a run computes (progress bars), or filled in by the method from its SAE (0 = "from the SAE").
 IGNORED = {"train.progress"}
-FILLED_IN = {"cocomix.n_concepts", "cocomix.k_concepts"}
+FILLED_IN = {"cocomix.n_concepts", "cocomix.k_concepts"}  # resolved from the SAE by Cocomix.resolve_config
 
 
 def config_mismatch(saved: dict, wanted: dict) -> str | None:
@@ -124,10 +139,6 @@ class Comparison:
 
     def data(self) -> Path:
         """The prepared data: given, or tokenized here (a BPE tokenizer trained on the corpus if asked)."""
-        from latentlm.data.prepare import load_manifest, prepare
-        from latentlm.data.sources import iter_documents
-        from latentlm.data.tokenizers import load_tokenizer, train_bpe
-
         d = self.exp["data"]
         if "path" in d:
             load_manifest(d["path"])  # fails early with the reason if it is not prepared data
@@ -150,26 +161,21 @@ class Comparison:
         return out
 
     def config(self, overrides: dict, config_file: str | None = None):
-        from latentlm.config import make_config
-
         return make_config(config_file, overrides, base=copy.deepcopy(self.exp.get("base") or {}))
 
     def teacher(self, data: Path) -> str | None:
-        """The teacher of CoCoMix/KD runs: given, or a plain NTP run trained here on the base config."""
+        """The teacher of the runs that need one: given, or a baseline run trained here on the base config."""
         t = self.exp.get("teacher")
         if t is None:
             return None
         if "path" in t:
             return t["path"]
         cfg = self.config(_merge(t.get("overrides") or {}, {"data": {"path": str(data)}, "train": {
-            "method": "ntp", "out_dir": str(self.out / "teacher"), "progress": self.progress}}))
+            "method": BASELINE, "out_dir": str(self.out / "teacher"), "progress": self.progress}}))
         self._train(cfg, "teacher")
         return cfg.train.out_dir
 
     def sae(self, teacher: str, data: Path, seq_len: int) -> str | None:
-        from latentlm.concepts.sae import load_sae, train_sae_on_teacher
-        from latentlm.concepts.teacher import load_teacher
-
         s = self.exp.get("sae")
         if s is None:
             return None
@@ -188,16 +194,12 @@ class Comparison:
         return str(path)
 
     def labels(self, teacher: str, sae: str, data: Path, cfg) -> str:
-        from latentlm.concepts.labels import build_label_cache
-        from latentlm.concepts.sae import load_sae
-        from latentlm.concepts.teacher import load_teacher
-
         out = self.out / "labels"
         if (out / "manifest.json").is_file():
             return str(out)
-        c = cfg.cocomix
+        c = cfg.concepts
         self.log(f"labelling every training window with {teacher} + its SAE -> {out}")
-        build_label_cache(data, load_teacher(teacher), load_sae(sae), out, seq_len=cfg.seq_len, layer=c.teacher_layer,
+        build_label_cache(data, load_teacher(teacher), load_sae(sae), out, seq_len=cfg.seq_len, layer=c.layer,
                           k_attr=c.k_attr, acts=c.acts, select=c.select, batch_size=cfg.train.batch_size,
                           progress=self.progress)
         return str(out)
@@ -205,9 +207,6 @@ class Comparison:
     # --- runs ----------------------------------------------------------------------------------
 
     def _train(self, cfg, name: str) -> dict:
-        from latentlm.train.checkpoint import latest_checkpoint
-        from latentlm.train.trainer import train
-
         run = Path(cfg.train.out_dir)
         if (run / "config.yaml").is_file():
             differs = config_mismatch(yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")), cfg.to_dict())
@@ -224,15 +223,16 @@ class Comparison:
     def run_config(self, name: str, run: dict, data: Path, shared: dict[str, Any]):
         """The run's config: base <- run config file <- run overrides, then the experiment's data,
         run directory, the shared artifacts (unless the run sets them) and the budget's step count."""
-        from latentlm.methods import flops_report
-
         over = _merge(run.get("overrides") or {}, {"data": {"path": str(data)}, "train": {
             "method": run["method"], "out_dir": str(self.out / "runs" / name), "progress": self.progress}})
-        if run["method"] in TEACHER_METHODS:
-            mine = over.setdefault("cocomix", {})
-            for key in ("teacher", "sae", "teacher_layer", "labels"):
-                if key in shared and key not in mine and (key not in ("sae", "labels") or run["method"] == "cocomix"):
-                    mine[key] = shared[key]
+        cls = method_class(run["method"])
+        # The shared artifacts go to the sections the method declares, unless the run sets them.
+        wanted = {"teacher": cls.needs_teacher, "concepts": cls.needs_concept_labels}
+        for section, values in shared.items():
+            if wanted.get(section):
+                mine = over.setdefault(section, {})
+                for key, value in values.items():
+                    mine.setdefault(key, value)
         cfg = self.config(over, run.get("config"))
         tc = cfg.train
         tokens_per_step = tc.batch_size * cfg.seq_len * tc.grad_accum
@@ -250,30 +250,27 @@ class Comparison:
         tc.warmup_steps = min(tc.warmup_steps, tc.max_steps // 2)
         return cfg
 
-    def shared_artifacts(self, data: Path) -> dict[str, Any]:
-        """The teacher, SAE (and its layer) and label cache shared by the CoCoMix / KD runs, built or
-        reused; empty when no run needs a teacher or the experiment names none."""
+    def shared_artifacts(self, data: Path) -> dict[str, dict[str, Any]]:
+        """The teacher, SAE (and its layer) and label cache shared by the runs whose methods need a
+        teacher or concept labels, built or reused, as config sections (``teacher:``, ``concepts:``);
+        empty when no run needs a teacher or the experiment names none."""
         runs = self.exp["runs"]
-        teacher = self.teacher(data) if any(r["method"] in TEACHER_METHODS for r in runs.values()) else None
+        teacher = self.teacher(data) if any(method_class(r["method"]).needs_teacher for r in runs.values()) else None
         if not teacher:
             return {}
-        shared: dict[str, Any] = {"teacher": teacher}
+        shared: dict[str, dict[str, Any]] = {"teacher": {"path": teacher}}
         sae = self.sae(teacher, data, self.config({"data": {"path": str(data)}}).seq_len)
         if not sae:
             return shared
-        shared.update(sae=sae, teacher_layer=self.exp["sae"]["layer"])
-        cocomix = next(((n, r) for n, r in runs.items() if r["method"] == "cocomix"), None)
-        if self.exp.get("labels", True) and cocomix:
-            # The cache must match the CoCoMix runs' windows and label settings: take them from one.
-            shared["labels"] = self.labels(teacher, sae, data, self.run_config(*cocomix, data, shared))
+        shared["concepts"] = {"sae": sae, "layer": self.exp["sae"]["layer"]}
+        labelled = next(((n, r) for n, r in runs.items() if method_class(r["method"]).needs_concept_labels), None)
+        if self.exp.get("labels", True) and labelled:
+            # The cache must match the labelled runs' windows and label settings: take them from one.
+            shared["concepts"]["labels"] = self.labels(teacher, sae, data, self.run_config(*labelled, data, shared))
         return shared
 
     def evaluate(self, name: str, cfg) -> dict[str, Any]:
         """Held-out loss/ppl/bpb on the same tokens for every run, and the zero-shot tasks."""
-        from latentlm.data.loader import TokenSplit
-        from latentlm.eval.perplexity import evaluate_tokens
-        from latentlm.train.checkpoint import checkpoint_tokenizer, load_method
-
         path = Path(cfg.train.out_dir) / "compare_eval.json"
         if path.is_file():
             return json.loads(path.read_text())
@@ -286,8 +283,6 @@ class Comparison:
                             progress=self.progress)
         out: dict[str, Any] = {"val": r, "zeroshot": {}}
         if self.eval["tasks"]:
-            from latentlm.eval.zeroshot import evaluate_tasks
-
             out["zeroshot"] = evaluate_tasks(method, tokenizer, list(self.eval["tasks"]), limit=self.eval["limit"],
                                              batch_size=self.eval["batch_size"], progress=self.progress)
         out["eval_seconds"] = time.perf_counter() - t0
@@ -297,9 +292,6 @@ class Comparison:
 
 def run_compare(path: str | Path, *, progress: bool = True) -> Path:
     """Run (or resume) the experiment in ``path``; return the path of its report.md."""
-    from latentlm.methods import flops_report
-    from latentlm.report import run_summary, write_report
-
     exp = load_experiment(path)
     c = Comparison(exp, progress)
     c.out.mkdir(parents=True, exist_ok=True)

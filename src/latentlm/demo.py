@@ -21,8 +21,12 @@ from pathlib import Path
 
 import yaml
 
+from latentlm.compare import run_compare
 from latentlm.errors import LatentLMError
+from latentlm.eval.tasks import data_root
 from latentlm.fileio import write_json_atomic, write_text_atomic
+from latentlm.generate import generate
+from latentlm.loading import checkpoint_tokenizer, load_method
 
 # Sized for about a quarter of an hour on 2 CPU cores (measured: docs/RESULTS.md). The students share
 # one core: llama-style (RoPE, RMSNorm, SwiGLU, untied) with PonderLM-2's embedding scale sqrt(2.5 d),
@@ -52,16 +56,10 @@ PROMPT = "The history of science"
 
 
 def run_demo(out: str | Path = "runs/demo") -> dict:
-    from latentlm.compare import run_compare
-    from latentlm.generate import generate
-    from latentlm.train.checkpoint import checkpoint_tokenizer, load_method
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     exp = dict(DEMO_EXPERIMENT, out_dir=str(out))
     try:
-        from latentlm.eval.tasks import data_root
-
         data_root()
     except LatentLMError as e:  # the demo still runs; the report says why there is no zero-shot table
         print(f"note: skipping zero-shot tasks: {e}", flush=True)

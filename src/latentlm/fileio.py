@@ -1,8 +1,13 @@
-"""Small file helpers every artifact writer shares: checksums and crash-safe writes.
+"""The artifact layer every writer and reader shares: checksums, crash-safe writes and manifests.
 
 Token shards, checkpoints and other artifacts feed long runs, so a crash or Ctrl-C while
 writing must never leave something that looks complete. Everything here writes to a temporary
-sibling and renames it into place, which is atomic on POSIX file systems.
+sibling and renames it into place, which is atomic on POSIX file systems: a directory artifact
+is filled inside :func:`publishing`, a single file inside :func:`atomic_file`.
+
+Every artifact describes itself in one JSON manifest with the same header, ``kind`` (what it
+is), ``format_version`` (its layout) and ``latentlm_version`` (who wrote it), declared once per
+kind as a :class:`ManifestFormat` that writes it and reads it back with one-line errors.
 """
 
 from __future__ import annotations
@@ -16,13 +21,16 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import latentlm
 from latentlm.errors import LatentLMError
 
 LOCK_FILE = ".lock"
 DELAY_ENV = "LATENTLM_TEST_WRITE_DELAY"
+MANIFEST_FILE = "manifest.json"
 
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
@@ -49,24 +57,108 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` so readers (and a crash) see either the old or the new file."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a scratch path beside the file ``path`` to write; when the block succeeds it is flushed
+    to disk and renamed over ``path`` (readers, and a crash, see the old or the new file), and on
+    any exception it is deleted."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_sibling(path, hidden=True)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` so readers (and a crash) see either the old or the new file."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` so readers see either the old or the new file."""
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json_object(path: str | Path, hint: str) -> dict[str, Any]:
+    """The JSON object in the file ``path``; a one-line :class:`LatentLMError` ending in ``hint`` (what
+    to do about it) if it is not valid UTF-8 JSON or not an object."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LatentLMError(f"{path} is not valid JSON ({e}); {hint}") from None
+    if not isinstance(obj, dict):
+        raise LatentLMError(f"{path} holds a JSON {type(obj).__name__}, not an object; {hint}")
+    return obj
+
+
+_HEADER = ("kind", "format_version", "latentlm_version")
+
+
+@dataclass(frozen=True)
+class ManifestFormat:
+    """One kind of artifact's manifest: its ``kind``, the ``format_version`` this latentlm writes and
+    reads, and the words of its one-line errors.
+
+    ``what`` names the artifact in messages ("prepared data"); ``rebuild`` says how to make one this
+    latentlm reads ("re-run `latentlm prepare`"; ``{dir}`` in it, its only braces, stands for the
+    artifact's directory).
+    ``name`` is the manifest's file in that directory: ``manifest.json``, or a single-file artifact's
+    own file (``contexts.json``). Manifests of older writers are read through
+    ``legacy_version_key`` (their name for ``format_version``) and ``legacy_kindless`` (they wrote
+    no ``kind``)."""
+
+    kind: str
+    version: int
+    what: str
+    rebuild: str
+    name: str = MANIFEST_FILE
+    legacy_version_key: str | None = None
+    legacy_kindless: bool = False
+
+    def stamp(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``body`` under this format's header (``kind``, ``format_version``, ``latentlm_version``),
+        which replaces any header keys ``body`` carries."""
+        return {"kind": self.kind, "format_version": self.version, "latentlm_version": latentlm.__version__,
+                **{k: v for k, v in body.items() if k not in _HEADER}}
+
+    def rebuild_hint(self, directory: str | Path) -> str:
+        """How to make the artifact at ``directory`` again, for messages."""
+        return self.rebuild.format(dir=directory)
+
+    def write(self, directory: str | Path, body: dict[str, Any]) -> dict[str, Any]:
+        """Write ``stamp(body)`` atomically as ``directory/name``; return it."""
+        manifest = self.stamp(body)
+        write_json_atomic(Path(directory) / self.name, manifest)
+        return manifest
+
+    def read(self, directory: str | Path) -> dict[str, Any]:
+        """The manifest of the artifact in ``directory``, after checking its kind and format version
+        (a legacy manifest comes back with ``kind`` and ``format_version`` filled in)."""
+        directory = Path(directory)
+        path, rebuild = directory / self.name, self.rebuild_hint(directory)
+        if not path.is_file():
+            raise LatentLMError(f"{directory} is not {self.what} (no {self.name}); {rebuild}")
+        manifest = read_json_object(path, rebuild)
+        old = self.legacy_version_key
+        if old is not None and old in manifest and "format_version" not in manifest:
+            manifest["format_version"] = manifest.pop(old)
+        if self.legacy_kindless:
+            manifest.setdefault("kind", self.kind)
+        if manifest.get("kind") != self.kind:
+            raise LatentLMError(f"{path} is not {self.what}: its kind is {manifest.get('kind')!r}, not "
+                                f"{self.kind!r}; {rebuild}")
+        version = manifest.get("format_version")
+        if type(version) is not int or version != self.version:
+            writer = manifest.get("latentlm_version")
+            by = f" (written by latentlm {writer})" if isinstance(writer, str) else ""
+            raise LatentLMError(f"{path} has format version {version}{by}, but this latentlm reads {self.what} "
+                                f"of format version {self.version}; {rebuild}")
+        return manifest
 
 
 def write_delay() -> None:
@@ -77,22 +169,54 @@ def write_delay() -> None:
         time.sleep(float(delay))
 
 
-def temp_sibling(path: str | Path, tag: str = "tmp") -> Path:
-    """Return ``<path>.<tag>-<pid>``: a scratch path on the same file system, so renames are atomic."""
+def temp_sibling(path: str | Path, tag: str = "tmp", hidden: bool = False) -> Path:
+    """Return ``<path>.<tag>-<pid>`` (``.<name>.<tag>-<pid>`` if ``hidden``): a scratch path on the
+    same file system, so renames are atomic."""
     path = Path(os.path.abspath(path))
-    return path.with_name(f"{path.name}.{tag}-{os.getpid()}")
+    return path.with_name(f"{'.' if hidden else ''}{path.name}.{tag}-{os.getpid()}")
 
 
-def scratch_dir(out: str | Path) -> Path:
-    """An empty scratch directory beside ``out`` (its final place), after clearing the leftovers
-    of killed writers: fill it, then :func:`publish_dir` it."""
-    out = Path(os.path.abspath(out))
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def publishing(out: str | Path, *, replace: bool | str = False,
+               refusal: str = "already exists and is not empty; remove it or choose another path",
+               hidden: bool = False, stale: str | None = None) -> Iterator[Path]:
+    """Yield an empty scratch directory beside the directory artifact ``out`` to fill; when the block
+    succeeds it is published as ``out`` (:func:`publish_dir`), and on any exception (Ctrl-C
+    included) it is removed, so ``out`` is either the old artifact or the complete new one.
+
+    ``out`` may be absent or an empty directory. Anything else there is replaced only if
+    ``replace`` is True or names a file it holds (the manifest of an earlier artifact of the same
+    kind); otherwise a one-line :class:`LatentLMError` "``<out> <refusal>``" is raised before
+    anything is written. The scratch directory is ``<out>.tmp-<pid>`` (``.<name>.tmp-<pid>`` if
+    ``hidden``). Leftovers of killed writers are cleared first: the siblings matching the glob
+    ``stale`` when the caller knows no live writer owns them (e.g. under a run lock), else those
+    :func:`remove_stale_temps` finds."""
+    given, out = out, Path(os.path.abspath(out))
+    taken = out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir())))
+    if taken and not (replace is True or (isinstance(replace, str) and (out / replace).is_file())):
+        raise LatentLMError(f"{given} {refusal}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
-    tmp = temp_sibling(out)
-    shutil.rmtree(tmp, ignore_errors=True)
+    if stale is None:
+        remove_stale_temps(out)
+    else:
+        for leftover in out.parent.glob(stale):
+            _remove(leftover)
+    tmp = temp_sibling(out, hidden=hidden)
+    _remove(tmp)
     tmp.mkdir()
-    return tmp
+    try:
+        yield tmp
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _pid_alive(pid: int) -> bool:
@@ -106,23 +230,19 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temps(path: str | Path) -> None:
-    """Delete the ``<path>.tmp-<pid>`` / ``.old-<pid>`` leftovers of writers that were killed.
+    """Delete the ``<path>.tmp-<pid>`` / ``.old-<pid>`` leftovers (hidden ones too) of writers that were killed.
 
     Only siblings whose process no longer exists on this machine are removed, so a live writer's
     scratch directory is never touched (a writer on another host of a shared file system with an
     unused pid here would be; two hosts writing one output is unsupported anyway)."""
     path = Path(os.path.abspath(path))
-    pattern = re.compile(rf"^{re.escape(path.name)}\.(?:tmp|old)-(\d+)$")
+    pattern = re.compile(rf"^\.?{re.escape(path.name)}\.(?:tmp|old)-(\d+)$")
     if not path.parent.is_dir():
         return
     for p in path.parent.iterdir():
         m = pattern.match(p.name)
-        if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
-            continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            _remove(p)
 
 
 @contextlib.contextmanager
@@ -210,7 +330,4 @@ def publish_dir(tmp_dir: str | Path, out_dir: str | Path) -> None:
         os.replace(old, out_dir)
         raise
     fsync_dir(out_dir.parent)
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)
+    _remove(old)

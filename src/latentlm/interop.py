@@ -6,267 +6,35 @@ names and layouts are fixed here. Import reads a local Hugging Face directory (s
 ``pytorch_model.bin`` through ``torch.load(weights_only=True)``) into a regular latentlm
 checkpoint that ``eval``, ``generate``, teachers and ``train.init_from`` load.
 
-Layout facts the mapping relies on (docs/INTEROP.md):
-
-* GPT-2's ``Conv1D`` stores ``[in, out]``: every projection is transposed, and q, k, v are one
-  ``c_attn`` matrix concatenated along the output dimension.
-* Our RoPE pairs dimension ``i`` with ``i + head_dim/2`` (rotate-half), which is the layout of
-  Hugging Face Llama weights, so q/k projections are copied without permutation.
-* The vocabulary is the tokenizer's: padded rows (``vocab_multiple``) are dropped on export and
-  zero-filled on import; they are never scored, so logits over real tokens are identical.
-* ``embed_scale`` folds into untied input embeddings (exact); tied ones cannot carry it.
+The tensor mapping itself is :mod:`latentlm.model.hf`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-import latentlm
-from latentlm.config import Config, ModelConfig, save_yaml
+from latentlm.config import Config
+from latentlm.model.config import ModelConfig
+from latentlm.model.hf import HF_CLASSES, from_hf, to_hf
 from latentlm.data.tokenizers import EOT_TEXT, TOKENIZER_NAMES, Tokenizer, _gpt2_byte_to_unicode, load_tokenizer
 from latentlm.errors import LatentLMError
-from latentlm.fileio import fsync_file, publish_dir, sha256_file, temp_sibling, write_json_atomic
+from latentlm.fileio import fsync_file, publishing, read_json_object, write_json_atomic
 
-# Methods whose checkpoint is a plain next-token model at inference (KD only changes the loss).
-PLAIN_METHODS = ("ntp", "kd")
-HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                       "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 TOKENIZER_DIR = "tokenizer"  # where an imported checkpoint keeps a Hugging Face tokenizer
 
 
-# --- tensor mapping ---------------------------------------------------------------------------
-
-
-def hf_family(cfg: ModelConfig) -> str:
-    """``gpt2`` or ``llama``: the Hugging Face class that represents ``cfg`` exactly, or a one-line error."""
-    c = cfg.resolved()
-    family = "gpt2" if c.pos == "learned" else "llama"
-    need = {"gpt2": {"norm": "layernorm", "mlp": "gelu"}, "llama": {"norm": "rmsnorm", "mlp": "swiglu"}}[family]
-    for key, want in need.items():
-        if getattr(c, key) != want:
-            raise LatentLMError(f"model.{key}={getattr(c, key)} with model.pos={c.pos} has no Hugging Face "
-                                f"counterpart ({HF_CLASSES[family]} needs model.{key}={want})")
-    if family == "gpt2" and c.n_kv_head != c.n_head:
-        raise LatentLMError(f"model.n_kv_head={c.n_kv_head} (grouped-query attention) has no {HF_CLASSES['gpt2']} "
-                            "counterpart; only the llama preset exports with n_kv_head < n_head")
-    if c.embed_scale != 1.0 and c.tie_embeddings:
-        raise LatentLMError(f"model.embed_scale={c.embed_scale} with tied embeddings has no Hugging Face "
-                            "counterpart (the scale folds into untied input embeddings only)")
-    return family
-
-
-def to_hf(cfg: ModelConfig, core: dict[str, torch.Tensor], eot_id: int | None = None
-          ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(config.json dict, tensors)`` of the Hugging Face model equal to our core ``cfg`` with
-    weights ``core`` (keys of :class:`~latentlm.model.transformer.Transformer`)."""
-    family = hf_family(cfg)
-    c = cfg.resolved()
-    V, d = c.vocab_size, c.n_embd
-    wte = core["wte.weight"][:V] * c.embed_scale if c.embed_scale != 1.0 else core["wte.weight"][:V]
-
-    def bias(key: str, n: int) -> torch.Tensor:
-        """GPT-2 always has biases: a core without them exports exact zeros."""
-        return core[key] if key in core else torch.zeros(n, dtype=wte.dtype)
-
-    out: dict[str, torch.Tensor] = {}
-    common = {"architectures": [HF_CLASSES[family]], "model_type": family, "vocab_size": V,
-              "tie_word_embeddings": bool(c.tie_embeddings), "torch_dtype": str(wte.dtype).removeprefix("torch."),
-              "bos_token_id": eot_id, "eos_token_id": eot_id, "initializer_range": c.init_std}
-    if family == "gpt2":
-        out["transformer.wte.weight"] = wte
-        out["transformer.wpe.weight"] = core["wpe.weight"]
-        for i in range(c.n_layer):
-            s, h = f"blocks.{i}.", f"transformer.h.{i}."
-            for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
-                out[h + theirs + ".weight"] = core[s + ours + ".weight"]
-                out[h + theirs + ".bias"] = bias(s + ours + ".bias", d)
-            qkv = [s + f"attn.{p}_proj" for p in "qkv"]
-            out[h + "attn.c_attn.weight"] = torch.cat([core[k + ".weight"] for k in qkv]).t()
-            out[h + "attn.c_attn.bias"] = torch.cat([bias(k + ".bias", d) for k in qkv])
-            for ours, theirs, n in (("attn.o_proj", "attn.c_proj", d), ("mlp.up", "mlp.c_fc", c.ffn_hidden),
-                                    ("mlp.down", "mlp.c_proj", d)):
-                out[h + theirs + ".weight"] = core[s + ours + ".weight"].t()
-                out[h + theirs + ".bias"] = bias(s + ours + ".bias", n)
-        out["transformer.ln_f.weight"] = core["norm_f.weight"]
-        out["transformer.ln_f.bias"] = bias("norm_f.bias", d)
-        config = {**common, "n_positions": c.block_size, "n_embd": d, "n_layer": c.n_layer, "n_head": c.n_head,
-                  "n_inner": c.ffn_hidden, "activation_function": "gelu_new", "layer_norm_epsilon": c.norm_eps,
-                  "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
-                  "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-                  "reorder_and_upcast_attn": False}
-    else:
-        out["model.embed_tokens.weight"] = wte
-        for i in range(c.n_layer):
-            s, h = f"blocks.{i}.", f"model.layers.{i}."
-            names = [(f"attn.{p}_proj", f"self_attn.{p}_proj") for p in "qkvo"]
-            names += [("mlp.gate", "mlp.gate_proj"), ("mlp.up", "mlp.up_proj"), ("mlp.down", "mlp.down_proj"),
-                      ("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm")]
-            for ours, theirs in names:
-                for kind in ("weight", "bias"):
-                    if f"{s}{ours}.{kind}" in core:
-                        out[f"{h}{theirs}.{kind}"] = core[f"{s}{ours}.{kind}"]
-        out["model.norm.weight"] = core["norm_f.weight"]
-        config = {**common, "hidden_size": d, "intermediate_size": c.ffn_hidden, "num_hidden_layers": c.n_layer,
-                  "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head, "head_dim": d // c.n_head,
-                  "hidden_act": "silu", "max_position_embeddings": c.block_size, "rms_norm_eps": c.norm_eps,
-                  # rope_theta for transformers 4.x, rope_parameters for 5.x
-                  "rope_theta": c.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-                  "rope_scaling": None, "attention_bias": bool(c.bias), "mlp_bias": bool(c.bias),
-                  "attention_dropout": c.dropout, "pretraining_tp": 1}
-    if not c.tie_embeddings:
-        out["lm_head.weight"] = core["lm_head.weight"][:V]
-    return config, {k: v.contiguous() for k, v in out.items()}
-
-
-def _get(config: dict[str, Any], key: str, default: Any = None) -> Any:
-    v = config.get(key, default)
-    return default if v is None else v
-
-
-def _refuse(path: Path, what: str) -> LatentLMError:
-    return LatentLMError(f"{path} uses {what}, which latentlm's core cannot represent exactly")
-
-
-def hf_model_config(hf: dict[str, Any]) -> ModelConfig:
-    """Our :class:`ModelConfig` for the shape in a Hugging Face ``config.json`` dict: GPT-2, or a
-    Llama-style decoder (Llama, Mistral, Qwen2, SmolLM2...), with exactly ``vocab_size`` head rows.
-    Enough for FLOP counting of any such teacher; :func:`from_hf` adds the checks for exact weights."""
-    kind = hf.get("model_type")
-    if kind == "gpt2":
-        d = int(hf["n_embd"])
-        return ModelConfig(arch="gpt2", vocab_size=int(hf["vocab_size"]), block_size=int(_get(hf, "n_positions", 1024)),
-                           n_layer=int(hf["n_layer"]), n_head=int(hf["n_head"]), n_embd=d,
-                           ffn_hidden=int(_get(hf, "n_inner", 4 * d)), norm_eps=float(_get(hf, "layer_norm_epsilon", 1e-5)),
-                           tie_embeddings=bool(_get(hf, "tie_word_embeddings", True)), vocab_multiple=1)
-    if all(k in hf for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")):
-        heads = int(hf["num_attention_heads"])
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        return ModelConfig(arch="llama", vocab_size=int(hf["vocab_size"]),
-                           block_size=int(_get(hf, "max_position_embeddings", 2048)),
-                           n_layer=int(hf["num_hidden_layers"]), n_head=heads,
-                           n_kv_head=int(_get(hf, "num_key_value_heads", heads)), n_embd=int(hf["hidden_size"]),
-                           ffn_hidden=int(hf["intermediate_size"]), norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)),
-                           rope_theta=float(rope.get("rope_theta", _get(hf, "rope_theta", 10000.0))),
-                           tie_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
-                           bias=bool(_get(hf, "attention_bias", False)), vocab_multiple=1)
-    raise LatentLMError(f"unsupported Hugging Face model_type {kind!r}: latentlm understands gpt2 and "
-                        "Llama-style decoders (hidden_size, intermediate_size, num_hidden_layers)")
-
-
-def from_hf(config: dict[str, Any], tensors: dict[str, torch.Tensor], vocab_size: int, path: Path
-            ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Our ``(ModelConfig, core weights)`` equal to a Hugging Face GPT-2 / Llama ``config`` and
-    ``tensors``; the vocabulary is cut to the tokenizer's ``vocab_size`` ids."""
-    family = config.get("model_type")
-    if family not in HF_CLASSES:
-        raise LatentLMError(f"{path}/config.json has model_type {family!r}; latentlm imports "
-                            f"{', '.join(f'{k} ({v})' for k, v in HF_CLASSES.items())}")
-    # Older GPT-2 files lack the "transformer." prefix and carry causal-mask buffers; Llama may carry inv_freq.
-    sd = {(k if family != "gpt2" or k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v.float()
-          for k, v in tensors.items() if not k.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))}
-    V_hf = int(config["vocab_size"])
-    if vocab_size > V_hf:
-        raise LatentLMError(f"the tokenizer has {vocab_size} ids but {path} has only {V_hf} embedding rows; "
-                            "use the tokenizer the model was trained with")
-    tied = bool(_get(config, "tie_word_embeddings", True))
-    core: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-
-    def take(key: str) -> torch.Tensor:
-        if key not in sd:
-            raise LatentLMError(f"{path} has no tensor {key}; the weights do not match its config.json")
-        used.add(key)
-        return sd[key]
-
-    if family == "gpt2":
-        d, n_layer, n_head = int(config["n_embd"]), int(config["n_layer"]), int(config["n_head"])
-        act = _get(config, "activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise _refuse(path, f"activation_function={act!r} (our GELU is the tanh approximation)")
-        if _get(config, "scale_attn_by_inverse_layer_idx", False) or not _get(config, "scale_attn_weights", True):
-            raise _refuse(path, "non-standard attention scaling")
-        core["wte.weight"] = take("transformer.wte.weight")
-        core["wpe.weight"] = take("transformer.wpe.weight")
-        for i in range(n_layer):
-            s, h = f"blocks.{i}.", f"transformer.h.{i}."
-            for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
-                for kind in (".weight", ".bias"):
-                    core[s + ours + kind] = take(h + theirs + kind)
-            for name, w in zip("qkv", take(h + "attn.c_attn.weight").t().split(d)):
-                core[s + f"attn.{name}_proj.weight"] = w
-            for name, b in zip("qkv", take(h + "attn.c_attn.bias").split(d)):
-                core[s + f"attn.{name}_proj.bias"] = b
-            for ours, theirs in (("attn.o_proj", "attn.c_proj"), ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")):
-                core[s + ours + ".weight"] = take(h + theirs + ".weight").t()
-                core[s + ours + ".bias"] = take(h + theirs + ".bias")
-        core["norm_f.weight"], core["norm_f.bias"] = take("transformer.ln_f.weight"), take("transformer.ln_f.bias")
-    else:
-        d, n_layer = int(config["hidden_size"]), int(config["num_hidden_layers"])
-        n_head = int(config["num_attention_heads"])
-        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise _refuse(path, f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r}")
-        if _get(config, "hidden_act", "silu") != "silu":
-            raise _refuse(path, f"hidden_act={config['hidden_act']!r} (our SwiGLU uses silu)")
-        if _get(config, "head_dim", d // n_head) != d // n_head:
-            raise _refuse(path, f"head_dim={config['head_dim']} != hidden_size / num_attention_heads")
-        bias = bool(_get(config, "attention_bias", False))
-        if bool(_get(config, "mlp_bias", False)) != bias:
-            raise _refuse(path, "attention_bias != mlp_bias (our model.bias covers both)")
-        core["wte.weight"] = take("model.embed_tokens.weight")
-        for i in range(n_layer):
-            s, h = f"blocks.{i}.", f"model.layers.{i}."
-            names = [(f"attn.{p}_proj", f"self_attn.{p}_proj", bias) for p in "qkvo"]
-            names += [(f"mlp.{p}", f"mlp.{p}_proj", bias) for p in ("gate", "up", "down")]
-            names += [("norm1", "input_layernorm", False), ("norm2", "post_attention_layernorm", False)]
-            for ours, theirs, has_bias in names:
-                core[s + ours + ".weight"] = take(h + theirs + ".weight")
-                if has_bias:
-                    core[s + ours + ".bias"] = take(h + theirs + ".bias")
-        core["norm_f.weight"] = take("model.norm.weight")
-    mc = dataclasses.replace(hf_model_config(config), vocab_size=vocab_size, vocab_multiple=ModelConfig.vocab_multiple,
-                             tie_embeddings=tied)
-    mc.validate()
-    if tied:
-        used.add("lm_head.weight")  # some files store the tied copy too
-    else:
-        core["lm_head.weight"] = take("lm_head.weight")
-    extra = sorted(set(sd) - used)
-    if extra:
-        raise LatentLMError(f"{path} has tensor {extra[0]} (and {len(extra) - 1} more) that latentlm's "
-                            f"{family} core has no place for")
-    padded = mc.padded_vocab_size
-    for key in ("wte.weight", "lm_head.weight"):
-        if key in core:
-            rows = core[key][:vocab_size]
-            core[key] = torch.cat([rows, rows.new_zeros(padded - vocab_size, rows.shape[1])])
-    if tied:
-        core["lm_head.weight"] = core["wte.weight"]
-    return mc, core
-
-
 # --- export -----------------------------------------------------------------------------------
 
-
-def _new_output(out_dir: Path, overwrite: bool) -> Path:
-    """A fresh temporary sibling of ``out_dir`` (published later by :func:`publish_dir`)."""
-    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise LatentLMError(f"{out_dir} already exists and is not empty; pass --overwrite or choose another path")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(out_dir)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
+OCCUPIED = "already exists and is not empty; pass --overwrite or choose another path"  # export / import refusal
 
 
 def _byte_tokenizer_json() -> str:
@@ -318,29 +86,20 @@ def _write_hf_tokenizer(desc: dict[str, Any], ckpt: Path, out: Path, block_size:
 def export_hf(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Write checkpoint ``checkpoint`` (run or ``step_*`` directory) as a Hugging Face model
     directory ``out_dir``; nothing is left behind on error. Returns a summary."""
-    from latentlm.train.checkpoint import load_config, load_model_state, read_manifest, resolve_checkpoint
+    from latentlm.checkpoint_files import load_core
 
-    ckpt = resolve_checkpoint(checkpoint)
-    manifest = read_manifest(ckpt)
-    if manifest["method"] not in PLAIN_METHODS:
-        raise LatentLMError(f"{ckpt} was trained with method {manifest['method']!r}; only plain next-token "
-                            f"checkpoints ({', '.join(PLAIN_METHODS)}) have a Hugging Face counterpart")
-    cfg = load_config(ckpt)
-    core = {k.removeprefix("model."): v for k, v in load_model_state(ckpt, cfg).items() if k.startswith("model.")}
+    # Only a method that declares itself a plain next-token LM has a Hugging Face counterpart.
+    model, manifest, ckpt = load_core(checkpoint)
+    core = model.state_dict()
     desc = manifest.get("tokenizer", {})
-    hf_config, tensors = to_hf(cfg.model, core, desc.get("eot_id"))
+    hf_config, tensors = to_hf(model.cfg, core, desc.get("eot_id"))
     out_dir = Path(os.path.abspath(out_dir))
-    tmp = _new_output(out_dir, overwrite)
-    try:
+    with publishing(out_dir, replace=overwrite, refusal=OCCUPIED) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_json_atomic(tmp / "config.json", hf_config)
-        tokenizer = _write_hf_tokenizer(desc, ckpt, tmp, cfg.model.block_size) if desc else "none recorded"
+        tokenizer = _write_hf_tokenizer(desc, ckpt, tmp, model.cfg.block_size) if desc else "none recorded"
         for f in tmp.iterdir():
             fsync_file(f)
-        publish_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"checkpoint": str(ckpt), "out": str(out_dir), "architecture": hf_config["architectures"][0],
             "vocab_size": hf_config["vocab_size"], "tensors": len(tensors), "tokenizer": tokenizer}
 
@@ -375,10 +134,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer: str = "hf", to
         raise LatentLMError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
     if tokenizer not in TOKENIZER_NAMES:
         raise LatentLMError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZER_NAMES)}")
-    try:
-        hf_config = json.loads((src / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise LatentLMError(f"{src}/config.json is not valid JSON: {e}") from None
+    hf_config = read_json_object(src / "config.json", "pass a Hugging Face model directory")
     if hf_config.get("model_type") not in HF_CLASSES:
         raise LatentLMError(f"{src}/config.json has model_type {hf_config.get('model_type')!r}; latentlm imports "
                             f"{', '.join(f'{k} ({v})' for k, v in HF_CLASSES.items())}")
@@ -386,8 +142,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer: str = "hf", to
         raise LatentLMError(f"{src} has no tokenizer files; pass --tokenizer gpt2, byte or bpe (with --tokenizer-path)")
     tensors = read_hf_weights(src)
     out_dir = Path(os.path.abspath(out_dir))
-    tmp = _new_output(out_dir, overwrite)
-    try:
+    with publishing(out_dir, replace=overwrite, refusal=OCCUPIED) as tmp:
         if tokenizer == "hf":
             (tmp / TOKENIZER_DIR).mkdir()
             for f in (*HF_TOKENIZER_FILES, "config.json"):  # config.json: AutoTokenizer may need model_type
@@ -397,44 +152,26 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer: str = "hf", to
             desc = {**tok.describe(), "path": TOKENIZER_DIR}
         else:
             tok = load_tokenizer(tokenizer, tokenizer_path)
-            desc = tok.describe()
-            if tokenizer == "bpe":
-                from latentlm.train.checkpoint import TOKENIZER_FILE
-
-                shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
-                desc["path"] = TOKENIZER_FILE
+            desc = tok.describe()  # a BPE's file is copied into the checkpoint by its writer
         mc, core = from_hf(hf_config, tensors, tok.vocab_size, src)
-        manifest = write_checkpoint(tmp, mc, core, desc, {"imported_from": {
+        manifest = write_core_checkpoint(tmp, mc, core, desc, {"imported_from": {
             "path": str(src), "architecture": HF_CLASSES[hf_config["model_type"]]}})
-        publish_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"hf": str(src), "out": str(out_dir), "arch": mc.arch, "vocab_size": mc.vocab_size,
             "params": manifest["params"], "tokenizer": desc["name"]}
 
 
-def write_checkpoint(directory: Path, model_cfg: ModelConfig, core: dict[str, torch.Tensor],
-                     tokenizer: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """Fill ``directory`` with a step-0 ``ntp`` checkpoint of ``core`` that :func:`load_method` reads
-    (no optimizer state: it initialises or evaluates, it does not resume)."""
-    from latentlm.train.checkpoint import FORMAT
+def write_core_checkpoint(directory: Path, model_cfg: ModelConfig, core: dict[str, torch.Tensor],
+                          tokenizer: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Fill ``directory`` with a weights-only step-0 ``ntp`` checkpoint of the core weights ``core``
+    (keys of :class:`~latentlm.model.transformer.Transformer`) and ``tokenizer`` (its describe()),
+    written by :func:`latentlm.train.checkpoint.write_checkpoint`; it initialises or evaluates, it
+    does not resume. Returns the manifest."""
+    from latentlm.train.checkpoint import write_checkpoint
 
     cfg = Config(model=model_cfg)
     cfg.train.method = "ntp"
     cfg.validate()
-    sd = {f"model.{k}": v.contiguous() for k, v in core.items()
-          if not (k == "lm_head.weight" and model_cfg.resolved().tie_embeddings)}
-    save_file(sd, str(directory / "model.safetensors"), metadata={"format": "latentlm", "method": "ntp"})
-    save_yaml(cfg, directory / "config.yaml")
-    files = {}
-    for f in sorted(p for p in directory.rglob("*") if p.is_file()):
-        fsync_file(f)
-        files[f.relative_to(directory).as_posix()] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-    params = sum(v.numel() for v in sd.values())
-    manifest = {"format": FORMAT, "kind": "latentlm-checkpoint", "latentlm_version": latentlm.__version__,
-                "torch_version": torch.__version__, "method": "ntp", "step": 0, "world_size": 1,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files, "tokenizer": tokenizer,
-                "params": params, **extra}
-    write_json_atomic(directory / "manifest.json", manifest)
-    return manifest
+    tied = model_cfg.resolved().tie_embeddings
+    params = sum(v.numel() for k, v in core.items() if not (tied and k == "lm_head.weight"))
+    return write_checkpoint(directory, {f"model.{k}": v for k, v in core.items()}, cfg, step=0,
+                            extra={"tokenizer": tokenizer, "params": params, **extra})

@@ -10,7 +10,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from latentlm.fileio import temp_sibling, write_json_atomic, write_text_atomic
+from latentlm.methods import BASELINE
+from latentlm.fileio import atomic_file, write_json_atomic, write_text_atomic
 from latentlm.train.metrics import read_metrics
 
 
@@ -43,7 +44,7 @@ def _si(x: float) -> str:
 
 
 def results_table(rows: list[dict]) -> str:
-    ntp = next((r for r in rows if r["method"] == "ntp"), None)
+    ntp = next((r for r in rows if r["method"] == BASELINE), None)
     lines = ["| run | method | params | train tokens | train FLOPs (teacher incl.) | FLOPs x ntp | "
              "gen FLOPs/token x ntp | tokens/s | val loss | val ppl | val bpb |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -107,10 +108,9 @@ def plot_curves(rows: list[dict], out: Path) -> list[Path] | str:
         ax.legend()
         fig.tight_layout()
         path = out / fname
-        tmp = temp_sibling(path)
-        fig.savefig(tmp, format="png")
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png")
         plt.close(fig)
-        tmp.replace(path)
         paths.append(path)
     return paths
 

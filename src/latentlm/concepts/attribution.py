@@ -20,7 +20,7 @@ import torch
 
 from latentlm.concepts.sae import TopKSAE
 from latentlm.concepts.teacher import Teacher
-from latentlm.config import ModelConfig
+from latentlm.model.config import ModelConfig
 from latentlm.errors import LatentLMError
 from latentlm.model.flops import forward_flops_per_slot, matmul_params
 

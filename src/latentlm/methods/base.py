@@ -1,34 +1,58 @@
-"""The seam between the trainer / generator and a training objective.
+"""The seam between latentlm and a training objective: what a method is, what it needs, what it does.
 
 A method owns the core :class:`~latentlm.model.transformer.Transformer` (as ``self.model``)
-plus any parameters of its own, and answers four questions:
+plus any parameters of its own, and describes itself, so the rest of latentlm asks the class
+and never compares its name (docs/WRITING_A_METHOD.md walks through a complete one):
 
-- ``forward(x, y)`` -> ``(loss, metrics)`` for a training batch (called through the wrapper
-  so DDP/FSDP hooks fire); ``forward(x, y, nll=True)`` -> per-token NLL [B, T] of the language
-  model part alone, for perplexity and bits per byte.
-- :meth:`train_flops_per_token` (the student's forward + backward), :meth:`teacher_flops_per_token`
-  (frozen teacher passes: KD logits, CoCoMix labels) and :meth:`infer_flops_per_token` (one
-  generated token) for MFU and compute-matched comparisons.
-- :meth:`step` how a chunk of tokens advances a KV cache during generation, and
-  :meth:`cache_slots` how many cache slots ``n`` tokens need.
-
-The trainer and the generation loop know nothing else about methods.
+- **Settings.** :attr:`sections` maps each config section the method reads to its settings
+  dataclass (``{"ponder": PonderSettings}``). Reusable blocks, e.g. the teacher
+  (:class:`~latentlm.concepts.teacher.TeacherSettings`), are shared sections: any method that
+  declares ``"teacher"`` reads the same ``teacher:`` section.
+- **Capabilities.** :attr:`needs_teacher`, :attr:`needs_concept_labels`, :attr:`plain_lm`,
+  :attr:`has_concepts`, :attr:`eval_modes`; ``compare``, ``export``, ``flops``, the CLI, concept
+  inspection and the teacher loader decide from these.
+- **Checks.** :meth:`resolve_config` fills settings derived from inputs before the method is built
+  (e.g. the concept-head size from the SAE); :meth:`validate_inputs` checks and loads every input
+  training will use (teacher vs data tokenizer, SAE vs concept head, label cache vs data) before
+  anything is written.
+- **Compute.** :meth:`loss` for a training batch (reached through ``forward`` so DDP/FSDP hooks
+  fire), with per-batch extras from :meth:`batch_inputs` (the batch's window ids and optimizer step
+  are arguments); :meth:`eval_logits` the logits that evaluation scores (perplexity, zero-shot).
+- **Cost.** :meth:`train_flops_per_token`, :meth:`teacher_flops_per_token`, :meth:`infer_flops_per_token`.
+- **Generation.** :meth:`step` advances a KV cache by a chunk of tokens; :meth:`cache_slots`
+  says how many cache slots ``n`` tokens need.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from latentlm.config import Config
 from latentlm.errors import LatentLMError
 from latentlm.model.flops import forward_flops_per_slot
 from latentlm.model.transformer import KVCache, Transformer
 
+if TYPE_CHECKING:  # annotations only: the run config is built above the methods (latentlm.config)
+    from latentlm.config import Config
+
+CAPABILITIES = ("needs_teacher", "needs_concept_labels", "plain_lm", "has_concepts")
+
 
 class Method(nn.Module):
     name = "base"
+    # Config sections this method reads: section name -> settings dataclass (``cfg.<section>``).
+    sections: dict[str, type] = {}
+    # Capabilities, asked by compare / export / flops / cli / inspect / the teacher loader.
+    needs_teacher = False  # trains against a frozen teacher (``teacher:`` section)
+    needs_concept_labels = False  # trains on a teacher's SAE concept labels (``concepts:`` section)
+    plain_lm = False  # the checkpoint is a plain next-token LM: exportable, usable as a teacher
+    # Predicts concepts: ``concepts inspect`` and ``generate --steer`` apply. Such a method has
+    # ``n_concepts``, ``concept_logits(idx) -> [B, T, C]`` and ``set_steering(ids, alphas, on_prompt)``.
+    has_concepts = False
     # Ways ``forward(..., nll=True)`` can evaluate, first = default (e.g. ponder: jacobi, exact).
     eval_modes: tuple[str, ...] = ()
 
@@ -37,18 +61,49 @@ class Method(nn.Module):
         self.model = model
         self.cfg = cfg
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, nll: bool = False):
-        raise NotImplementedError
+    @classmethod
+    def capabilities(cls) -> dict[str, Any]:
+        """The capability flags and evaluation modes, as recorded in checkpoint manifests."""
+        return {**{c: bool(getattr(cls, c)) for c in CAPABILITIES}, "eval_modes": list(cls.eval_modes)}
 
-    def batch_inputs(self, x: torch.Tensor, y: torch.Tensor, windows) -> dict[str, torch.Tensor]:
-        """Extra keyword inputs of ``forward`` for a training batch, computed outside the wrapped
-        (DDP/FSDP/compiled) forward: e.g. CoCoMix's concept labels from a cache (by the
-        batch's window ids ``windows``, numpy int64 [B]) or from a frozen teacher."""
+    # --- checks -----------------------------------------------------------------------------------
+
+    @classmethod
+    def resolve_config(cls, cfg: Config) -> None:
+        """Fill settings derived from the method's inputs in ``cfg`` itself (so a saved config carries
+        them) and check what can be checked without loading anything large. Called before the method
+        is built and outside any meta device; must be idempotent."""
+
+    def validate_inputs(self, device: torch.device) -> None:
+        """The one place the method checks every input training will use (teacher, SAE, label
+        cache, data tokenizer), loading and keeping what :meth:`batch_inputs` needs on ``device``.
+        The trainer calls it before writing anything, so a mismatch fails a run up front."""
+
+    # --- compute ----------------------------------------------------------------------------------
+
+    def batch_inputs(self, x: torch.Tensor, y: torch.Tensor, *, windows: np.ndarray, step: int) -> dict[str, Any]:
+        """Extra keyword inputs of :meth:`loss` for a training batch, computed outside the wrapped
+        (DDP/FSDP/compiled) forward: e.g. CoCoMix's concept labels of the batch's window ids
+        ``windows`` (int64 [B]), or ponder's Jacobi iteration count for optimizer step ``step``."""
         return {}
 
-    def prepare_training(self, device: torch.device) -> None:
-        """Load and check what :meth:`batch_inputs` needs (a teacher, a label cache) on ``device``.
-        The trainer calls it before writing anything, so a mismatched input fails a run up front."""
+    def loss(self, x: torch.Tensor, y: torch.Tensor, **inputs: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``(loss, metrics)`` of a training batch ``x`` -> ``y`` [B, T] with :meth:`batch_inputs`."""
+        raise NotImplementedError
+
+    def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [B, T, V] of the language model as evaluation scores it (perplexity,
+        zero-shot); methods with several :attr:`eval_modes` use the one set by :meth:`set_eval_mode`."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, nll: bool = False, **inputs: Any):
+        """``(loss, metrics)`` of a training batch, or with ``nll`` the per-token NLL [B, T] of
+        :meth:`eval_logits`. One entry point, so wrappers (DDP, FSDP, compile) see every call."""
+        if nll:
+            return token_nll(self.eval_logits(x), y)
+        return self.loss(x, y, **inputs)
+
+    # --- cost -------------------------------------------------------------------------------------
 
     def forward_flops_per_token(self, seq_len: int) -> float:
         """The student's forward FLOPs per token of a ``seq_len`` window (flops.py's convention)."""
@@ -70,6 +125,8 @@ class Method(nn.Module):
         over the whole context), so the default is the forward formula."""
         return self.forward_flops_per_token(context)
 
+    # --- evaluation modes ---------------------------------------------------------------------------
+
     def set_eval_mode(self, mode: str) -> None:
         """Choose how ``nll=True`` evaluates; only methods with several :attr:`eval_modes` have a choice."""
         if mode not in self.eval_modes:
@@ -80,6 +137,8 @@ class Method(nn.Module):
         """Method-specific statistics gathered by ``nll=True`` calls since the last pop
         (e.g. ponder's Jacobi residual); evaluation reports them next to the loss."""
         return {}
+
+    # --- generation -------------------------------------------------------------------------------
 
     def cache_slots(self, n_tokens: int) -> int:
         """KV-cache slots per layer needed to hold ``n_tokens`` tokens."""
@@ -113,19 +172,19 @@ def token_nll(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 class LogitsMethod(Method):
-    """A method whose loss is next-token cross-entropy on ``logits(idx, position_ids, valid, cache)``
-    and whose generation step is the same call through the cache. Subclasses define ``logits`` and
+    """A method whose loss is next-token cross-entropy on ``logits(idx, position_ids, valid, cache)``,
+    evaluated and generated through the same call. Subclasses define ``logits`` and
     ``forward_flops_per_token``."""
 
     def logits(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor | None = None,
                cache: KVCache | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, nll: bool = False):
-        losses = token_nll(self.logits(x, token_positions(x)), y)
-        if nll:
-            return losses
-        loss = losses.mean()
+    def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits(x, token_positions(x))
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, **inputs: Any):
+        loss = token_nll(self.eval_logits(x), y).mean()
         return loss, {f"{self.name}_loss": loss.detach()}
 
     def step(self, idx, position_ids, valid, cache):

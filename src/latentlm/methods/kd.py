@@ -1,10 +1,10 @@
-"""Knowledge distillation: the baseline CoCoMix is compared against (SPEC 2.6).
+"""Knowledge distillation: the baseline CoCoMix is compared against (docs/METHODS.md §2.6).
 
-The student is trained on ``CE(student, next token) + kd_weight * tau^2 * KL(p_teacher || p_student)``
-with both distributions at temperature ``tau = cocomix.kd_temperature`` (SPEC: 1, where the
+The student is trained on ``CE(student, next token) + kd.weight * tau^2 * KL(p_teacher || p_student)``
+with both distributions at temperature ``tau = kd.temperature`` (the paper's: 1, where the
 ``tau^2`` factor, Hinton et al.'s gradient-scale correction, is 1 too). The frozen teacher
-(``cocomix.teacher``) is loaded on first use and kept outside the module, so it is neither
-trained nor saved in checkpoints; its logits reach ``forward`` through ``batch_inputs``.
+(``teacher.path``) is loaded by :meth:`validate_inputs` and kept outside the module, so it is neither
+trained nor saved in checkpoints; its logits reach :meth:`loss` through ``batch_inputs``.
 The teacher must use the student's tokenizer (same vocabulary, same ids). ``kd_pause``
 (:class:`KDPause`) is the same loss on :class:`~latentlm.methods.cocomix.PauseInsert`'s student.
 """
@@ -14,14 +14,30 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from latentlm.concepts.teacher import HFTeacher, LatentLMTeacher, Teacher, load_teacher, run_teacher_config
-from latentlm.config import Config
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from latentlm.concepts.teacher import (HFTeacher, LatentLMTeacher, Teacher, TeacherSettings, load_teacher,
+                                       run_teacher_config)
 from latentlm.data.prepare import check_tokenizer, load_manifest
 from latentlm.errors import LatentLMError
 from latentlm.methods.base import Method, token_nll, token_positions
 from latentlm.methods.cocomix import PauseInsert
 from latentlm.model.flops import forward_flops_per_slot
 from latentlm.model.transformer import Transformer
+from latentlm.settings import Settings
+
+if TYPE_CHECKING:
+    from latentlm.config import Config
+
+
+@dataclass
+class KDSettings(Settings):
+    """The ``kd:`` section: the distillation loss (the teacher is the shared ``teacher:`` block)."""
+
+    section, positive_fields, non_negative_fields = "kd", ("temperature",), ("weight",)
+    weight: float = 0.1  # lambda_KD
+    temperature: float = 1.0
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -78,59 +94,65 @@ def teacher_forward_logits(teacher: Teacher, idx: torch.Tensor) -> torch.Tensor:
 
 class TeacherDistillation:
     """Mixin for a :class:`Method`: the frozen teacher, its logits as ``batch_inputs`` and the
-    ``NTP + kd_weight * KD`` loss. The teacher is a plain attribute: not a submodule, never in a checkpoint."""
+    ``NTP + kd.weight * KD`` loss. The teacher is a plain attribute: not a submodule, never in a checkpoint."""
 
     cfg: Config
+    sections = {"teacher": TeacherSettings, "kd": KDSettings}
+    needs_teacher = True
 
     def __init__(self, model: Transformer, cfg: Config):
         super().__init__(model, cfg)
         self._teacher: Teacher | None = None
 
+    def validate_inputs(self, device: torch.device) -> None:
+        """Load the frozen teacher on ``device`` and check it reads the data as the student does:
+        the same vocabulary and the data's tokenizer."""
+        if self._teacher is not None:
+            return
+        spec = self.cfg.teacher.path
+        if not spec:
+            raise LatentLMError(f"train.method {self.cfg.train.method} needs a teacher: set --teacher.path")
+        teacher = load_teacher(spec, device=device)
+        if teacher.tokenizer.vocab_size != self.cfg.model.vocab_size:
+            raise LatentLMError(f"KD teacher {spec} has a vocabulary of {teacher.tokenizer.vocab_size} tokens, the "
+                                f"student {self.cfg.model.vocab_size}; teacher and student must share a tokenizer")
+        check_tokenizer(load_manifest(self.cfg.data.path), teacher.tokenizer)
+        self._teacher = teacher
+
     def teacher(self, device: torch.device) -> Teacher:
-        """The frozen teacher, loaded on ``device`` on first use and checked against the student's vocabulary."""
-        if self._teacher is None:
-            spec = self.cfg.cocomix.teacher
-            if not spec:
-                raise LatentLMError(f"train.method {self.cfg.train.method} needs a teacher: set --cocomix.teacher")
-            teacher = load_teacher(spec, device=device)
-            if teacher.tokenizer.vocab_size != self.cfg.model.vocab_size:
-                raise LatentLMError(f"KD teacher {spec} has a vocabulary of {teacher.tokenizer.vocab_size} tokens, the "
-                                    f"student {self.cfg.model.vocab_size}; teacher and student must share a tokenizer")
-            check_tokenizer(load_manifest(self.cfg.data.path), teacher.tokenizer)
-            self._teacher = teacher
+        """The frozen teacher (loaded and checked on first use)."""
+        self.validate_inputs(device)
         return self._teacher
 
     def teacher_flops_per_token(self, seq_len: int) -> float:
         """One full forward of the teacher (its logits) per token."""
-        return forward_flops_per_slot(run_teacher_config(self.cfg.cocomix), seq_len)
+        return forward_flops_per_slot(run_teacher_config(self.cfg), seq_len)
 
-    def batch_inputs(self, x: torch.Tensor, y: torch.Tensor, windows) -> dict[str, torch.Tensor]:
+    def batch_inputs(self, x: torch.Tensor, y: torch.Tensor, *, windows, step: int) -> dict[str, torch.Tensor]:
         return {"teacher_logits": teacher_forward_logits(self.teacher(x.device), x)}
 
-    def prepare_training(self, device: torch.device) -> None:
-        self.teacher(device)
-
-    def distill(self, logits: torch.Tensor, y: torch.Tensor, nll: bool, teacher_logits: torch.Tensor | None):
-        """Per-token NLL [B, T] with ``nll``, else ``(CE + kd_weight * kd_loss, metrics)`` of the student's logits."""
-        if nll:
-            return token_nll(logits, y)
+    def distill(self, logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None):
+        """``(CE + kd.weight * kd_loss, metrics)`` of the student's logits."""
         if teacher_logits is None:
             raise LatentLMError("KD training batches need teacher_logits (the trainer gets them from batch_inputs)")
-        c = self.cfg.cocomix
-        if c.kd_temperature == 1.0 and c.kd_weight > 0:  # the SPEC's setting: one fused soft-target CE
-            loss, ntp, kd = ce_plus_kd(logits, y, teacher_logits, c.kd_weight)
+        c = self.cfg.kd
+        if c.temperature == 1.0 and c.weight > 0:  # the paper's setting: one fused soft-target CE
+            loss, ntp, kd = ce_plus_kd(logits, y, teacher_logits, c.weight)
             return loss, {"ntp_loss": ntp, "kd_loss": kd}
         ntp = token_nll(logits, y).mean()
-        kd = kd_loss(logits, teacher_logits, c.kd_temperature)
-        return ntp + c.kd_weight * kd, {"ntp_loss": ntp.detach(), "kd_loss": kd.detach()}
+        kd = kd_loss(logits, teacher_logits, c.temperature)
+        return ntp + c.weight * kd, {"ntp_loss": ntp.detach(), "kd_loss": kd.detach()}
 
 
 class KD(TeacherDistillation, Method):
     name = "kd"
+    plain_lm = True  # KD changes only the loss: the checkpoint is a plain next-token LM
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, nll: bool = False,
-                teacher_logits: torch.Tensor | None = None):
-        return self.distill(self.model(x), y, nll, teacher_logits)
+    def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None = None):
+        return self.distill(self.model(x), y, teacher_logits)
 
     def step(self, idx, position_ids, valid, cache):
         return self.model(idx, position_ids=position_ids, cache=cache, valid=valid)
@@ -142,7 +164,7 @@ class KDPause(TeacherDistillation, PauseInsert):
     are PauseInsert's plus the teacher's forward."""
 
     name = "kd_pause"
+    sections = {**TeacherDistillation.sections, **PauseInsert.sections}
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, nll: bool = False,
-                teacher_logits: torch.Tensor | None = None):
-        return self.distill(self.logits(x, token_positions(x)), y, nll, teacher_logits)
+    def loss(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None = None):
+        return self.distill(self.logits(x, token_positions(x)), y, teacher_logits)

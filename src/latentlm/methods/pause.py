@@ -12,24 +12,39 @@ See docs/PONDER.md, section "Baselines".
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 
-from latentlm.config import Config
 from latentlm.methods.base import LogitsMethod
 from latentlm.model.flops import forward_flops_per_slot
 from latentlm.model.transformer import KVCache, Transformer
+from latentlm.settings import Settings
+
+if TYPE_CHECKING:
+    from latentlm.config import Config
+
+
+@dataclass
+class PauseSettings(Settings):
+    """The ``pause:`` section."""
+
+    section, positive_fields = "pause", ("n_pauses",)
+    n_pauses: int = 1  # K pause slots after every token (match ponder.n_thoughts for equal slots)
 
 
 class Pause(LogitsMethod):
     name = "pause"
+    sections = {"pause": PauseSettings}
 
     def __init__(self, model: Transformer, cfg: Config):
         super().__init__(model, cfg)
-        self.k = cfg.ponder.thoughts
+        self.n_pauses = cfg.pause.n_pauses
         # Drawn after the core is built, so the core's init is the same as every other method's.
         # Initialised and scaled (``embed_scale``) like a token embedding.
-        self.pause = nn.Parameter(torch.empty(self.k, model.cfg.n_embd))
+        self.pause = nn.Parameter(torch.empty(self.n_pauses, model.cfg.n_embd))
         nn.init.normal_(self.pause, 0.0, model.cfg.init_std)
 
     def logits(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor | None = None,
@@ -40,16 +55,16 @@ class Pause(LogitsMethod):
         emb = self.model.embed(idx)
         pauses = (self.pause * self.model.cfg.embed_scale).to(emb.dtype)
         slots = torch.cat([emb[:, :, None], pauses.expand(b, t, -1, -1)], dim=2).flatten(1, 2)
-        pos = position_ids.repeat_interleave(self.k + 1, dim=1)
-        ok = None if valid is None else valid.repeat_interleave(self.k + 1, dim=1)
+        pos = position_ids.repeat_interleave(self.n_pauses + 1, dim=1)
+        ok = None if valid is None else valid.repeat_interleave(self.n_pauses + 1, dim=1)
         h = self.model.run_blocks(self.model.add_positions(slots, pos), pos, cache=cache, valid=ok)
-        return self.model.head(h.view(b, t, self.k + 1, -1)[:, :, self.k])
+        return self.model.head(h.view(b, t, self.n_pauses + 1, -1)[:, :, self.n_pauses])
 
     def forward_flops_per_token(self, seq_len: int) -> float:
         """K+1 slots per token through the blocks over a (K+1)T context, the head once."""
         cfg = self.model.cfg
-        blocks = (self.k + 1) * forward_flops_per_slot(cfg, (self.k + 1) * seq_len, head=False)
+        blocks = (self.n_pauses + 1) * forward_flops_per_slot(cfg, (self.n_pauses + 1) * seq_len, head=False)
         return blocks + forward_flops_per_slot(cfg, 0, n_layers=0)
 
     def cache_slots(self, n_tokens: int) -> int:
-        return n_tokens * (self.k + 1)
+        return n_tokens * (self.n_pauses + 1)

@@ -15,14 +15,23 @@ See docs/PONDER.md.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
+import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from latentlm.config import Config
+from latentlm.errors import LatentLMError
 from latentlm.methods.base import Method, token_nll, token_positions
 from latentlm.model.flops import forward_flops_per_slot
 from latentlm.model.transformer import KVCache, Transformer
+from latentlm.settings import Settings
+
+if TYPE_CHECKING:
+    from latentlm.config import Config
 
 PAPER_EMBED_FACTOR = 2.5  # the paper scales token embeddings by sqrt(2.5 d)
 
@@ -33,134 +42,166 @@ def paper_embed_scale(n_embd: int) -> float:
     return math.sqrt(PAPER_EMBED_FACTOR * n_embd)
 
 
+@dataclass
+class PonderSettings(Settings):
+    """The ``ponder:`` section (docs/PONDER.md). The paper's embedding scaling is not set here:
+    pass ``--model.embed_scale`` (sqrt(2.5 d)) to ponder runs and their vanilla controls alike."""
+
+    n_thoughts: int = 1  # K: latent thoughts per token before it predicts the next one
+    train_iters_min: int = 2  # Jacobi iterations per optimizer step: uniform in [min, max]
+    train_iters_max: int = 3
+    eval_iters: int = 3  # Jacobi iterations in evaluation (eval_mode jacobi)
+    eval_mode: Literal["jacobi", "exact"] = "jacobi"  # exact: sequential thoughts via the KV cache
+    # Activation checkpointing: pass = keep each pass's inputs, block = each block's inputs; recompute in backward.
+    checkpoint: Literal["none", "pass", "block"] = "none"
+    # How generation fills the cache for a prompt: exact = sequential; jacobi = eval_iters parallel
+    # Jacobi iterations over the whole prompt, faster for long prompts, exact for the first
+    # 1 + floor(eval_iters / K) prompt positions.
+    prefill: Literal["exact", "jacobi"] = "exact"
+    section, positive_fields = "ponder", ("n_thoughts", "train_iters_min", "eval_iters")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.train_iters_max < self.train_iters_min:
+            raise LatentLMError(f"ponder.train_iters_max={self.train_iters_max} is below "
+                                f"ponder.train_iters_min={self.train_iters_min}; n is drawn from [min, max]")
+
+
+# --- thought passes: reusable by any method that thinks in latent slots ---------------------------
+
+# run(slots [B, N, d], position_ids [B, N], valid [B, N] | None, cache | None) -> hidden [B, N, d]:
+# the method's stack over already-embedded slot inputs (positions, blocks; not the final norm).
+SlotRunner = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", "KVCache | None"], torch.Tensor]
+
+
+def thought_pass(run: SlotRunner, emb: torch.Tensor, thoughts: torch.Tensor, position_ids: torch.Tensor,
+                 valid: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+    """One causal pass over tokens interleaved with their thoughts.
+
+    ``emb`` [B, T, d] token inputs, ``thoughts`` [B, T, S-1, d] the inputs of the thought slots,
+    ``position_ids`` and ``valid`` [B, T] per token, repeated for each of its slots (a pad is
+    invalid in all of them); with a ``cache`` the slots are appended to it. Returns the hidden
+    states per slot [B, T, S, d].
+    """
+    b, t, d = emb.shape
+    slots = torch.cat([emb[:, :, None], thoughts.to(emb.dtype)], dim=2)
+    s = slots.shape[2]
+    pos = position_ids.repeat_interleave(s, dim=-1)
+    ok = None if valid is None else valid.repeat_interleave(s, dim=-1)
+    return run(slots.reshape(b, t * s, d), pos, ok, cache).view(b, t, s, -1)
+
+
+def jacobi_thoughts(run: SlotRunner, norm: nn.Module, emb: torch.Tensor, n_thoughts: int, n_iters: int,
+                    position_ids: torch.Tensor, valid: torch.Tensor | None = None,
+                    cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden state [B, T, d] at each token's last thought after K growing init passes, ``n_iters``
+    >= 1 Jacobi iterations refining all K thoughts at once, and a final pass (the only one through
+    ``cache``, if given); and the Jacobi residual, the mean |change| of the thoughts in the last
+    iteration. A thought is the ``norm``-ed hidden state of the slot before it (docs/METHODS.md §3.2)."""
+    thoughts = emb.new_zeros(*emb.shape[:2], 0, emb.shape[2])  # no thought slots yet
+    for _ in range(n_thoughts):  # init passes of T, 2T, ..., KT slots
+        thoughts = norm(thought_pass(run, emb, thoughts, position_ids, valid))
+    for _ in range(n_iters):
+        previous = thoughts
+        thoughts = norm(thought_pass(run, emb, thoughts, position_ids, valid)[:, :, :n_thoughts])
+    residual = (thoughts - previous).abs().mean().detach()
+    return thought_pass(run, emb, thoughts, position_ids, valid, cache)[:, :, n_thoughts], residual
+
+
+def sequential_thoughts(run: SlotRunner, norm: nn.Module, emb: torch.Tensor, n_thoughts: int,
+                        position_ids: torch.Tensor, valid: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+    """The exact model (docs/METHODS.md §3.1): feed each token of ``emb`` [B, T, d] and then its K
+    thoughts one cached slot at a time (all at the token's position id, validity shared); return
+    the hidden state [B, T, d] at each token's last thought."""
+    out = []
+    for i in range(emb.shape[1]):
+        pos = position_ids[:, i:i + 1]
+        ok = None if valid is None else valid[:, i:i + 1]
+        slot = emb[:, i:i + 1]
+        for k in range(n_thoughts + 1):
+            h = run(slot, pos, ok, cache)
+            if k < n_thoughts:
+                slot = norm(h)  # the next thought
+        out.append(h)
+    return torch.cat(out, dim=1)
+
+
+def draw_train_iters(seed: int, step: int, lo: int, hi: int) -> int:
+    """n for optimizer step ``step``: uniform over [lo, hi] from a generator seeded by (seed, step),
+    so every micro-batch and rank of a step draws the same n and a resumed run continues the stream."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**63)
+    return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+
 class Ponder(Method):
     name = "ponder"
+    sections = {"ponder": PonderSettings}
     eval_modes = ("jacobi", "exact")
 
     def __init__(self, model: Transformer, cfg: Config):
         super().__init__(model, cfg)
-        self.k = cfg.ponder.thoughts
-        # Training forward calls so far; a buffer so checkpoints carry it and a resumed run
-        # draws the same iteration counts. ``_calls`` mirrors it on the host (no device sync).
-        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
-        self._calls: int | None = None
-        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_calls", None))
-        # Host-side bookkeeping stays out of torch.compile graphs (wrapped here, not at import,
-        # because the wrapper imports the compiler).
-        self._draw_train_iters = torch.compiler.disable(Ponder._train_iters)  # unbound: copies stay correct
+        self.n_thoughts = cfg.ponder.n_thoughts
         self._eval_residuals: list[torch.Tensor] = []  # per nll batch, popped by evaluation
+        # latentlm 0.2 kept a training-call counter buffer; the trainer now passes the step.
+        self._register_load_state_dict_pre_hook(
+            lambda sd, prefix, *args: sd.pop(prefix + "calls", None))
 
-    # --- the number of Jacobi iterations --------------------------------------------------------
+    def _run(self, x: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor | None,
+             cache: KVCache | None) -> torch.Tensor:
+        """The core over slot inputs (positions, blocks), with ``ponder.checkpoint``'s recomputation."""
+        mode = self.cfg.ponder.checkpoint if torch.is_grad_enabled() else "none"
+        if mode == "pass":
+            return checkpoint(self._blocks, x, pos, valid, cache, False, use_reentrant=False)
+        return self._blocks(x, pos, valid, cache, mode == "block")
 
-    def _train_iters(self) -> int:
-        """n for this training call: uniform over [train_iters_min, train_iters_max], drawn from
-        a generator seeded by (train seed, optimizer step); step = calls // grad_accum, so all
-        micro-batches of a step and all ranks use the same n, and a resume continues the stream."""
-        if self._calls is None:
-            self._calls = int(self.calls)
-        step = self._calls // self.cfg.train.grad_accum
-        self._calls += 1
-        self.calls.fill_(self._calls)
-        p = self.cfg.ponder
-        g = torch.Generator().manual_seed((self.cfg.train.seed * 1_000_003 + step) % 2**63)
-        return int(torch.randint(p.train_iters_min, p.train_iters_max + 1, (1,), generator=g))
+    def _blocks(self, x, pos, valid, cache, per_block: bool) -> torch.Tensor:
+        m = self.model
+        return m.run_blocks(m.add_positions(x, pos), pos, cache=cache, valid=valid, checkpoint_blocks=per_block)
 
-    # --- parallel (Jacobi) forward --------------------------------------------------------------
-
-    def _pass(self, emb: torch.Tensor, thoughts: torch.Tensor, position_ids: torch.Tensor,
-              valid: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        """One causal pass over tokens interleaved with their thoughts.
-
-        ``emb`` [B, T, d] scaled token embeddings, ``thoughts`` [B, T, S-1, d] the inputs of the
-        thought slots, ``position_ids`` [T] or [B, T] and ``valid`` [B, T] per token, repeated
-        for each of its slots (a pad is invalid in all of them); with a ``cache`` the slots are
-        appended to it. Returns the raw hidden states per slot [B, T, S, d].
-        """
-        b, t, d = emb.shape
-        slots = torch.cat([emb[:, :, None], thoughts.to(emb.dtype)], dim=2)
-        s = slots.shape[2]
-        pos = position_ids.repeat_interleave(s, dim=-1)
-        ok = None if valid is None else valid.repeat_interleave(s, dim=-1)
-        x = self.model.add_positions(slots.reshape(b, t * s, d), pos)
-        per_block = self.cfg.ponder.checkpoint == "block" and torch.is_grad_enabled()
-        return self.model.run_blocks(x, pos, cache=cache, valid=ok, checkpoint_blocks=per_block).view(b, t, s, -1)
-
-    def _run(self, emb: torch.Tensor, thoughts: torch.Tensor, position_ids: torch.Tensor,
-             valid: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        if self.cfg.ponder.checkpoint == "pass" and torch.is_grad_enabled():
-            return checkpoint(self._pass, emb, thoughts, position_ids, valid, cache, use_reentrant=False)
-        return self._pass(emb, thoughts, position_ids, valid, cache)
-
-    def _jacobi(self, idx: torch.Tensor, n: int, position_ids: torch.Tensor, valid: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [B, T, V] of ``idx`` after K init passes, ``n`` >= 1 Jacobi iterations and a
-        final pass (the only one through ``cache``, if given), and the Jacobi residual."""
-        emb = self.model.embed(idx)
-        thoughts = emb.new_zeros(*emb.shape[:2], 0, emb.shape[2])  # no thought slots yet
-        for _ in range(self.k):  # init passes of T, 2T, ..., KT slots
-            thoughts = self.model.norm_f(self._run(emb, thoughts, position_ids, valid))
-        for _ in range(n):
-            previous = thoughts
-            thoughts = self.model.norm_f(self._run(emb, thoughts, position_ids, valid)[:, :, :self.k])
-        residual = (thoughts - previous).abs().mean().detach()
-        return self.model.head(self._run(emb, thoughts, position_ids, valid, cache)[:, :, self.k]), residual
+    # --- parallel (Jacobi) and sequential (exact) forwards --------------------------------------
 
     def jacobi_logits(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token logits [B, T, V] after K init passes and ``n`` >= 1 Jacobi iterations, and
         the Jacobi residual: mean |change| of the thoughts in the last iteration."""
-        return self._jacobi(x, n, torch.arange(x.shape[1], device=x.device))
-
-    # --- sequential (exact) forward -------------------------------------------------------------
-
-    def _advance(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor | None,
-                 cache: KVCache) -> torch.Tensor:
-        """Feed each token of ``idx`` [B, T] and then its K thoughts, one cached slot at a time
-        (all at the token's position id, validity shared); return logits [B, T, V]."""
-        out = []
-        for i in range(idx.shape[1]):
-            pos = position_ids[:, i:i + 1]
-            ok = None if valid is None else valid[:, i:i + 1]
-            slot = self.model.embed(idx[:, i:i + 1])
-            for k in range(self.k + 1):
-                h = self.model.run_blocks(self.model.add_positions(slot, pos), pos, cache=cache, valid=ok)
-                if k < self.k:
-                    slot = self.model.norm_f(h)  # the next thought
-            out.append(self.model.head(h))
-        return torch.cat(out, dim=1)
+        pos = torch.arange(x.shape[1], device=x.device)
+        h, residual = jacobi_thoughts(self._run, self.model.norm_f, self.model.embed(x), self.n_thoughts, n, pos)
+        return self.model.head(h), residual
 
     def exact_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, V] of the sequential model: thoughts produced token by token."""
         b, t = x.shape
-        pos = token_positions(x)
-        return self._advance(x, pos, None, self.new_cache(b, t))
+        return self._advance(x, token_positions(x), None, self.new_cache(b, t))
+
+    def _advance(self, idx, position_ids, valid, cache) -> torch.Tensor:
+        h = sequential_thoughts(self._run, self.model.norm_f, self.model.embed(idx), self.n_thoughts,
+                                position_ids, valid, cache)
+        return self.model.head(h)
 
     # --- the Method seam ------------------------------------------------------------------------
 
-    def batch_inputs(self, x: torch.Tensor, y: torch.Tensor, windows) -> dict[str, int]:
-        """This training batch's n, drawn here, outside the wrapped (compiled) forward, so the
-        compiled training step has no graph break (one graph per value of n)."""
-        return {"iters": self._draw_train_iters(self)} if self.training else {}
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, nll: bool = False, iters: int | None = None):
-        """``iters`` is n from :meth:`batch_inputs`; a training call without it draws n itself."""
+    def iters_for_step(self, step: int) -> int:
         p = self.cfg.ponder
-        metrics: dict[str, torch.Tensor | float] = {}
-        if nll and p.eval_mode == "exact":
-            logits = self.exact_logits(x)
-        else:
-            if self.training and not nll:
-                n = self._draw_train_iters(self) if iters is None else iters
-            else:
-                n = p.eval_iters
-            logits, residual = self.jacobi_logits(x, n)
-            metrics = {"jacobi_residual": residual, "jacobi_iters": float(n)}
-            if nll:
-                self._eval_residuals.append(residual)
-        losses = token_nll(logits, y)
-        if nll:
-            return losses
-        loss = losses.mean()
-        return loss, {"ponder_loss": loss.detach(), **metrics}
+        return draw_train_iters(self.cfg.train.seed, step, p.train_iters_min, p.train_iters_max)
+
+    def batch_inputs(self, x: torch.Tensor, y: torch.Tensor, *, windows: np.ndarray, step: int) -> dict[str, int]:
+        """This optimizer step's n, drawn here, outside the wrapped (compiled) forward, so the
+        compiled training step has no graph break (one graph per value of n)."""
+        return {"iters": self.iters_for_step(step)}
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, iters: int | None = None):
+        """``iters`` is n from :meth:`batch_inputs`; a direct call without it uses ``train_iters_max``."""
+        n = self.cfg.ponder.train_iters_max if iters is None else iters
+        logits, residual = self.jacobi_logits(x, n)
+        loss = token_nll(logits, y).mean()
+        return loss, {"ponder_loss": loss.detach(), "jacobi_residual": residual, "jacobi_iters": float(n)}
+
+    def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.cfg.ponder
+        if p.eval_mode == "exact":
+            return self.exact_logits(x)
+        logits, residual = self.jacobi_logits(x, p.eval_iters)
+        self._eval_residuals.append(residual)
+        return logits
 
     def set_eval_mode(self, mode: str) -> None:
         super().set_eval_mode(mode)
@@ -179,7 +220,7 @@ class Ponder(Method):
     def forward_flops_per_token(self, seq_len: int, n: float) -> float:
         """Forward FLOPs per token of one Jacobi forward with ``n`` iterations: init passes of
         kT slots (k = 1..K, context kT), n + 1 passes of (K+1)T slots, the head once per token."""
-        k, cfg = self.k, self.model.cfg
+        k, cfg = self.n_thoughts, self.model.cfg
         init = sum(j * forward_flops_per_slot(cfg, j * seq_len, head=False) for j in range(1, k + 1))
         full = (k + 1) * forward_flops_per_slot(cfg, (k + 1) * seq_len, head=False)
         head = forward_flops_per_slot(cfg, 0, n_layers=0)
@@ -193,12 +234,12 @@ class Ponder(Method):
     def infer_flops_per_token(self, context: int) -> float:
         """Generation is exact and sequential: K + 1 slots per token, each through every block over a
         (K+1) x ``context`` slot cache, and the head once (on the last thought)."""
-        k, cfg = self.k, self.model.cfg
+        k, cfg = self.n_thoughts, self.model.cfg
         return (k + 1) * forward_flops_per_slot(cfg, (k + 1) * context, head=False) + \
             forward_flops_per_slot(cfg, 0, n_layers=0)
 
     def cache_slots(self, n_tokens: int) -> int:
-        return n_tokens * (self.k + 1)
+        return n_tokens * (self.n_thoughts + 1)
 
     def step(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor,
              cache: KVCache) -> torch.Tensor:
@@ -209,5 +250,7 @@ class Ponder(Method):
         Jacobi prefill needs an empty cache (its passes see only this chunk)."""
         p = self.cfg.ponder
         if idx.shape[1] > 1 and p.prefill == "jacobi" and cache.lengths[0] == 0:
-            return self._jacobi(idx, p.eval_iters, position_ids, valid, cache)[0]
+            h, _ = jacobi_thoughts(self._run, self.model.norm_f, self.model.embed(idx), self.n_thoughts,
+                                   p.eval_iters, position_ids, valid, cache)
+            return self.model.head(h)
         return self._advance(idx, position_ids, valid, cache)

@@ -1,4 +1,4 @@
-"""PonderLM (v1, arXiv 2505.20674): pondering with probability-weighted embeddings (SPEC 3.4).
+"""PonderLM (v1, arXiv 2505.20674): pondering with probability-weighted embeddings (docs/METHODS.md §3.4).
 
 After a pass over the tokens, each position's predicted distribution p (softmax of the
 logits over the real vocabulary) is turned back into an embedding, the p-weighted mean of the
@@ -15,20 +15,31 @@ from __future__ import annotations
 
 import math
 
+from dataclasses import dataclass
+
 import torch
 
-from latentlm.config import Config
 from latentlm.methods.base import LogitsMethod
 from latentlm.model.flops import forward_flops_per_slot
-from latentlm.model.transformer import KVCache, Transformer
+from latentlm.model.transformer import KVCache
+from latentlm.settings import Settings
+
+
+@dataclass
+class PonderLMSettings(Settings):
+    """The ``ponderlm:`` section."""
+
+    section, positive_fields = "ponderlm", ("n_steps",)
+    n_steps: int = 1  # K pondering steps (K + 1 passes; match ponder.n_thoughts)
 
 
 class PonderLM(LogitsMethod):
     name = "ponderlm"
+    sections = {"ponderlm": PonderLMSettings}
 
-    def __init__(self, model: Transformer, cfg: Config):
-        super().__init__(model, cfg)
-        self.k = cfg.ponder.thoughts
+    @property
+    def n_steps(self) -> int:
+        return self.cfg.ponderlm.n_steps
 
     def logits(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -36,13 +47,13 @@ class PonderLM(LogitsMethod):
         p keeps its keys and values at cache layers ``p * n_layer ...``. Logits [B, T, V]."""
         m = self.model
         e0 = m.embed(idx)
-        # The SPEC scales the mixed embeddings by sqrt(d), independent of model.embed_scale.
+        # Mixed embeddings are scaled by sqrt(d), independent of model.embed_scale (docs/METHODS.md §3.4).
         w = m.wte.weight[: m.cfg.vocab_size] * math.sqrt(m.cfg.n_embd)
         e = e0
-        for p in range(self.k + 1):
+        for p in range(self.n_steps + 1):
             logits = m.head(m.run_blocks(m.add_positions(e, position_ids), position_ids, cache=cache,
                                          valid=valid, cache_offset=p * m.cfg.n_layer))
-            if p < self.k:
+            if p < self.n_steps:
                 probs = logits.float().softmax(-1)
                 e = e0 + probs.to(w.dtype) @ w
         return logits
@@ -52,8 +63,8 @@ class PonderLM(LogitsMethod):
         (2 V d each, real vocabulary)."""
         cfg = self.model.cfg
         mix = 2.0 * cfg.vocab_size * cfg.n_embd
-        return (self.k + 1) * forward_flops_per_slot(cfg, seq_len) + self.k * mix
+        return (self.n_steps + 1) * forward_flops_per_slot(cfg, seq_len) + self.n_steps * mix
 
     def new_cache(self, batch: int, n_tokens: int) -> KVCache:
         """One set of cache layers per pass (n_tokens slots each)."""
-        return self.model.new_cache(batch, self.cache_slots(n_tokens), passes=self.k + 1)
+        return self.model.new_cache(batch, self.cache_slots(n_tokens), passes=self.n_steps + 1)

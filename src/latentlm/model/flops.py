@@ -9,7 +9,7 @@ Embedding lookups, norms and activations are ignored.
 
 from __future__ import annotations
 
-from latentlm.config import ModelConfig
+from latentlm.model.config import ModelConfig
 
 
 def matmul_params(cfg: ModelConfig, n_layers: int | None = None, head: bool = True) -> int:

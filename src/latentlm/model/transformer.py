@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from latentlm.config import ModelConfig
+from latentlm.model.config import ModelConfig
 
 
 class RMSNorm(nn.Module):

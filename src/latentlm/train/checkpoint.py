@@ -30,13 +30,16 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-import latentlm
-from latentlm.config import Config, config_from_dict, save_yaml
+from latentlm.config import Config, save_yaml
 from latentlm.errors import LatentLMError
-from latentlm.fileio import fsync_file, publish_dir, sha256_file, write_delay, write_json_atomic
+from latentlm.model.config import ModelConfig
+from latentlm.fileio import ManifestFormat, fsync_file, publishing, sha256_file, write_delay
 from latentlm.train.distributed import DistInfo, raise_rank0_failure
 
-FORMAT = 1
+FORMAT_VERSION = 1
+CHECKPOINT_FORMAT = ManifestFormat("latentlm-checkpoint", FORMAT_VERSION, "a latentlm checkpoint",
+                                   "pass another checkpoint, or train or import this one again with this latentlm",
+                                   legacy_version_key="format")  # older checkpoints: {"format": 1}
 TOKENIZER_FILE = "tokenizer.json"
 TIED_KEY = "model.lm_head.weight"  # equal to model.wte.weight when embeddings are tied
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -76,8 +79,10 @@ def save_checkpoint(run_dir: str | Path, step: int, module: torch.nn.Module, opt
     final = Path(run_dir) / "checkpoints" / f"step_{step:08d}"
     failure = None
     if info.is_main:
-        try:
-            _write_checkpoint(final, model_sd, optim_sd, rngs, cfg, trainer_state, info, extra)
+        try:  # hidden while assembled; the run lock excludes live writers, so every .step_* is a leftover
+            with publishing(final, replace=True, hidden=True, stale=".step_*") as tmp:
+                write_checkpoint(tmp, model_sd, cfg, step=step, optim_sd=optim_sd, rngs=rngs,
+                                 trainer_state=trainer_state, world_size=info.world_size, extra=extra)
             for old in list_checkpoints(run_dir)[:-cfg.train.keep_last]:
                 _remove_checkpoint(old)
         except OSError as e:  # disk full, read-only or vanished directory: say so, keep the older ones
@@ -90,41 +95,42 @@ def save_checkpoint(run_dir: str | Path, step: int, module: torch.nn.Module, opt
     return final
 
 
-def _write_checkpoint(final: Path, model_sd: dict, optim_sd: dict, rngs: list, cfg: Config,
-                      trainer_state: dict[str, Any], info: DistInfo, extra: dict[str, Any] | None) -> None:
-    """Assemble the checkpoint in a hidden sibling and rename it into place; remove it on failure."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(".step_*"):  # leftovers of killed writers (the run lock excludes live ones)
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    tmp.mkdir()
-    try:
-        if _tied(cfg):
-            model_sd.pop(TIED_KEY, None)
-        save_file({k: v.contiguous() for k, v in model_sd.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "latentlm", "method": cfg.train.method})
-        torch.save(optim_sd, tmp / "optimizer.pt")
-        write_delay()
-        torch.save({f"rank{r}_{k}": v for r, s in enumerate(rngs) for k, v in s.items()}, tmp / "rng.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-        extra = dict(extra or {})
-        if extra.get("tokenizer", {}).get("name") == "bpe":  # a trained BPE travels with the checkpoint
-            shutil.copyfile(extra["tokenizer"]["path"], tmp / TOKENIZER_FILE)
-            extra["tokenizer"] = {**extra["tokenizer"], "path": TOKENIZER_FILE}
-        save_yaml(cfg, tmp / "config.yaml")
-        files = {}
-        for f in sorted(tmp.iterdir()):
-            fsync_file(f)
-            files[f.name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-        manifest = {"format": FORMAT, "kind": "latentlm-checkpoint", "latentlm_version": latentlm.__version__,
-                    "torch_version": torch.__version__, "method": cfg.train.method, "step": step_of(final),
-                    "world_size": info.world_size, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    "files": files, **extra}
-        write_json_atomic(tmp / "manifest.json", manifest)
-        publish_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def write_checkpoint(directory: Path, model_sd: dict[str, torch.Tensor], cfg: Config, *, step: int,
+                     optim_sd: dict[str, Any] | None = None, rngs: list[dict[str, torch.Tensor]] | None = None,
+                     trainer_state: dict[str, Any] | None = None, world_size: int = 1,
+                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fill ``directory`` (a scratch directory from :func:`~latentlm.fileio.publishing`) with checkpoint
+    ``step`` of ``cfg``'s method and return its manifest.
+
+    It always holds the weights ``model_sd`` (full state-dict keys; a tied head is left out) and the
+    config. A resumable checkpoint adds the optimizer state, every rank's RNG state and the trainer
+    state; without them it is weights-only (an imported model at step 0), which evaluates and
+    initialises runs but does not resume. ``extra`` adds manifest keys; the file of a trained BPE
+    that ``extra["tokenizer"]`` names by an absolute path is copied in (a relative path is one
+    already in ``directory``), and every file already in ``directory`` (an imported tokenizer) is
+    listed in the manifest too."""
+    save_file({k: v.contiguous() for k, v in model_sd.items() if not (k == TIED_KEY and _tied(cfg))},
+              str(directory / "model.safetensors"), metadata={"format": "latentlm", "method": cfg.train.method})
+    if optim_sd is not None:
+        torch.save(optim_sd, directory / "optimizer.pt")
+    write_delay()
+    if rngs is not None:
+        torch.save({f"rank{r}_{k}": v for r, s in enumerate(rngs) for k, v in s.items()}, directory / "rng.pt")
+    if trainer_state is not None:
+        (directory / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    extra = dict(extra or {})
+    tokenizer = extra.get("tokenizer", {})
+    if tokenizer.get("name") == "bpe" and Path(tokenizer["path"]).is_absolute():  # a trained BPE travels along
+        shutil.copyfile(tokenizer["path"], directory / TOKENIZER_FILE)
+        extra["tokenizer"] = {**tokenizer, "path": TOKENIZER_FILE}
+    save_yaml(cfg, directory / "config.yaml")
+    files = {}
+    for f in sorted(p for p in directory.rglob("*") if p.is_file()):
+        fsync_file(f)
+        files[f.relative_to(directory).as_posix()] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+    return CHECKPOINT_FORMAT.write(directory, {
+        "torch_version": torch.__version__, "method": cfg.train.method, "step": step, "world_size": world_size,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files, **extra})
 
 
 def _remove_checkpoint(ckpt: Path) -> None:
@@ -141,18 +147,11 @@ def step_of(ckpt: Path) -> int:
 
 
 def read_manifest(ckpt: Path, verify: bool = True) -> dict[str, Any]:
-    """The checkpoint's manifest, after checking every file it lists (size and sha256)."""
-    mpath = ckpt / "manifest.json"
-    if not mpath.is_file():
-        raise LatentLMError(f"{ckpt} is not a latentlm checkpoint (no manifest.json); "
-                            "pass a run directory or one of its checkpoints/step_* directories")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError:
-        raise LatentLMError(f"{mpath} is not valid JSON; the checkpoint is damaged, use an earlier one") from None
-    if manifest.get("kind") != "latentlm-checkpoint" or manifest.get("format") != FORMAT:
-        raise LatentLMError(f"{ckpt} has an unknown checkpoint format {manifest.get('format')!r} "
-                            f"(this latentlm reads format {FORMAT})")
+    """The checkpoint's manifest, after checking every file it lists (size and sha256). Checkpoints of
+    older latentlm (``"format": 1``) come back with ``format_version`` 1."""
+    manifest = CHECKPOINT_FORMAT.read(ckpt)
+    if not isinstance(manifest.get("files"), dict):
+        raise LatentLMError(f"{ckpt / 'manifest.json'} lists no files; the checkpoint is damaged, use an earlier one")
     for name, meta in manifest["files"].items():
         f = ckpt / name
         if not f.is_file():
@@ -175,26 +174,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
-def load_model_state(ckpt: Path, cfg: Config) -> dict[str, torch.Tensor]:
+def load_model_state(ckpt: Path, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights (method keys; the core under ``model.``), tied head restored."""
     try:
         sd = load_file(str(ckpt / "model.safetensors"))
     except SafetensorError as e:
         raise LatentLMError(f"cannot read {ckpt / 'model.safetensors'} ({str(e).splitlines()[0]}); the checkpoint "
                             "is damaged, use an earlier one") from None
-    if _tied(cfg) and "model.wte.weight" in sd:
+    if model_cfg.resolved().tie_embeddings and "model.wte.weight" in sd:
         sd[TIED_KEY] = sd["model.wte.weight"]
     return sd
-
-
-def load_config(ckpt: Path) -> Config:
-    import yaml
-
-    try:
-        data = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError):
-        raise LatentLMError(f"{ckpt / 'config.yaml'} is not valid YAML; the checkpoint is damaged, use an "
-                            "earlier one") from None
-    return config_from_dict(data)
 
 
 def restore_training(ckpt: Path, module: torch.nn.Module, optimizer, cfg: Config, info: DistInfo) -> dict[str, Any]:
@@ -204,7 +193,7 @@ def restore_training(ckpt: Path, module: torch.nn.Module, optimizer, cfg: Config
         raise LatentLMError(f"checkpoint {ckpt} was trained with method {manifest['method']!r}, "
                             f"not {cfg.train.method!r}; resume with --train.method {manifest['method']}")
     opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(module, load_model_state(ckpt, cfg), options=opts)
+    set_model_state_dict(module, load_model_state(ckpt, cfg.model), options=opts)
     set_optimizer_state_dict(module, optimizer, _load_tensors(ckpt / "optimizer.pt"), options=opts)
     rng = _load_tensors(ckpt / "rng.pt")
     key = f"rank{info.rank}_cpu"
@@ -223,22 +212,3 @@ def _load_tensors(path: Path) -> Any:
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError):
         raise LatentLMError(f"refusing to load {path}: it is damaged or holds objects other than tensors (loading "
                             "it could run code); resume from another checkpoint") from None
-
-
-def checkpoint_tokenizer(ckpt: str | Path, manifest: dict[str, Any]):
-    """The tokenizer a checkpoint was trained with (a BPE's file is stored inside it)."""
-    from latentlm.data.prepare import tokenizer_for
-
-    return tokenizer_for(manifest, resolve_checkpoint(ckpt))
-
-
-def load_method(path: str | Path, device: str | torch.device = "cpu"):
-    """A trained method for evaluation or generation: ``(method, config, manifest)``."""
-    from latentlm.methods import build_method
-
-    ckpt = resolve_checkpoint(path)
-    manifest = read_manifest(ckpt)
-    cfg = load_config(ckpt)
-    method = build_method(cfg)
-    method.load_state_dict(load_model_state(ckpt, cfg), strict=True)
-    return method.to(device).eval(), cfg, manifest

@@ -123,7 +123,7 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
 
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     method = build_method(cfg).to(device)
-    method.prepare_training(device)  # teacher / SAE / label cache mismatches fail before any output
+    method.validate_inputs(device)  # teacher / SAE / label cache / tokenizer mismatches fail before any output
     if tc.init_from and existing is None:  # before wrapping, so DDP/FSDP start from these weights
         init_core_from(method.model, tc.init_from, data_manifest)
     module = dist_.wrap(method, info, device)
@@ -155,7 +155,7 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
     peak = tc.peak_flops or device_peak_flops(device)
     params = [p for p in module.parameters() if p.requires_grad]
     ckpt_extra = {"tokenizer": tokenizer.describe(), "data": str(Path(cfg.data.path).resolve()),
-                  "params": method.model.num_params()}
+                  "params": method.model.num_params(), "capabilities": method.capabilities()}
 
     def evaluate() -> dict[str, float]:
         with amp:
@@ -186,9 +186,9 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
             g["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         for micro in range(tc.grad_accum):
-            x, y = loader.next_batch()
+            x, y, windows = loader.next_batch_windows()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            extra = method.batch_inputs(x, y, loader.last_windows)
+            extra = method.batch_inputs(x, y, windows=windows, step=step)  # step: optimizer steps done
             sync = micro == tc.grad_accum - 1
             ctx = module.no_sync() if (info.mode == "ddp" and not sync) else contextlib.nullcontext()
             with ctx:

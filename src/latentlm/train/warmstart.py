@@ -14,7 +14,11 @@ import torch
 
 from latentlm.data.prepare import check_tokenizer
 from latentlm.errors import LatentLMError
+from latentlm.checkpoint_files import saved_config
+from latentlm.model.config import ModelConfig
 from latentlm.model.transformer import Transformer
+from latentlm.settings import build
+from latentlm.train.checkpoint import load_model_state, read_manifest, resolve_checkpoint
 
 # Settings that change the function but not any tensor shape, so shape checks cannot catch them.
 _SAME = ("vocab_size", "pos", "norm", "mlp", "tie_embeddings", "norm_eps", "rope_theta", "embed_scale")
@@ -27,8 +31,6 @@ def init_core_from(model: Transformer, path: str | Path, data_manifest: dict[str
     setting in :data:`_SAME` differs, or naming the first tensor whose presence or shape differs.
     Returns the checkpoint directory used.
     """
-    from latentlm.train.checkpoint import load_config, load_model_state, read_manifest, resolve_checkpoint
-
     if not Path(path).exists():
         raise LatentLMError(f"train.init_from {path} does not exist; pass a latentlm run or checkpoint directory "
                             "(`latentlm import --hf` turns a Hugging Face model into one)")
@@ -36,13 +38,13 @@ def init_core_from(model: Transformer, path: str | Path, data_manifest: dict[str
     manifest = read_manifest(ckpt)
     if data_manifest is not None and "tokenizer" in manifest:
         check_tokenizer(data_manifest, manifest["tokenizer"])
-    cfg = load_config(ckpt)
-    theirs, ours = cfg.model.resolved(), model.cfg
+    saved = build(ModelConfig, saved_config(ckpt)["model"], "model.")
+    theirs, ours = saved.resolved(), model.cfg
     for key in _SAME:
         if getattr(theirs, key) != getattr(ours, key):
             raise LatentLMError(f"train.init_from {ckpt} has model.{key}={getattr(theirs, key)} but this run "
                                 f"{getattr(ours, key)}; set --model.{key} {getattr(theirs, key)}")
-    state = {k.removeprefix("model."): v for k, v in load_model_state(ckpt, cfg).items() if k.startswith("model.")}
+    state = {k.removeprefix("model."): v for k, v in load_model_state(ckpt, saved).items() if k.startswith("model.")}
     target = model.state_dict()
     for key in [*target, *(k for k in state if k not in target)]:  # model order: the first difference
         if key not in state or key not in target:

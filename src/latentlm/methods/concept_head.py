@@ -1,0 +1,110 @@
+"""CoCoMix's concept head as a reusable piece: predict concepts, keep the TopK, compress (docs/METHODS.md §2.2-2.3).
+
+Reading a residual stream ``h`` [..., d] (normalised like the SAE's input, not detached):
+
+    z     = W_pred (x_hat - b) + b_pred                    [..., C] concept logits
+    z_k   = TopK_k(z)                                      raw values, no ReLU
+    c_hat = (W_comp z_k + b_comp + b) * s + mu             [..., d]
+
+``W_comp z_k`` is a gather of the k selected columns (``embedding_bag``), never a C-wide matmul.
+The loss against a teacher's labels is the mean C-way cross-entropy over unmasked labels, in
+chunks whose softmax is recomputed in backward. Steering multiplies chosen logits before the TopK.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from latentlm.concepts.sae import TopKSAE
+from latentlm.errors import LatentLMError
+
+
+def _masked_ce_sum(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over unmasked ``labels`` [n, k] of ``CE(z_row, label)`` for one chunk of logits ``z`` [n, C]."""
+    z = z.float()
+    keep = labels >= 0
+    picked = z.gather(-1, labels.clamp(min=0))
+    return ((torch.logsumexp(z, dim=-1, keepdim=True) - picked) * keep).sum()
+
+
+class ConceptHead(nn.Module):
+    """``n_concepts`` C concept logits of a width-``d`` stream, its TopK ``k_concepts`` and (with
+    ``compress``) the continuous concept vector. Parameters are drawn with std ``init_std``."""
+
+    def __init__(self, d: int, n_concepts: int, k_concepts: int, init_std: float, compress: bool = True):
+        super().__init__()
+        if not 0 < k_concepts <= n_concepts:
+            raise LatentLMError(f"k_concepts={k_concepts} must be in [1, n_concepts={n_concepts}]")
+        self.n_concepts, self.k_concepts = n_concepts, k_concepts
+        self.predict = nn.Linear(d, n_concepts)  # W_pred, b_pred
+        nn.init.normal_(self.predict.weight, 0.0, init_std)
+        nn.init.zeros_(self.predict.bias)
+        if compress:  # only when the vector is used: DDP would need find_unused_parameters otherwise
+            # W_comp stored transposed (one row per concept): the k selected columns are a row gather.
+            self.compress_weight = nn.Parameter(torch.empty(n_concepts, d))
+            nn.init.normal_(self.compress_weight, 0.0, init_std)
+            self.compress_bias = nn.Parameter(torch.zeros(d))  # b_comp
+        self.b = nn.Parameter(torch.zeros(d))  # shared pre-encoder / post-decoder bias
+        self.set_steering([], [])
+
+    def logits(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(z, mu, s)``: concept logits [..., C] of the stream ``h`` and its normalisation stats."""
+        x_hat, mu, s = TopKSAE.normalize(h)
+        return self.predict(x_hat - self.b.to(x_hat.dtype)), mu, s
+
+    def compress(self, z: torch.Tensor, mu: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """``c_hat`` [..., d] from the k largest raw concept logits (gathered columns of W_comp)."""
+        vals, idx = z.topk(self.k_concepts, dim=-1)
+        w = self.compress_weight
+        mixed = F.embedding_bag(idx.flatten(0, -2), w, per_sample_weights=vals.flatten(0, -2).to(w.dtype),
+                                mode="sum").view(*z.shape[:-1], -1)
+        return (mixed + self.compress_bias + self.b) * s + mu
+
+    def loss(self, z: torch.Tensor, labels: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean CE over unmasked labels [..., k_attr] (-1 = masked) and the fraction of them among the
+        top-k_attr logits (chance ~ k_attr / C), in chunks of ``chunk`` rows (each chunk's softmax
+        recomputed in backward, never all kept)."""
+        flat, lab = z.flatten(0, -2), labels.flatten(0, -2)
+        total = flat.new_zeros((), dtype=torch.float32)
+        recompute = torch.is_grad_enabled() and flat.requires_grad
+        for i in range(0, flat.shape[0], chunk):
+            part = (flat[i:i + chunk], lab[i:i + chunk])
+            total = total + (checkpoint(_masked_ce_sum, *part, use_reentrant=False) if recompute
+                             else _masked_ce_sum(*part))
+        keep = lab >= 0
+        count = keep.sum().clamp(min=1)
+        with torch.no_grad():
+            top = flat.topk(min(lab.shape[-1], self.n_concepts), dim=-1).indices
+            hits = ((top[:, None, :] == lab[:, :, None]).any(-1) & keep).sum()
+        return total / count, hits / count
+
+    def flops_per_token(self) -> float:
+        """2 d C for W_pred, and 2 k d for the gathered W_comp when compressing (norms, TopK ignored)."""
+        d = self.b.shape[0]
+        return 2.0 * d * self.n_concepts + (2.0 * self.k_concepts * d if hasattr(self, "compress_weight") else 0.0)
+
+    # --- steering (generation) ------------------------------------------------------------------
+
+    def set_steering(self, concept_ids: list[int], alphas: list[float], on_prompt: bool = False) -> None:
+        """Multiply concept logits ``z[i]`` by ``alpha`` before the TopK in :meth:`steer`: at every
+        position whose output picks a new token (a prefill's last one and each generated one), or at
+        every prompt position too with ``on_prompt``. ``set_steering([], [])`` clears."""
+        if len(concept_ids) != len(alphas):
+            raise LatentLMError(f"steering needs one alpha per concept; got {len(concept_ids)} concepts "
+                                f"and {len(alphas)} alphas")
+        bad = [i for i in concept_ids if not 0 <= i < self.n_concepts]
+        if bad:
+            raise LatentLMError(f"steering concepts {bad} are not in [0, {self.n_concepts})")
+        self.steer_ids, self.steer_alphas, self.steer_on_prompt = list(concept_ids), list(alphas), on_prompt
+
+    def steer(self, z: torch.Tensor, prefill: bool) -> torch.Tensor:
+        """``z`` [B, T, C] with the steering applied (``prefill``: ``z`` holds a whole prompt)."""
+        if not self.steer_ids:
+            return z
+        scale = torch.ones(z.shape[-2:], device=z.device, dtype=z.dtype)  # [T, C]
+        rows = slice(-1, None) if prefill and not self.steer_on_prompt else slice(None)
+        scale[rows, self.steer_ids] = torch.tensor(self.steer_alphas, device=z.device, dtype=z.dtype)
+        return z * scale

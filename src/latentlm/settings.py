@@ -1,0 +1,189 @@
+"""Typed settings: dataclasses built from YAML / dotted overrides with one-line errors.
+
+The machinery every settings block uses (the core ``model``/``data``/``train`` sections in
+:mod:`latentlm.config` and each method's own section in ``methods/``): build a dataclass from
+a mapping, coerce values to the annotated types, parse ``--section.key VALUE`` overrides and
+YAML files, and the small range checks ``validate`` methods share. It imports nothing else of
+latentlm, so any module can declare settings without an import cycle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+from latentlm.errors import LatentLMError
+
+
+def positive(obj: Any, section: str, *names: str) -> None:
+    """Each ``obj.<name>`` is a finite number > 0, else a one-line error naming ``section.name``."""
+    for n in names:
+        v = getattr(obj, n)
+        if not (v > 0 and math.isfinite(v)):
+            raise LatentLMError(f"{section}.{n}={v} must be positive and finite")
+
+
+def non_negative(obj: Any, section: str, *names: str) -> None:
+    """Each ``obj.<name>`` is a finite number >= 0, else a one-line error naming ``section.name``."""
+    for n in names:
+        v = getattr(obj, n)
+        if not (v >= 0 and math.isfinite(v)):
+            raise LatentLMError(f"{section}.{n}={v} must be >= 0 and finite")
+
+
+class Settings:
+    """Base of a settings dataclass (one config section). ``validate`` checks that the fields named in
+    :attr:`positive_fields` are > 0 and those in :attr:`non_negative_fields` >= 0 (finite, both); a
+    subclass adds its own checks after ``super().validate()``. :attr:`section` names it in errors.
+    (Class attributes, not dataclass fields: a non-dataclass base contributes no fields.)"""
+
+    section: str = ""
+    positive_fields: tuple[str, ...] = ()
+    non_negative_fields: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        positive(self, self.section, *self.positive_fields)
+        non_negative(self, self.section, *self.non_negative_fields)
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def coerce(key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` as type ``tp`` or raise a one-line error naming ``key``."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arm in get_args(tp):
+            try:
+                return coerce(key, value, arm)
+            except LatentLMError:
+                pass
+    elif origin is Literal:
+        if value in get_args(tp):
+            return value
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise LatentLMError(f"config key {key}={value!r} has the wrong type: expected {_type_name(tp)}")
+
+
+def build(cls: type, data: Any, prefix: str) -> Any:
+    """An instance of the dataclass ``cls`` from the mapping ``data`` (missing keys keep their
+    defaults); ``prefix`` (``"model."``) names keys in errors."""
+    if not isinstance(data, dict):
+        raise LatentLMError(f"config section {prefix.rstrip('.') or 'root'} must be a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        if k not in names:
+            raise LatentLMError(f"unknown config key '{prefix}{k}'; allowed keys: {', '.join(names)}")
+        tp = hints[k]
+        kwargs[k] = build(tp, v, f"{prefix}{k}.") if dataclasses.is_dataclass(tp) else coerce(f"{prefix}{k}", v, tp)
+    return cls(**kwargs)
+
+
+def merge(base: dict, over: dict) -> dict:
+    """``base`` updated by ``over``, recursively for nested mappings (neither is modified)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """Turn ``["--model.n_layer", "4", "--train.lr=3e-4"]`` into a nested dict.
+
+    Values are parsed as YAML scalars, so ``4`` is an int, ``3e-4`` a float, ``true`` a bool
+    and ``null`` None.
+    """
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--") or "." not in a:
+            raise LatentLMError(f"unexpected argument {a!r}; config overrides look like --section.key VALUE")
+        if "=" in a:
+            key, raw = a[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise LatentLMError(f"override {a} has no value; write {a} VALUE")
+            key, raw = a[2:], args[i + 1]
+            i += 2
+        value = _parse_scalar(raw)
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise LatentLMError(f"override --{key} conflicts with another override of {p}")
+        node[parts[-1]] = value
+    return out
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        v = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    # YAML 1.1 reads "1e-4" as a string; accept the usual float spellings.
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in the YAML file ``path`` (floats like ``1e-4`` read as floats)."""
+    p = Path(path)
+    if not p.is_file():
+        raise LatentLMError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise LatentLMError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise LatentLMError(f"config file {p} must hold a mapping of sections (model:, data:, train:)")
+    return _fix_yaml_floats(data)
+
+
+def _fix_yaml_floats(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _fix_yaml_floats(v) for k, v in d.items()}
+    if isinstance(d, str):
+        return _parse_scalar(d) if _looks_like_float(d) else d
+    return d
+
+
+def _looks_like_float(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return s.strip().lower() not in ("nan", "inf", "-inf", "infinity", "-infinity")
