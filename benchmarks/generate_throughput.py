@@ -34,17 +34,28 @@ from latentlm.perf import emit_json, synchronize
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# key: (method, config overrides); K of pause/loop/ponderlm is the preset's ponder.thoughts.
+# key: (method, config overrides); K of pause/loop/ponderlm is the preset's pause.n_pauses / loop.n_loops /
+# ponderlm.n_steps.
 VARIANTS: dict[str, tuple[str, dict]] = {
     "ntp": ("ntp", {}),
     "cocomix": ("cocomix", {}),
     "kd": ("kd", {}),
     "pause": ("pause", {}),
-    "ponder1": ("ponder", {"ponder": {"thoughts": 1, "prefill": "jacobi"}}),
-    "ponder2": ("ponder", {"ponder": {"thoughts": 2, "prefill": "jacobi"}}),
+    "ponder1": ("ponder", {"ponder": {"n_thoughts": 1, "prefill": "jacobi"}}),
+    "ponder2": ("ponder", {"ponder": {"n_thoughts": 2, "prefill": "jacobi"}}),
     "loop": ("loop", {}),
     "ponderlm": ("ponderlm", {}),
 }
+
+
+# The config key holding each method's K (thoughts / pauses / extra passes / pondering steps per token).
+K_KEYS = {"ponder": ("ponder", "n_thoughts"), "pause": ("pause", "n_pauses"), "loop": ("loop", "n_loops"),
+          "ponderlm": ("ponderlm", "n_steps")}
+
+
+def method_k(cfg, name: str) -> int:
+    section, key = K_KEYS[name]
+    return getattr(getattr(cfg, section), key)
 
 
 def build(args, key: str, capacity: int, device: torch.device) -> tuple[str, Method]:
@@ -59,8 +70,7 @@ def build(args, key: str, capacity: int, device: torch.device) -> tuple[str, Met
     cfg = make_config(args.config, over)
     torch.manual_seed(0)
     method = build_method(cfg).to(device).eval()
-    k = cfg.ponder.thoughts
-    label = f"{name} (K={k})" if name in ("pause", "loop", "ponderlm", "ponder") else name
+    label = f"{name} (K={method_k(cfg, name)})" if name in K_KEYS else name
     return label, method
 
 

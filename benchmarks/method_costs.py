@@ -19,7 +19,7 @@ import torch
 
 from latentlm.config import make_config
 from latentlm import perf
-from latentlm.methods import METHODS, build_method
+from latentlm.methods import build_method, methods
 
 # (label, method, overrides): the PonderLM-2 comparison family at K = 1 unless stated.
 RUNS = [
@@ -30,13 +30,14 @@ RUNS = [
     ("ponderlm (K=1)", "ponderlm", {}),
     ("ponder (K=1)", "ponder", {}),
     ("ponder (K=1), checkpoint=pass", "ponder", {"ponder": {"checkpoint": "pass"}}),
-    ("ponder (K=2)", "ponder", {"ponder": {"thoughts": 2}}),
+    ("ponder (K=2)", "ponder", {"ponder": {"n_thoughts": 2}}),
 ]
 
 
 def saved_activation_bytes(method, x, y) -> int:
-    """Bytes of distinct storages autograd saves for backward during one training forward."""
-    loss, n = perf.saved_activation_bytes(lambda: method(x, y)[0], exclude=method.parameters())
+    """Bytes of distinct storages autograd saves for backward during one training forward (step 0's inputs)."""
+    extra = method.batch_inputs(x, y, windows=None, step=0)
+    loss, n = perf.saved_activation_bytes(lambda: method(x, y, **extra)[0], exclude=method.parameters())
     loss.backward()
     method.zero_grad(set_to_none=True)
     return n
@@ -49,7 +50,7 @@ def step_seconds(method, x, y, steps: int, device: torch.device) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss, _ = method(x, y)
+        loss, _ = method(x, y, **method.batch_inputs(x, y, windows=None, step=i))  # as the trainer calls it
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -79,7 +80,7 @@ def main() -> None:
     rows = []
     base = None
     for label, name, over in RUNS:
-        if name not in METHODS:
+        if name not in methods():
             continue
         model = {"arch": a.arch, "n_layer": a.n_layer, "n_embd": a.n_embd, "n_head": a.n_head,
                  "vocab_size": a.vocab, "block_size": a.seq_len, "embed_scale": (2.5 * a.n_embd) ** 0.5}

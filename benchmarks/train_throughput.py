@@ -56,29 +56,36 @@ from latentlm.train.trainer import autocast_context
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 2 ** 20
 
-# key: (method, config overrides, step work). K of pause/loop/ponderlm is the preset's ponder.thoughts.
+# key: (method, config overrides, step work). K of pause/loop/ponderlm is the preset's pause.n_pauses /
+# loop.n_loops / ponderlm.n_steps.
 VARIANTS: dict[str, tuple[str, dict, str]] = {
     "ntp": ("ntp", {}, "plain"),
     "cocomix-cached": ("cocomix", {}, "cached labels"),
     "cocomix-fly": ("cocomix", {}, "labels on the fly"),
     "kd": ("kd", {}, "teacher logits"),
     "pause": ("pause", {}, "plain"),
-    "ponder1": ("ponder", {"ponder": {"thoughts": 1}}, "plain"),
-    "ponder1-pass": ("ponder", {"ponder": {"thoughts": 1, "checkpoint": "pass"}}, "plain"),
-    "ponder1-block": ("ponder", {"ponder": {"thoughts": 1, "checkpoint": "block"}}, "plain"),
-    "ponder2": ("ponder", {"ponder": {"thoughts": 2}}, "plain"),
+    "ponder1": ("ponder", {"ponder": {"n_thoughts": 1}}, "plain"),
+    "ponder1-pass": ("ponder", {"ponder": {"n_thoughts": 1, "checkpoint": "pass"}}, "plain"),
+    "ponder1-block": ("ponder", {"ponder": {"n_thoughts": 1, "checkpoint": "block"}}, "plain"),
+    "ponder2": ("ponder", {"ponder": {"n_thoughts": 2}}, "plain"),
     "loop": ("loop", {}, "plain"),
     "ponderlm": ("ponderlm", {}, "plain"),
 }
+
+
+# The config key holding each method's K (thoughts / pauses / extra passes / pondering steps per token).
+K_KEYS = {"ponder": ("ponder", "n_thoughts"), "pause": ("pause", "n_pauses"), "loop": ("loop", "n_loops"),
+          "ponderlm": ("ponderlm", "n_steps")}
 
 
 def label(key: str, cfg: Config) -> str:
     method, _, work = VARIANTS[key]
     if method == "cocomix":
         return f"cocomix, {work}"
-    if method in ("pause", "loop", "ponderlm", "ponder"):
+    if method in K_KEYS:
+        section, k = K_KEYS[method]
         ck = cfg.ponder.checkpoint
-        return f"{method} (K={cfg.ponder.thoughts})" + (f", checkpoint={ck}" if ck != "none" else "")
+        return f"{method} (K={getattr(getattr(cfg, section), k)})" + (f", checkpoint={ck}" if ck != "none" else "")
     return method
 
 
@@ -87,12 +94,11 @@ class MemoryTeacherLabels:
     per batch, without loading them from disk (the benchmark's teacher is random)."""
 
     def __init__(self, teacher, sae: TopKSAE, cfg: Config):
-        self.teacher, self.sae, self.c = teacher, sae, cfg.cocomix
+        self.teacher, self.sae, self.c = teacher, sae, cfg.concepts
 
     def labels(self, x: torch.Tensor, windows) -> torch.Tensor:
         c = self.c
-        return concept_labels(self.teacher, self.sae, x, c.teacher_layer, k_attr=c.k_attr, acts=c.acts,
-                              select=c.select)
+        return concept_labels(self.teacher, self.sae, x, c.layer, k_attr=c.k_attr, acts=c.acts, select=c.select)
 
 
 class TableLabels:
@@ -125,6 +131,7 @@ class Run:
     peak: int = 0
     saved: int = 0
     rss: int | None = None
+    steps: int = 0  # optimizer steps taken (batch_inputs' step: ponder draws its n from it)
     failed: str = ""  # e.g. "out of memory": the row says so and the other methods still run
 
 
@@ -152,8 +159,9 @@ def make_cfg(args, key: str, teacher_yaml: Path) -> Config:
     if method in ("cocomix", "kd"):
         n_layer = base.model.n_layer
         c = base.cocomix
-        over["cocomix"] = {"teacher": str(teacher_yaml), "teacher_layer": min(c.teacher_layer, n_layer - 1),
-                           "insert_layer": min(c.insert_layer, n_layer - 1),
+        over["teacher"] = {"path": str(teacher_yaml)}
+        over["concepts"] = {"layer": min(base.concepts.layer, n_layer - 1)}
+        over["cocomix"] = {"insert_layer": min(c.insert_layer, n_layer - 1),
                            "n_concepts": c.n_concepts or 32768, "k_concepts": c.k_concepts or 32}
     return make_config(args.config, over)
 
@@ -168,7 +176,7 @@ def build_run(args, key: str, teacher, sae: TopKSAE, label_table: torch.Tensor, 
     torch.manual_seed(cfg.train.seed)
     method = build_method(cfg).to(device).train()
     _, _, work = VARIANTS[key]
-    # The trainer would load these from cocomix.teacher / the label cache; the benchmark's are in memory.
+    # The trainer would load these from teacher.path / the label cache; the benchmark's are in memory.
     if work == "labels on the fly":
         method._labels = MemoryTeacherLabels(teacher, sae, cfg)
     elif work == "cached labels":
@@ -190,7 +198,7 @@ def build_run(args, key: str, teacher, sae: TopKSAE, label_table: torch.Tensor, 
 
 def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, windows, amp) -> None:
     """One optimizer step the way the trainer makes it (grad_accum 1)."""
-    extra = run.method.batch_inputs(x, y, windows)
+    extra = run.method.batch_inputs(x, y, windows=windows, step=run.steps)
     with amp:
         loss, _ = run.module(x, y, **extra)
     loss.backward()
@@ -200,10 +208,11 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, windows, amp) -> None
     torch.stack([loss.detach(), norm.float()]).tolist()  # the trainer's one host sync per step
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
+    run.steps += 1
 
 
 def measure_saved(run: Run, x, y, windows, amp) -> int:
-    extra = run.method.batch_inputs(x, y, windows)
+    extra = run.method.batch_inputs(x, y, windows=windows, step=run.steps)
 
     def forward():
         with amp:

@@ -1,4 +1,4 @@
-"""Attribution scores and concept labels (SPEC 2.1) on a tiny random teacher and SAE."""
+"""Attribution scores and concept labels (docs/METHODS.md §2.1) on a tiny random teacher and SAE."""
 
 from __future__ import annotations
 

@@ -51,7 +51,8 @@ def _positive(cell: str) -> bool:
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny ops: threads only add contention on a shared CPU
 TINY_PRESET = """model: {arch: gpt2, vocab_size: 300, block_size: 16, n_layer: 2, n_head: 2, n_embd: 32}
 train: {batch_size: 2}
-cocomix: {teacher_layer: 0, insert_layer: 1, n_concepts: 64, k_concepts: 4}
+concepts: {layer: 0}
+cocomix: {insert_layer: 1, n_concepts: 64, k_concepts: 4}
 """
 
 

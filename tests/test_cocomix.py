@@ -1,4 +1,4 @@
-"""CoCoMix student and its pause baseline: the SPEC equations against a manual computation,
+"""CoCoMix student and its pause baseline: the equations of docs/METHODS.md §2.2-2.3 against a manual computation,
 positions, the chunked concept loss, cached generation, steering, the variants, learning with the
 trainer, FLOPs, C and k from the SAE, and the shared core init."""
 
@@ -78,7 +78,7 @@ def lower(method: Method, x: torch.Tensor) -> torch.Tensor:
 
 
 def manual_concepts(method: Cocomix, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC 2.2 step by step with a dense W_comp: ``(z, c_hat)``."""
+    """docs/METHODS.md §2.2 step by step with a dense W_comp: ``(z, c_hat)``."""
     mu = h.mean(-1, keepdim=True)
     s = ((h - mu).pow(2).sum(-1, keepdim=True) / (h.shape[-1] - 1)).sqrt()
     x_hat = (h - mu) / (s + 1e-5)

@@ -55,7 +55,7 @@ def activated_params(method) -> int:
 
 @pytest.mark.parametrize("size", COCOMIX)
 def test_cocomix_presets_and_their_width_matched_ntp_baselines(size):
-    """SPEC 2.4 shapes and schedules; both build on the meta device without an SAE; the widened NTP
+    """docs/METHODS.md §2.4 shapes and schedules; both build on the meta device without an SAE; the widened NTP
     baseline has the student's activated parameter count within 3% (measured: 69M +1.7%, 386M -0.6%,
     1.38B -0.5%; the NTP totals are 69.5M, 386.3M and 1373.5M, the paper's size names)."""
     import torch

@@ -302,7 +302,7 @@ def save_tiny_hf(arch: str, directory: Path, bpe_path: Path) -> None:
 def test_imported_model_matches_transformers(arch, tmp_path, bpe_path, capsys):
     from latentlm.concepts.teacher import LatentLMTeacher, load_teacher
     from latentlm.data.tokenizers import BPETokenizer
-    from latentlm.train.checkpoint import checkpoint_tokenizer
+    from latentlm.loading import checkpoint_tokenizer
 
     save_tiny_hf(arch, tmp_path / "hf", bpe_path)
     assert main(["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ck")]) == 0

@@ -1,4 +1,4 @@
-"""Concept inspection (SPEC 2.7): top activating contexts of SAE latents and the concepts a
+"""Concept inspection (docs/METHODS.md §2.7): top activating contexts of SAE latents and the concepts a
 CoCoMix student predicts per token, on tiny artifacts built through the CLI."""
 
 import json

@@ -1,4 +1,4 @@
-"""Knowledge distillation (SPEC 2.6): the loss by hand, and training towards a tiny teacher."""
+"""Knowledge distillation (docs/METHODS.md §2.6): the loss by hand, and training towards a tiny teacher."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The concept-label cache (SPEC 2.1) and the `sae train` / `concepts label` commands."""
+"""The concept-label cache (docs/METHODS.md §2.1) and the `sae train` / `concepts label` commands."""
 
 from __future__ import annotations
 

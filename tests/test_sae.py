@@ -133,7 +133,7 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["architecture"] == "topk" and cfg["activation_fn_str"] == "topk"
     assert (cfg["d_in"], cfg["d_sae"], cfg["k"]) == (16, 40, 5)
-    assert cfg["latentlm"] == meta and cfg["latentlm_normalization"] == "per-token mean/std (SPEC 2.1)"
+    assert cfg["latentlm"] == meta and cfg["latentlm_normalization"] == "per-token mean/std (docs/METHODS.md §2.1)"
     weights = load_file(str(out / "sae_weights.safetensors"))
     assert {k: tuple(v.shape) for k, v in weights.items()} == {
         "W_enc": (16, 40), "b_enc": (40,), "W_dec": (40, 16), "b_dec": (16,)}

@@ -1,3 +1,3 @@
 """latentlm: pretraining language models that think in continuous space."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

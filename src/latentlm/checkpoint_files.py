@@ -8,18 +8,90 @@ checkpoint is :func:`latentlm.loading.load_method`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from latentlm.errors import LatentLMError
+from latentlm.fileio import ManifestFormat, sha256_file
 from latentlm.model.config import ModelConfig
 from latentlm.model.transformer import Transformer
 from latentlm.settings import build
 
-# Manifests of format 1 (latentlm 0.2) record no capabilities; these are what their methods could do.
+FORMAT_VERSION = 1
+CHECKPOINT_FORMAT = ManifestFormat("latentlm-checkpoint", FORMAT_VERSION, "a latentlm checkpoint",
+                                   "pass another checkpoint, or train or import this one again with this latentlm",
+                                   legacy_version_key="format")  # older checkpoints: {"format": 1}
+TOKENIZER_FILE = "tokenizer.json"
+TIED_KEY = "model.lm_head.weight"  # equal to model.wte.weight when embeddings are tied
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "manifest.json").is_file()]
+    return sorted(found, key=step_of)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def step_of(ckpt: Path) -> int:
+    """The optimizer step a ``step_*`` directory holds."""
+    return int(_STEP_DIR.match(ckpt.name).group(1))
+
+
+def read_manifest(ckpt: Path, verify: bool = True) -> dict[str, Any]:
+    """The checkpoint's manifest, after checking every file it lists (size and sha256). Checkpoints of
+    older latentlm (``"format": 1``) come back with ``format_version`` 1."""
+    manifest = CHECKPOINT_FORMAT.read(ckpt)
+    if not isinstance(manifest.get("files"), dict):
+        raise LatentLMError(f"{ckpt / 'manifest.json'} lists no files; the checkpoint is damaged, use an earlier one")
+    for name, meta in manifest["files"].items():
+        f = ckpt / name
+        if not f.is_file():
+            raise LatentLMError(f"checkpoint file {f} is missing; the checkpoint is incomplete, use an earlier one")
+        if f.stat().st_size != meta["bytes"] or (verify and sha256_file(f) != meta["sha256"]):
+            raise LatentLMError(f"checkpoint file {f} does not match its manifest (size or sha256); "
+                                "it is damaged, use an earlier checkpoint")
+    return manifest
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from either itself or a run directory (its latest)."""
+    p = Path(path)
+    if (p / "manifest.json").is_file():
+        return p
+    latest = latest_checkpoint(p)
+    if latest is None:
+        raise LatentLMError(f"no checkpoint found at {p}; pass a run directory written by "
+                            "`latentlm train` or one of its checkpoints/step_* directories")
+    return latest
+
+
+def load_model_state(ckpt: Path, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights (method keys; the core under ``model.``), tied head restored."""
+    try:
+        sd = load_file(str(ckpt / "model.safetensors"))
+    except SafetensorError as e:
+        raise LatentLMError(f"cannot read {ckpt / 'model.safetensors'} ({str(e).splitlines()[0]}); the checkpoint "
+                            "is damaged, use an earlier one") from None
+    if model_cfg.resolved().tie_embeddings and "model.wte.weight" in sd:
+        sd[TIED_KEY] = sd["model.wte.weight"]
+    return sd
+
+
+# Checkpoints of latentlm 0.1 record no capabilities; these are what their methods could do.
 FORMAT1_CAPABILITIES: dict[str, dict[str, bool]] = {
     "ntp": {"plain_lm": True}, "kd": {"plain_lm": True},
     "cocomix": {"has_concepts": True, "needs_teacher": True, "needs_concept_labels": True},
@@ -53,8 +125,6 @@ def load_core(path: str | Path, device: str | torch.device = "cpu"
     directory: what a teacher or a warm start needs, without building the method. A checkpoint whose
     method is not a plain next-token LM (thoughts, concepts, pauses...) is refused: its core alone is
     not the model that was trained."""
-    from latentlm.train.checkpoint import load_model_state, read_manifest, resolve_checkpoint
-
     ckpt = resolve_checkpoint(path)
     manifest = read_manifest(ckpt)
     if not capabilities(manifest).get("plain_lm"):

@@ -23,7 +23,7 @@ import yaml
 from latentlm.concepts.labels import build_label_cache
 from latentlm.concepts.sae import load_sae, train_sae_on_teacher
 from latentlm.concepts.teacher import load_teacher
-from latentlm.config import make_config
+from latentlm.config import config_differences, config_from_dict, make_config
 from latentlm.data.loader import TokenSplit
 from latentlm.data.prepare import load_manifest, prepare
 from latentlm.data.sources import iter_documents
@@ -35,7 +35,7 @@ from latentlm.fileio import write_json_atomic
 from latentlm.loading import checkpoint_tokenizer, load_method
 from latentlm.methods import BASELINE, flops_report, method_class, section_types
 from latentlm.report import run_summary, write_report
-from latentlm.train.checkpoint import latest_checkpoint
+from latentlm.checkpoint_files import latest_checkpoint
 from latentlm.train.trainer import train
 
 TOP_KEYS = {"name", "out_dir", "data", "base", "budget", "teacher", "sae", "labels", "eval", "runs"}
@@ -93,27 +93,17 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
     return exp
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
+IGNORED = {"train.progress"}  # not part of what a run computes
 
 
-# Not part of what a run computes (progress bars), or filled in by the method from its SAE (0 = "from the SAE").
-IGNORED = {"train.progress"}
-FILLED_IN = {"cocomix.n_concepts", "cocomix.k_concepts"}  # resolved from the SAE by Cocomix.resolve_config
-
-
-def config_mismatch(saved: dict, wanted: dict) -> str | None:
+def config_mismatch(saved: dict, wanted) -> str | None:
     """``"KEY=SAVED (not WANTED)"`` for the first setting where a run directory's saved config
-    differs from the one asked for, else None: reusing a finished run is only right if it is the same run."""
-    a, b = _flat(saved), _flat(wanted)
-    for key in sorted(set(a) | set(b)):
-        if key in IGNORED or (key in FILLED_IN and not b.get(key)):
-            continue
-        if a.get(key) != b.get(key):
-            return f"{key}={a.get(key)!r} (not {b.get(key)!r})"
+    differs from the one asked for, else None: reusing a finished run is only right if it is the same run.
+    ``wanted`` is resolved first (settings its method derives, e.g. sizes from an SAE, as the run saved them)."""
+    method_class(wanted.train.method).resolve_config(wanted)
+    for key, old, new in config_differences(config_from_dict(saved), wanted):
+        if key not in IGNORED:
+            return f"{key}={old!r} (not {new!r})"
     return None
 
 
@@ -209,7 +199,7 @@ class Comparison:
     def _train(self, cfg, name: str) -> dict:
         run = Path(cfg.train.out_dir)
         if (run / "config.yaml").is_file():
-            differs = config_mismatch(yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")), cfg.to_dict())
+            differs = config_mismatch(yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")), cfg)
             if differs:
                 raise LatentLMError(f"{run} was trained with {differs}; the experiment asks for something else. "
                                     f"Delete {run} to retrain it, or use another out_dir")

@@ -187,9 +187,23 @@ def make_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a config saved with :meth:`Config.to_dict` (e.g. from a checkpoint; 0.2 layouts are
+    """Rebuild a config saved with :meth:`Config.to_dict` (e.g. from a checkpoint; 0.1 layouts are
     upgraded to today's sections)."""
     return _from_dict(upgrade_config(data) if isinstance(data, dict) else data)
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_differences(saved: Config, wanted: Config) -> list[tuple[str, Any, Any]]:
+    """``[(dotted key, saved value, wanted value)]`` for every setting where two run configs differ
+    (the core sections and both methods' sections), sorted by key."""
+    a, b = _flat(saved.to_dict()), _flat(wanted.to_dict())
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def save_yaml(cfg: Config, path: str | Path) -> None:

@@ -20,12 +20,17 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from latentlm.checkpoint_files import load_core
 from latentlm.config import Config
-from latentlm.model.config import ModelConfig
-from latentlm.model.hf import HF_CLASSES, from_hf, to_hf
-from latentlm.data.tokenizers import EOT_TEXT, TOKENIZER_NAMES, Tokenizer, _gpt2_byte_to_unicode, load_tokenizer
+from latentlm.data.sources import find_package_file
+from latentlm.data.tokenizers import (EOT_TEXT, TOKENIZER_NAMES, Tokenizer, _GPT2_PACKAGE, _GPT2_PIP,
+                                      _gpt2_byte_to_unicode, load_tokenizer)
 from latentlm.errors import LatentLMError
 from latentlm.fileio import fsync_file, publishing, read_json_object, write_json_atomic
+from latentlm.methods import BASELINE, method_class
+from latentlm.model.config import ModelConfig
+from latentlm.model.hf import HF_CLASSES, from_hf, to_hf
+from latentlm.train.checkpoint import write_checkpoint
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                       "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
@@ -57,9 +62,6 @@ def _write_hf_tokenizer(desc: dict[str, Any], ckpt: Path, out: Path, block_size:
     fast = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT_TEXT, "eos_token": EOT_TEXT,
             "model_max_length": block_size, "clean_up_tokenization_spaces": False}
     if name == "gpt2":
-        from latentlm.data.sources import find_package_file
-        from latentlm.data.tokenizers import _GPT2_PACKAGE, _GPT2_PIP
-
         shutil.copyfile(find_package_file(_GPT2_PACKAGE, "data/encoder.json", _GPT2_PIP), out / "vocab.json")
         shutil.copyfile(find_package_file(_GPT2_PACKAGE, "data/vocab.bpe", _GPT2_PIP), out / "merges.txt")
         write_json_atomic(out / "tokenizer_config.json", {**fast, "tokenizer_class": "GPT2Tokenizer",
@@ -86,8 +88,6 @@ def _write_hf_tokenizer(desc: dict[str, Any], ckpt: Path, out: Path, block_size:
 def export_hf(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Write checkpoint ``checkpoint`` (run or ``step_*`` directory) as a Hugging Face model
     directory ``out_dir``; nothing is left behind on error. Returns a summary."""
-    from latentlm.checkpoint_files import load_core
-
     # Only a method that declares itself a plain next-token LM has a Hugging Face counterpart.
     model, manifest, ckpt = load_core(checkpoint)
     core = model.state_dict()
@@ -162,16 +162,15 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer: str = "hf", to
 
 def write_core_checkpoint(directory: Path, model_cfg: ModelConfig, core: dict[str, torch.Tensor],
                           tokenizer: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """Fill ``directory`` with a weights-only step-0 ``ntp`` checkpoint of the core weights ``core``
+    """Fill ``directory`` with a weights-only step-0 baseline (``ntp``) checkpoint of the core weights ``core``
     (keys of :class:`~latentlm.model.transformer.Transformer`) and ``tokenizer`` (its describe()),
     written by :func:`latentlm.train.checkpoint.write_checkpoint`; it initialises or evaluates, it
     does not resume. Returns the manifest."""
-    from latentlm.train.checkpoint import write_checkpoint
-
     cfg = Config(model=model_cfg)
-    cfg.train.method = "ntp"
+    cfg.train.method = BASELINE
     cfg.validate()
     tied = model_cfg.resolved().tie_embeddings
     params = sum(v.numel() for k, v in core.items() if not (tied and k == "lm_head.weight"))
     return write_checkpoint(directory, {f"model.{k}": v for k, v in core.items()}, cfg, step=0,
-                            extra={"tokenizer": tokenizer, "params": params, **extra})
+                            extra={"tokenizer": tokenizer, "params": params,
+                                   "capabilities": method_class(BASELINE).capabilities(), **extra})

@@ -17,11 +17,11 @@ from latentlm.config import Config, config_from_dict
 from latentlm.data.prepare import tokenizer_for
 from latentlm.data.tokenizers import Tokenizer
 from latentlm.methods import Method, build_method
-from latentlm.train.checkpoint import load_model_state, read_manifest, resolve_checkpoint
+from latentlm.checkpoint_files import load_model_state, read_manifest, resolve_checkpoint
 
 
 def load_config(ckpt: Path) -> Config:
-    """The run config a checkpoint was trained with (0.2 layouts upgraded)."""
+    """The run config a checkpoint was trained with (0.1 layouts upgraded)."""
     return config_from_dict(saved_config(ckpt))
 
 
@@ -36,5 +36,5 @@ def load_method(path: str | Path, device: str | torch.device = "cpu") -> tuple[M
     manifest = read_manifest(ckpt)
     cfg = load_config(ckpt)
     method = build_method(cfg)
-    method.load_state_dict(load_model_state(ckpt, cfg.model), strict=True)
+    method.load_state_dict(method.upgrade_state_dict(load_model_state(ckpt, cfg.model)), strict=True)
     return method.to(device).eval(), cfg, manifest

@@ -1,14 +1,14 @@
-"""Attribution-based concept labels (CoCoMix, SPEC 2.1).
+"""Attribution-based concept labels (CoCoMix, docs/METHODS.md §2.1).
 
 A concept's attribution score at a token is ``(g W_dec)_i * a_i``: the gradient ``g`` of the
 teacher's NTP loss w.r.t. its residual stream, projected on the concept's decoder direction,
 times the concept's activation ``a_i``. It is the first-order change of the loss if the concept
 were removed. (The SAE's per-token scale ``s`` would multiply every score of a token by the same
-positive number, so it changes neither signs nor ranking and is left out, as in SPEC 2.1.)
+positive number, so it changes neither signs nor ranking and is left out, as in docs/METHODS.md §2.1.)
 
 The labels of a token are the ``k_attr`` concepts with the largest signed score. Activations
 are the post-TopK latents by default (only the SAE's k active concepts can score), or the
-pre-activations. Weights are in SAE-Lens layout: ``W_dec`` is [C, d], so SPEC's ``g W_dec``
+pre-activations. Weights are in SAE-Lens layout: ``W_dec`` is [C, d], so the ``g W_dec`` of docs/METHODS.md §2.1
 ([d, C] convention) is ``g @ W_dec.T`` here.
 """
 

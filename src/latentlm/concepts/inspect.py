@@ -1,4 +1,4 @@
-"""Concept inspection for CoCoMix (SPEC 2.7).
+"""Concept inspection for CoCoMix (docs/METHODS.md §2.7).
 
 :func:`collect_top_contexts` streams a prepared corpus through the teacher and its SAE and keeps,
 for every latent, the ``top_n`` tokens that activate it most, decoded into short text snippets

@@ -2,7 +2,7 @@
 
 A label source maps a batch (tokens ``x`` [B, T] and the loader's window ids) to labels
 [B, T, k_attr] (int64, -1 = masked). On the fly: the frozen teacher and its SAE compute
-attribution labels for the batch (SPEC 2.1). Labels depend only on the token window, so they
+attribution labels for the batch (docs/METHODS.md §2.1). Labels depend only on the token window, so they
 can also be precomputed once into a cache (``latentlm concepts label``, :func:`build_label_cache`) and
 looked up by window (:class:`CachedLabels`); :func:`label_source` picks one for a run.
 """
@@ -19,11 +19,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from latentlm.checkpoint_files import resolve_checkpoint
 from latentlm.concepts.attribution import concept_labels
 from latentlm.concepts.sae import PARAM_NAMES, TopKSAE, check_sae_matches, load_sae
 from latentlm.concepts.teacher import Teacher, load_teacher
 from latentlm.data.loader import TokenSplit, iter_eval_windows
 from latentlm.data.prepare import check_tokenizer, load_manifest
+from latentlm.data.tokenizers import smollm2_gguf
 from latentlm.errors import LatentLMError
 from latentlm.fileio import ManifestFormat, publishing, sha256_file, write_delay
 from latentlm.settings import Settings
@@ -157,9 +159,6 @@ def build_label_cache(data_dir: str | Path, teacher: Teacher, sae: TopKSAE, out_
 def _teacher_spec_matches(spec: str, recorded: dict[str, Any]) -> bool:
     """Whether teacher ``spec`` is the recorded teacher, without loading it: a latentlm checkpoint by
     its fingerprint (sha256 of its manifest), any other teacher by its resolved path."""
-    from latentlm.data.tokenizers import smollm2_gguf
-    from latentlm.train.checkpoint import resolve_checkpoint
-
     p = Path(spec)
     if recorded.get("kind") == "latentlm":
         if not ((p / MANIFEST_FILE).is_file() or (p / "checkpoints").is_dir()):

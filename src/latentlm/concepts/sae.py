@@ -1,4 +1,4 @@
-"""TopK sparse autoencoder over a teacher's residual stream (SPEC 2.1, 2.5).
+"""TopK sparse autoencoder over a teacher's residual stream (docs/METHODS.md §2.1, §2.5).
 
 Inputs are normalised per token before encoding: mu = mean(x), s = std(x - mu) (unbiased),
 x_hat = (x - mu) / (s + 1e-5). Encoding keeps the k largest pre-activations (ReLU'd); decoding
@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from latentlm.data.loader import TokenSplit, WindowLoader, iter_eval_windows
 from latentlm.errors import LatentLMError
 from latentlm.fileio import (MANIFEST_FILE, ManifestFormat, fsync_file, publishing, read_json_object, sha256_file,
                              write_delay, write_json_atomic)
@@ -97,7 +98,7 @@ class TopKSAE(nn.Module):
         """``(reconstruction in the input's space, dense latents)``."""
         x_hat, mu, s = self.normalize(x)
         latents = self.encode(x_hat)
-        return self.decode(latents) * s + mu, latents  # SPEC 2.1: x_rec = (W_dec c + b) s + mu
+        return self.decode(latents) * s + mu, latents  # docs/METHODS.md §2.1: x_rec = (c W_dec + b_dec) s + mu
 
 
 def _dense(vals: torch.Tensor, idx: torch.Tensor, n_latents: int) -> torch.Tensor:
@@ -180,7 +181,7 @@ def train_sae(activations: Iterable[torch.Tensor], d_in: int, n_latents: int, k:
               lr: float = 4e-4, batch_tokens: int = 4096, aux_k: int | None = None, aux_coef: float = 1 / 32,
               dead_tokens: int = 1_000_000, seed: int = 0, device: str | torch.device = "cpu",
               progress: bool = True, meta: dict[str, Any] | None = None) -> tuple[TopKSAE, dict[str, Any]]:
-    """Train a TopK SAE on streamed teacher activations (SPEC 2.5); return it (eval, CPU) and metrics.
+    """Train a TopK SAE on streamed teacher activations (docs/METHODS.md §2.5); return it (eval, CPU) and metrics.
 
     ``activations`` yields raw residual-stream vectors [N, d_in]; they pass through a shuffled pool
     of ``POOL_BATCHES * batch_tokens`` tokens. Training stops early if the stream runs out. The loss
@@ -311,7 +312,7 @@ def _sae_cfg(sae: TopKSAE) -> dict[str, Any]:
     """cfg.json in SAE-Lens style; ``latentlm`` carries the SAE's meta (teacher, layer, tokenizer)."""
     return {"architecture": "topk", "d_in": sae.d_in, "d_sae": sae.n_latents, "k": sae.k,
             "activation_fn_str": "topk", "activation_fn_kwargs": {"k": sae.k}, "apply_b_dec_to_input": True,
-            "normalize_activations": "layer_norm", "latentlm_normalization": "per-token mean/std (SPEC 2.1)",
+            "normalize_activations": "layer_norm", "latentlm_normalization": "per-token mean/std (docs/METHODS.md §2.1)",
             "dtype": str(sae.W_enc.dtype).removeprefix("torch."), "latentlm": sae.meta}
 
 
@@ -322,8 +323,6 @@ def train_sae_on_teacher(teacher, data_dir: str | Path, out: str | Path, *, laye
     """``latentlm sae train``: an SAE on ``teacher``'s residual stream after block ``layer`` over the
     train windows of ``data_dir`` (tokenized with the teacher's tokenizer), evaluated on its val split
     and saved to ``out``; returns the path and ``{"val": ..., "train": ...}`` metrics."""
-    from latentlm.data.loader import TokenSplit, WindowLoader, iter_eval_windows
-
     train_split, val_split = TokenSplit(data_dir, "train"), TokenSplit(data_dir, "val")
     windows = max(1, min(batch_tokens // seq_len, (len(train_split) - 1) // seq_len))
     loader = WindowLoader(train_split, seq_len, windows, seed=seed)

@@ -26,10 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from latentlm.checkpoint_files import load_core, saved_config
+from latentlm.checkpoint_files import load_core, resolve_checkpoint, saved_config
 from latentlm.data.prepare import tokenizer_for
-from latentlm.data.tokenizers import HFTokenizer, require_hf, smollm2_gguf
-from latentlm.data.tokenizers import Tokenizer
+from latentlm.data.tokenizers import HFTokenizer, Tokenizer, require_hf, smollm2_gguf
 from latentlm.errors import LatentLMError
 from latentlm.fileio import sha256_file
 from latentlm.model.config import ModelConfig
@@ -315,8 +314,6 @@ def teacher_model_config(spec: str) -> ModelConfig:
         return hf_model_config(AutoConfig.from_pretrained(str(f.parent), gguf_file=f.name).to_dict())
     p = Path(spec)
     if (p / "manifest.json").is_file() or (p / "checkpoints").is_dir():
-        from latentlm.train.checkpoint import resolve_checkpoint
-
         return build(ModelConfig, saved_config(resolve_checkpoint(p))["model"], "model.")
     if (p / "config.json").is_file():
         try:

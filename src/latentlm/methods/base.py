@@ -66,6 +66,12 @@ class Method(nn.Module):
         """The capability flags and evaluation modes, as recorded in checkpoint manifests."""
         return {**{c: bool(getattr(cls, c)) for c in CAPABILITIES}, "eval_modes": list(cls.eval_modes)}
 
+    @classmethod
+    def upgrade_state_dict(cls, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state`` (a checkpoint's tensors) with names an older latentlm saved mapped onto today's
+        parameters; loading and resuming apply it before their strict key check."""
+        return state
+
     # --- checks -----------------------------------------------------------------------------------
 
     @classmethod

@@ -135,8 +135,11 @@ class Cocomix(Method):
                                         compress=c.mix != "none")
         self.n_concepts = c.n_concepts
         self._labels: LabelSource | None = None
-        # Checkpoints of latentlm 0.2 kept the head's parameters at the top level.
-        self._register_load_state_dict_pre_hook(_nest_concept_head)
+
+    @classmethod
+    def upgrade_state_dict(cls, state):
+        """latentlm 0.1 kept the concept head's parameters at the top level: nest them in ``concept_head``."""
+        return {f"concept_head.{k}" if k in _LEGACY_HEAD_KEYS else k: v for k, v in state.items()}
 
     # --- inputs ---------------------------------------------------------------------------------
 
@@ -235,14 +238,8 @@ class Cocomix(Method):
                         steer_prefill=cache.lengths[0] == 0)[0]
 
 
+# latentlm 0.1 names of ConceptHead's parameters (then at the top of the state dict).
 _LEGACY_HEAD_KEYS = ("predict.weight", "predict.bias", "compress_weight", "compress_bias", "b")
-
-
-def _nest_concept_head(module, state_dict, prefix, *args) -> None:
-    """Map a latentlm 0.2 CoCoMix state dict (head parameters at the top) onto ``concept_head.*``."""
-    for key in _LEGACY_HEAD_KEYS:
-        if prefix + key in state_dict:
-            state_dict[f"{prefix}concept_head.{key}"] = state_dict.pop(prefix + key)
 
 
 class PauseInsert(Method):

@@ -1,6 +1,6 @@
-"""Configs saved by latentlm 0.2 (checkpoints, run directories), read by today's sections.
+"""Configs saved by latentlm 0.1 (checkpoints, run directories), read by today's sections.
 
-0.2 kept every method's settings in two shared sections: ``ponder.thoughts`` was K for ponder,
+0.1 kept every method's settings in two shared sections: ``ponder.thoughts`` was K for ponder,
 pause, loop and ponderlm alike, and ``cocomix`` held the teacher, the concept labels, the student
 and KD's knobs. :func:`upgrade_config` moves each key to the section that owns it now;
 :func:`renamed_keys` names them for a user's own (hand-written) config.
@@ -33,13 +33,13 @@ def _present(data: dict[str, Any], dotted: str) -> bool:
 
 
 def renamed_keys(data: dict[str, Any]) -> list[tuple[str, tuple[str, ...]]]:
-    """The keys of ``data`` that latentlm 0.2 had and that moved since: ``[(old, new places)]``."""
+    """The keys of ``data`` that latentlm 0.1 had and that moved since: ``[(old, new places)]``."""
     return [(old, new) for old, new in MOVED.items() if old not in new and _present(data, old)]
 
 
 def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
-    """A copy of the saved config ``data`` with every 0.2 key in its section(s) now (unchanged if
-    ``data`` is not from 0.2)."""
+    """A copy of the saved config ``data`` with every 0.1 key in its section(s) now (unchanged if
+    ``data`` is not from 0.1)."""
     if not renamed_keys(data):
         return data
     out = copy.deepcopy(data)

@@ -142,9 +142,12 @@ class Ponder(Method):
         super().__init__(model, cfg)
         self.n_thoughts = cfg.ponder.n_thoughts
         self._eval_residuals: list[torch.Tensor] = []  # per nll batch, popped by evaluation
-        # latentlm 0.2 kept a training-call counter buffer; the trainer now passes the step.
-        self._register_load_state_dict_pre_hook(
-            lambda sd, prefix, *args: sd.pop(prefix + "calls", None))
+
+    @classmethod
+    def upgrade_state_dict(cls, state):
+        """latentlm 0.1 kept a training-call counter buffer (``calls``); the trainer now passes the step,
+        from which the same n is drawn, so the buffer is dropped."""
+        return {k: v for k, v in state.items() if k != "calls"}
 
     def _run(self, x: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor | None,
              cache: KVCache | None) -> torch.Tensor:

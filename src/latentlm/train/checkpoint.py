@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
 import shutil
 import time
 from pathlib import Path
@@ -24,43 +23,25 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from latentlm.checkpoint_files import (CHECKPOINT_FORMAT, TIED_KEY, TOKENIZER_FILE, latest_checkpoint,
+                                       list_checkpoints, load_model_state, read_manifest, resolve_checkpoint, step_of)
 from latentlm.config import Config, save_yaml
 from latentlm.errors import LatentLMError
-from latentlm.model.config import ModelConfig
-from latentlm.fileio import ManifestFormat, fsync_file, publishing, sha256_file, write_delay
+from latentlm.fileio import fsync_file, publishing, sha256_file, write_delay
+from latentlm.methods.base import unwrap
 from latentlm.train.distributed import DistInfo, raise_rank0_failure
 
-FORMAT_VERSION = 1
-CHECKPOINT_FORMAT = ManifestFormat("latentlm-checkpoint", FORMAT_VERSION, "a latentlm checkpoint",
-                                   "pass another checkpoint, or train or import this one again with this latentlm",
-                                   legacy_version_key="format")  # older checkpoints: {"format": 1}
-TOKENIZER_FILE = "tokenizer.json"
-TIED_KEY = "model.lm_head.weight"  # equal to model.wte.weight when embeddings are tied
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
-
+# Reading checkpoints lives in latentlm.checkpoint_files; re-exported for the trainer's callers.
+__all__ = ["CHECKPOINT_FORMAT", "TOKENIZER_FILE", "latest_checkpoint", "list_checkpoints", "load_model_state",
+           "read_manifest", "resolve_checkpoint", "restore_training", "save_checkpoint", "step_of", "write_checkpoint"]
 
 def _tied(cfg: Config) -> bool:
     return bool(cfg.model.resolved().tie_embeddings)
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "manifest.json").is_file()]
-    return sorted(found, key=step_of)
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
 
 
 def save_checkpoint(run_dir: str | Path, step: int, module: torch.nn.Module, optimizer, cfg: Config,
@@ -141,59 +122,22 @@ def _remove_checkpoint(ckpt: Path) -> None:
     shutil.rmtree(hidden, ignore_errors=True)
 
 
-def step_of(ckpt: Path) -> int:
-    """The optimizer step a ``step_*`` directory holds."""
-    return int(_STEP_DIR.match(ckpt.name).group(1))
-
-
-def read_manifest(ckpt: Path, verify: bool = True) -> dict[str, Any]:
-    """The checkpoint's manifest, after checking every file it lists (size and sha256). Checkpoints of
-    older latentlm (``"format": 1``) come back with ``format_version`` 1."""
-    manifest = CHECKPOINT_FORMAT.read(ckpt)
-    if not isinstance(manifest.get("files"), dict):
-        raise LatentLMError(f"{ckpt / 'manifest.json'} lists no files; the checkpoint is damaged, use an earlier one")
-    for name, meta in manifest["files"].items():
-        f = ckpt / name
-        if not f.is_file():
-            raise LatentLMError(f"checkpoint file {f} is missing; the checkpoint is incomplete, use an earlier one")
-        if f.stat().st_size != meta["bytes"] or (verify and sha256_file(f) != meta["sha256"]):
-            raise LatentLMError(f"checkpoint file {f} does not match its manifest (size or sha256); "
-                                "it is damaged, use an earlier checkpoint")
-    return manifest
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from either itself or a run directory (its latest)."""
-    p = Path(path)
-    if (p / "manifest.json").is_file():
-        return p
-    latest = latest_checkpoint(p)
-    if latest is None:
-        raise LatentLMError(f"no checkpoint found at {p}; pass a run directory written by "
-                            "`latentlm train` or one of its checkpoints/step_* directories")
-    return latest
-
-
-def load_model_state(ckpt: Path, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The checkpoint's weights (method keys; the core under ``model.``), tied head restored."""
-    try:
-        sd = load_file(str(ckpt / "model.safetensors"))
-    except SafetensorError as e:
-        raise LatentLMError(f"cannot read {ckpt / 'model.safetensors'} ({str(e).splitlines()[0]}); the checkpoint "
-                            "is damaged, use an earlier one") from None
-    if model_cfg.resolved().tie_embeddings and "model.wte.weight" in sd:
-        sd[TIED_KEY] = sd["model.wte.weight"]
-    return sd
-
-
 def restore_training(ckpt: Path, module: torch.nn.Module, optimizer, cfg: Config, info: DistInfo) -> dict[str, Any]:
     """Load weights, optimizer and this rank's RNG state into a live run; return the trainer state."""
     manifest = read_manifest(ckpt)
     if manifest["method"] != cfg.train.method:
         raise LatentLMError(f"checkpoint {ckpt} was trained with method {manifest['method']!r}, "
                             f"not {cfg.train.method!r}; resume with --train.method {manifest['method']}")
+    method = unwrap(module)
+    state = method.upgrade_state_dict(load_model_state(ckpt, cfg.model))
+    expected = set(method.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        what = f"lacks {missing[0]}" if missing else f"has {unexpected[0]}, which this model has not"
+        raise LatentLMError(f"checkpoint {ckpt} {what} ({len(missing)} missing, {len(unexpected)} unexpected tensors); "
+                            "it does not belong to this run's model: resume from another checkpoint or start a new run")
     opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(module, load_model_state(ckpt, cfg.model), options=opts)
+    set_model_state_dict(module, state, options=opts)
     set_optimizer_state_dict(module, optimizer, _load_tensors(ckpt / "optimizer.pt"), options=opts)
     rng = _load_tensors(ckpt / "rng.pt")
     key = f"rank{info.rank}_cpu"

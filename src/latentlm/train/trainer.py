@@ -16,12 +16,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from latentlm.config import Config, save_yaml
+from latentlm.config import Config, config_differences, save_yaml
 from latentlm.data.loader import TokenSplit, WindowLoader
 from latentlm.data.prepare import check_tokenizer, load_manifest, tokenizer_for
 from latentlm.errors import Interrupted, LatentLMError
 from latentlm.eval.perplexity import evaluate_tokens
 from latentlm.fileio import dir_lock, write_json_atomic
+from latentlm.loading import load_config
 from latentlm.methods import build_method
 from latentlm.model.flops import device_peak_flops
 from latentlm.train import checkpoint as ckpt_io
@@ -33,6 +34,29 @@ from latentlm.train.warmstart import init_core_from
 
 class NonFiniteLossError(LatentLMError):
     pass
+
+
+# Settings a resumed run may change: how it reports, saves, where it runs; never what it computes.
+SAFE_ON_RESUME = ("train.progress", "train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every",
+                  "train.keep_last", "train.tensorboard", "train.wandb", "train.wandb_project", "train.device",
+                  "train.compile", "train.dist", "train.max_bad_steps", "train.peak_flops", "train.init_from",
+                  "data.verify")
+
+
+def check_resume_config(saved: Config, cfg: Config, ckpt: Path) -> list[str]:
+    """The safe changes (``"key old -> new"``) of a resumed run's config against the one its checkpoint
+    ``ckpt`` saved; any other difference is refused by name, since the run would no longer be the
+    one that was started (a new shape, schedule, seed or objective)."""
+    if saved.train.method != cfg.train.method:
+        raise LatentLMError(f"checkpoint {ckpt} was trained with method {saved.train.method!r}, not "
+                            f"{cfg.train.method!r}; resume with --train.method {saved.train.method}")
+    changes = []
+    for key, old, new in config_differences(saved, cfg):
+        if key not in SAFE_ON_RESUME:
+            raise LatentLMError(f"cannot resume from {ckpt}: {key} was {old!r}, now {new!r}; resume with the saved "
+                                f"value or start a new run (resumable changes: {', '.join(SAFE_ON_RESUME)})")
+        changes.append(f"{key} {old!r} -> {new!r}")
+    return changes
 
 
 def autocast_context(device: torch.device, dtype: str):
@@ -122,7 +146,8 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
         raise LatentLMError(f"--resume given but {run_dir} holds no checkpoint to resume from")
 
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
-    method = build_method(cfg).to(device)
+    method = build_method(cfg).to(device)  # resolves the settings the method derives (e.g. from its SAE)
+    changes = check_resume_config(load_config(existing), cfg, existing) if existing is not None else []
     method.validate_inputs(device)  # teacher / SAE / label cache / tokenizer mismatches fail before any output
     if tc.init_from and existing is None:  # before wrapping, so DDP/FSDP start from these weights
         init_core_from(method.model, tc.init_from, data_manifest)
@@ -170,6 +195,9 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
         ckpt_io.save_checkpoint(run_dir, at, module, optimizer, cfg, state, info, ckpt_extra)
 
     if info.is_main:
+        if existing is not None:
+            print(f"resuming {run_dir} from {existing} (step {step})"
+                  + (f"; changed: {', '.join(changes)}" if changes else ""), flush=True)
         n = method.model.num_params()
         print(f"latentlm train: method={tc.method} params={n / 1e6:.2f}M device={device} "
               f"world={info.world_size} tokens/step={tokens_per_step} steps={step}->{tc.max_steps}", flush=True)

@@ -18,7 +18,7 @@ from latentlm.checkpoint_files import saved_config
 from latentlm.model.config import ModelConfig
 from latentlm.model.transformer import Transformer
 from latentlm.settings import build
-from latentlm.train.checkpoint import load_model_state, read_manifest, resolve_checkpoint
+from latentlm.checkpoint_files import load_model_state, read_manifest, resolve_checkpoint
 
 # Settings that change the function but not any tensor shape, so shape checks cannot catch them.
 _SAME = ("vocab_size", "pos", "norm", "mlp", "tie_embeddings", "norm_eps", "rope_theta", "embed_scale")
