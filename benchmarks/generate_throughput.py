@@ -64,9 +64,9 @@ def build(args, key: str, capacity: int, device: torch.device) -> tuple[str, Met
     over = {**over, "train": {"method": name},
             "model": {"block_size": max(base.model.block_size, capacity)}}  # learned positions must reach
     if name == "cocomix":
-        c = base.cocomix
+        c = base.cocomix  # sizes default to tiny.yaml's SAE (C 4096, k 32), as in docs/BENCHMARKS.md
         over["cocomix"] = {"insert_layer": min(c.insert_layer, base.model.n_layer - 1),
-                           "n_concepts": c.n_concepts or 32768, "k_concepts": c.k_concepts or 32}
+                           "n_concepts": c.n_concepts or 4096, "k_concepts": c.k_concepts or 32}
     cfg = make_config(args.config, over)
     torch.manual_seed(0)
     method = build_method(cfg).to(device).eval()

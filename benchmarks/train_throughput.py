@@ -158,11 +158,11 @@ def make_cfg(args, key: str, teacher_yaml: Path) -> Config:
         model["block_size"] = max(base.model.block_size, args.seq_len)
     if method in ("cocomix", "kd"):
         n_layer = base.model.n_layer
-        c = base.cocomix
+        c = base.cocomix  # sizes default to tiny.yaml's SAE (C 4096, k 32), as in docs/BENCHMARKS.md
         over["teacher"] = {"path": str(teacher_yaml)}
         over["concepts"] = {"layer": min(base.concepts.layer, n_layer - 1)}
         over["cocomix"] = {"insert_layer": min(c.insert_layer, n_layer - 1),
-                           "n_concepts": c.n_concepts or 32768, "k_concepts": c.k_concepts or 32}
+                           "n_concepts": c.n_concepts or 4096, "k_concepts": c.k_concepts or 32}
     return make_config(args.config, over)
 
 

@@ -18,8 +18,8 @@ from latentlm.errors import LatentLMError
 from latentlm.generate import generate
 from latentlm.loading import load_method
 from latentlm.methods import build_method, methods
-from latentlm.methods.base import Method
 from latentlm.methods import cocomix as cocomix_module
+from latentlm.methods.base import Method
 from latentlm.methods.cocomix import Cocomix, PauseInsert
 from latentlm.train.metrics import read_metrics
 from latentlm.train.trainer import train

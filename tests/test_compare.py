@@ -13,8 +13,8 @@ from latentlm import compare as compare_mod
 from latentlm.cli import main
 from latentlm.compare import load_experiment, run_compare
 from latentlm.errors import LatentLMError
-from latentlm.methods import build_method, flops_report
 from latentlm.loading import load_config
+from latentlm.methods import build_method, flops_report
 from latentlm.train.checkpoint import resolve_checkpoint
 from latentlm.train.metrics import read_metrics
 

@@ -20,8 +20,9 @@ from latentlm.config import ModelConfig
 from latentlm.data.tokenizers import load_tokenizer
 from latentlm.errors import LatentLMError
 from latentlm.interop import export_hf, import_hf, write_core_checkpoint
-from latentlm.model.transformer import Transformer
 from latentlm.loading import load_method
+from latentlm.methods import method_class
+from latentlm.model.transformer import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 needs_hf = pytest.mark.skipif(find_spec("transformers") is None,
@@ -118,7 +119,8 @@ def test_round_trip_is_identity_on_weights(case, tmp_path):
 def test_export_refuses_what_hf_cannot_represent(tmp_path):
     random_checkpoint(tmp_path / "ck")
     manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
-    (tmp_path / "ck" / "manifest.json").write_text(json.dumps({**manifest, "method": "ponder"}))
+    ponder = {"method": "ponder", "capabilities": method_class("ponder").capabilities()}  # as a ponder run records
+    (tmp_path / "ck" / "manifest.json").write_text(json.dumps({**manifest, **ponder}))
     with pytest.raises(LatentLMError, match="trained with method 'ponder', which is not a plain next-token model"):
         export_hf(tmp_path / "ck", tmp_path / "out")
     for i, (overrides, msg) in enumerate([

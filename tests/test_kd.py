@@ -9,10 +9,10 @@ from latentlm.concepts.teacher import load_teacher
 from latentlm.config import make_config
 from latentlm.data.loader import TokenSplit, iter_eval_windows
 from latentlm.errors import LatentLMError
+from latentlm.loading import load_method
 from latentlm.methods import build_method
 from latentlm.methods.base import token_nll
 from latentlm.methods.kd import KD, ce_plus_kd, kd_loss, teacher_forward_logits
-from latentlm.loading import load_method
 from latentlm.train.trainer import train
 
 from conftest import TINY_MODEL

@@ -11,10 +11,10 @@ from latentlm.concepts.teacher import load_teacher
 from latentlm.config import make_config
 from latentlm.data.loader import TokenSplit, iter_eval_windows
 from latentlm.errors import LatentLMError
+from latentlm.loading import load_method
 from latentlm.methods import build_method
 from latentlm.methods.cocomix import PauseInsert
 from latentlm.methods.kd import KDPause, kd_loss, teacher_forward_logits
-from latentlm.loading import load_method
 from latentlm.train.trainer import train
 
 from test_kd import teacher_run  # noqa: F401  (the module-scoped tiny teacher fixture)

@@ -21,7 +21,7 @@ from latentlm.data.loader import TokenSplit, WindowLoader
 from latentlm.data.prepare import check_tokenizer, load_manifest, tokenizer_for
 from latentlm.errors import Interrupted, LatentLMError
 from latentlm.eval.perplexity import evaluate_tokens
-from latentlm.fileio import dir_lock, write_json_atomic
+from latentlm.fileio import dir_lock, sha256_file, write_json_atomic
 from latentlm.loading import load_config
 from latentlm.methods import build_method
 from latentlm.model.flops import device_peak_flops
@@ -37,10 +37,19 @@ class NonFiniteLossError(LatentLMError):
 
 
 # Settings a resumed run may change: how it reports, saves, where it runs; never what it computes.
-SAFE_ON_RESUME = ("train.progress", "train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every",
-                  "train.keep_last", "train.tensorboard", "train.wandb", "train.wandb_project", "train.device",
-                  "train.compile", "train.dist", "train.max_bad_steps", "train.peak_flops", "train.init_from",
-                  "data.verify")
+SAFE_ON_RESUME = ("train.out_dir", "train.progress", "train.log_every", "train.eval_every", "train.eval_batches",
+                  "train.ckpt_every", "train.keep_last", "train.tensorboard", "train.wandb", "train.wandb_project",
+                  "train.device", "train.compile", "train.dist", "train.max_bad_steps", "train.peak_flops",
+                  "train.init_from", "data.verify")
+
+
+def _same_data(old: str, new: str) -> bool:
+    """Whether ``data.path`` moved without changing the data: the old directory is gone or holds the
+    same manifest (shards are checked against the manifest when the run starts)."""
+    old_manifest, new_manifest = Path(old) / "manifest.json", Path(new) / "manifest.json"
+    if not new_manifest.is_file():
+        return False
+    return not old_manifest.is_file() or sha256_file(old_manifest) == sha256_file(new_manifest)
 
 
 def check_resume_config(saved: Config, cfg: Config, ckpt: Path) -> list[str]:
@@ -52,9 +61,10 @@ def check_resume_config(saved: Config, cfg: Config, ckpt: Path) -> list[str]:
                             f"{cfg.train.method!r}; resume with --train.method {saved.train.method}")
     changes = []
     for key, old, new in config_differences(saved, cfg):
-        if key not in SAFE_ON_RESUME:
+        if key not in SAFE_ON_RESUME and not (key == "data.path" and _same_data(old, new)):
             raise LatentLMError(f"cannot resume from {ckpt}: {key} was {old!r}, now {new!r}; resume with the saved "
-                                f"value or start a new run (resumable changes: {', '.join(SAFE_ON_RESUME)})")
+                                f"value or start a new run (resumable changes: {', '.join(SAFE_ON_RESUME)}, and "
+                                "data.path to a copy of the same data)")
         changes.append(f"{key} {old!r} -> {new!r}")
     return changes
 
