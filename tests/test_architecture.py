@@ -102,11 +102,18 @@ def test_the_cycle_finder_finds_cycles():
     assert _find_cycle({"a": {"b"}, "b": set(), "c": {"a"}}) is None
 
 
+# The command line imports each command's modules when the command runs, so `latentlm --help` and
+# argument errors answer at once instead of after importing torch. Nothing imports the CLI, so its
+# late imports cannot hide a cycle (and the graph above counts them anyway).
+LATE_IMPORTS_ALLOWED = {"latentlm.cli"}
+
+
 def test_no_latentlm_module_is_imported_inside_a_function():
     """Late imports are for optional or heavy third-party packages (transformers, matplotlib, ...);
     one of latentlm's own modules imported late would hide an edge of the graph above."""
     late = [f"{_module_name(p)}:{line} imports {mod}" for p in MODULES.values() for mod, inner, line in _imports(p)
-            if inner and (mod == "latentlm" or mod.startswith("latentlm."))]
+            if inner and (mod == "latentlm" or mod.startswith("latentlm."))
+            and _module_name(p) not in LATE_IMPORTS_ALLOWED]
     assert not late, "\n".join(late)
 
 

@@ -50,7 +50,7 @@ def one_teacher(monkeypatch):
 
     monkeypatch.setattr(latentlm.concepts.teacher, "load_teacher", load_teacher)
     monkeypatch.setattr(latentlm.concepts.labels, "load_teacher", load_teacher)
-    monkeypatch.setattr(latentlm.cli, "load_teacher", load_teacher)  # `sae train`, `concepts label`
+    # The CLI imports concepts.teacher when a command runs, so the patched function above serves it too.
     return loaded
 
 

@@ -13,32 +13,16 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from latentlm.compare import run_compare
-from latentlm.concepts.inspect import NO_DESCRIPTION, collect_top_contexts, inspect_text, load_contexts, save_contexts
-from latentlm.concepts.labels import build_label_cache
-from latentlm.concepts.sae import load_sae, train_sae_on_teacher
-from latentlm.concepts.teacher import load_teacher
-from latentlm.config import make_config
-from latentlm.data.loader import TokenSplit
-from latentlm.data.prepare import check_tokenizer, load_manifest, prepare
-from latentlm.data.sources import iter_documents
-from latentlm.data.tokenizers import load_tokenizer, train_bpe
-from latentlm.demo import run_demo
 from latentlm.errors import Interrupted, LatentLMError
-from latentlm.eval.perplexity import evaluate_text, evaluate_tokens
-from latentlm.eval.tasks import check_tasks
-from latentlm.eval.zeroshot import evaluate_tasks, format_table, resolve_max_len
 from latentlm.fileio import output_lock
-from latentlm.generate import generate
-from latentlm.interop import export_hf, import_hf
-from latentlm.loading import checkpoint_tokenizer, load_method
-from latentlm.methods import BASELINE, flops_report, methods
-from latentlm.train.trainer import train
 
 OTHER_OUT = "choose another --out"  # what to do when another process is writing the same output
 
 
 def cmd_prepare(a: argparse.Namespace) -> None:
+    from latentlm.data.prepare import prepare
+    from latentlm.data.tokenizers import load_tokenizer
+
     with output_lock(a.out, OTHER_OUT):
         m = prepare(a.source, load_tokenizer(a.tokenizer, a.tokenizer_path), a.out, val_fraction=a.val_fraction,
                     seed=a.seed, workers=a.workers, text_field=a.text_field, limit=a.limit,
@@ -49,17 +33,26 @@ def cmd_prepare(a: argparse.Namespace) -> None:
 
 
 def cmd_tokenizer_train(a: argparse.Namespace) -> None:
+    from latentlm.data.sources import iter_documents
+    from latentlm.data.tokenizers import train_bpe
+
     tok = train_bpe(iter_documents(a.source, text_field=a.text_field, limit=a.limit), a.vocab_size, a.out)
     print(f"wrote {a.out}: byte-level BPE, vocab {tok.vocab_size}; use it with "
           f"`latentlm prepare --tokenizer bpe --tokenizer-path {a.out}`")
 
 
 def cmd_train(a: argparse.Namespace, overrides: list[str]) -> None:
+    from latentlm.config import make_config
+    from latentlm.train.trainer import train
+
     cfg = make_config(a.config, overrides)
     train(cfg, resume=a.resume)
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
+    from latentlm.eval.zeroshot import format_table
+    from latentlm.loading import checkpoint_tokenizer, load_method
+
     tasks = _task_names(a)  # bad task arguments fail before the checkpoint loads
     method, cfg, manifest = load_method(a.checkpoint, a.device)
     tokenizer = checkpoint_tokenizer(a.checkpoint, manifest)
@@ -92,6 +85,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 def _task_names(a: argparse.Namespace) -> list[str] | None:
     """The checked ``--tasks`` list (None without it); perplexity-only options are refused with it."""
+    from latentlm.eval.tasks import check_tasks
+
     if not a.tasks:
         if a.limit is not None:
             raise LatentLMError("--limit applies to zero-shot tasks; add --tasks (or use --max-tokens for perplexity)")
@@ -106,6 +101,8 @@ def _task_names(a: argparse.Namespace) -> list[str] | None:
 
 
 def _eval_tasks(a: argparse.Namespace, method, tokenizer, tasks: list[str]) -> dict:
+    from latentlm.eval.zeroshot import evaluate_tasks, resolve_max_len
+
     max_len = resolve_max_len(method, a.seq_len)
     r = evaluate_tasks(method, tokenizer, tasks, limit=a.limit, batch_size=a.batch_size, max_len=max_len,
                        progress=not a.quiet)
@@ -114,6 +111,10 @@ def _eval_tasks(a: argparse.Namespace, method, tokenizer, tasks: list[str]) -> d
 
 
 def _eval_once(a: argparse.Namespace, method, cfg, manifest: dict, tokenizer, kw: dict) -> dict:
+    from latentlm.data.loader import TokenSplit
+    from latentlm.data.prepare import check_tokenizer, load_manifest
+    from latentlm.eval.perplexity import evaluate_text, evaluate_tokens
+
     if a.text:
         p = Path(a.text)
         if not p.is_file():
@@ -135,6 +136,9 @@ def _eval_once(a: argparse.Namespace, method, cfg, manifest: dict, tokenizer, kw
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
+    from latentlm.generate import generate
+    from latentlm.loading import checkpoint_tokenizer, load_method
+
     method, _, manifest = load_method(a.checkpoint, a.device)
     tokenizer = checkpoint_tokenizer(a.checkpoint, manifest)
     prompts = a.prompt or [""]
@@ -162,6 +166,10 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
 def _teacher_and_data(a: argparse.Namespace):
     """The teacher of ``--teacher`` and the train/val splits of ``--data``, whose tokenizer must be the teacher's."""
+    from latentlm.concepts.teacher import load_teacher
+    from latentlm.data.loader import TokenSplit
+    from latentlm.data.prepare import check_tokenizer, load_manifest
+
     manifest = load_manifest(a.data)
     teacher = load_teacher(a.teacher, device=a.device)
     check_tokenizer(manifest, teacher.tokenizer)
@@ -169,6 +177,8 @@ def _teacher_and_data(a: argparse.Namespace):
 
 
 def cmd_sae_train(a: argparse.Namespace) -> None:
+    from latentlm.concepts.sae import train_sae_on_teacher
+
     teacher, _, _ = _teacher_and_data(a)
     with output_lock(a.out, OTHER_OUT):
         out, metrics = train_sae_on_teacher(teacher, a.data, a.out, layer=a.layer, latents=a.latents, k=a.k,
@@ -182,6 +192,8 @@ def cmd_sae_train(a: argparse.Namespace) -> None:
 
 def _sae_layer_teacher(a: argparse.Namespace):
     """The SAE of ``--sae``, its teacher layer (``--layer`` or the SAE's record) and the teacher."""
+    from latentlm.concepts.sae import load_sae
+
     sae = load_sae(a.sae)
     layer = a.layer if a.layer is not None else sae.meta.get("layer")
     if layer is None:
@@ -191,6 +203,8 @@ def _sae_layer_teacher(a: argparse.Namespace):
 
 
 def cmd_concepts_label(a: argparse.Namespace) -> None:
+    from latentlm.concepts.labels import build_label_cache
+
     sae, layer, teacher = _sae_layer_teacher(a)
     with output_lock(a.out, OTHER_OUT):
         m = build_label_cache(a.data, teacher, sae, a.out, seq_len=a.seq_len, layer=layer, k_attr=a.k_attr,
@@ -201,6 +215,8 @@ def cmd_concepts_label(a: argparse.Namespace) -> None:
 
 
 def cmd_concepts_contexts(a: argparse.Namespace) -> None:
+    from latentlm.concepts.inspect import collect_top_contexts, save_contexts
+
     sae, layer, teacher = _sae_layer_teacher(a)
     contexts = collect_top_contexts(teacher, sae, layer, a.data, split=a.split, seq_len=a.seq_len,
                                     batch_size=a.batch_size, max_tokens=a.max_tokens, top_n=a.top_n,
@@ -211,6 +227,9 @@ def cmd_concepts_contexts(a: argparse.Namespace) -> None:
 
 
 def cmd_concepts_inspect(a: argparse.Namespace) -> None:
+    from latentlm.concepts.inspect import NO_DESCRIPTION, inspect_text, load_contexts
+    from latentlm.loading import checkpoint_tokenizer, load_method
+
     method, cfg, manifest = load_method(a.checkpoint, a.device)
     if not method.has_concepts:
         raise LatentLMError(f"concepts inspect needs a checkpoint of a method with concepts (e.g. cocomix); "
@@ -232,6 +251,9 @@ def cmd_concepts_inspect(a: argparse.Namespace) -> None:
 
 
 def cmd_flops(a: argparse.Namespace, overrides: list[str]) -> None:
+    from latentlm.config import make_config
+    from latentlm.methods import BASELINE, flops_report, methods
+
     cfg = make_config(a.config, overrides)
     names = list(methods()) if a.methods == "all" else (a.methods.split(",") if a.methods else
                                                        list(dict.fromkeys([BASELINE, cfg.train.method])))
@@ -254,22 +276,30 @@ def cmd_flops(a: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> None:
+    from latentlm.interop import export_hf
+
     r = export_hf(a.checkpoint, a.hf, overwrite=a.overwrite)
     print(f"wrote {r['out']}: {r['architecture']}, vocab {r['vocab_size']}, {r['tensors']} tensors; "
           f"tokenizer: {r['tokenizer']}")
 
 
 def cmd_import(a: argparse.Namespace) -> None:
+    from latentlm.interop import import_hf
+
     r = import_hf(a.hf, a.out, tokenizer=a.tokenizer, tokenizer_path=a.tokenizer_path, overwrite=a.overwrite)
     print(f"wrote {r['out']}: {r['arch']} ntp checkpoint, {r['params'] / 1e6:.2f}M params, vocab {r['vocab_size']} "
           f"({r['tokenizer']} tokenizer); use it with eval, generate, --teacher.path or --train.init_from")
 
 
 def cmd_compare(a: argparse.Namespace) -> None:
+    from latentlm.compare import run_compare
+
     run_compare(a.experiment, progress=not a.quiet)
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
+    from latentlm.demo import run_demo
+
     run_demo(a.out)
 
 
