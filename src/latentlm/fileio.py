@@ -136,6 +136,19 @@ class ManifestFormat:
         write_json_atomic(Path(directory) / self.name, manifest)
         return manifest
 
+    def owns(self, directory: str | Path) -> bool:
+        """Whether ``directory`` holds an artifact of this kind (any format version): what
+        ``--overwrite`` may replace."""
+        path = Path(directory) / self.name
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        if not isinstance(manifest, dict):
+            return False
+        kind = manifest.get("kind", self.kind if self.legacy_kindless else None)
+        return kind == self.kind
+
     def read(self, directory: str | Path) -> dict[str, Any]:
         """The manifest of the artifact in ``directory``, after checking its kind and format version
         (a legacy manifest comes back with ``kind`` and ``format_version`` filled in)."""
@@ -183,25 +196,49 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _listing(directory: Path, most: int = 3) -> str:
+    names = sorted(p.name for p in directory.iterdir())
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def check_replaceable(out: str | Path, replace: bool | ManifestFormat = False, refusal: str = "",
+                      inputs: tuple[str | Path, ...] = ()) -> None:
+    """Raise a one-line :class:`LatentLMError` unless the directory artifact ``out`` may be written:
+    it is absent or empty, or ``replace`` allows what is there (True: anything, for latentlm's own
+    internal directories; a :class:`ManifestFormat`: an artifact of that kind, i.e. one latentlm
+    wrote). Never the current directory or one holding it, nor a directory holding an input."""
+    given, out = out, Path(os.path.abspath(out))
+    real, cwd = out.resolve(), Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise LatentLMError(f"refusing to write {given}: it is the current directory or holds it; choose another path")
+    for source in inputs:
+        src = Path(os.path.abspath(source)).resolve()
+        if src == real or real in src.parents:
+            raise LatentLMError(f"refusing to replace {given}: it holds the input {source}; choose another path")
+    if not (out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir())))):
+        return
+    if replace is True or (isinstance(replace, ManifestFormat) and out.is_dir() and replace.owns(out)):
+        return
+    what = _listing(out) if out.is_dir() and not out.is_symlink() else "a file or link"
+    raise LatentLMError(f"{given} {refusal} (it holds {what})")
+
+
 @contextlib.contextmanager
-def publishing(out: str | Path, *, replace: bool | str = False,
+def publishing(out: str | Path, *, replace: bool | ManifestFormat = False,
                refusal: str = "already exists and is not empty; remove it or choose another path",
-               hidden: bool = False, stale: str | None = None) -> Iterator[Path]:
+               hidden: bool = False, stale: str | None = None, inputs: tuple[str | Path, ...] = ()) -> Iterator[Path]:
     """Yield an empty scratch directory beside the directory artifact ``out`` to fill; when the block
     succeeds it is published as ``out`` (:func:`publish_dir`), and on any exception (Ctrl-C
     included) it is removed, so ``out`` is either the old artifact or the complete new one.
 
-    ``out`` may be absent or an empty directory. Anything else there is replaced only if
-    ``replace`` is True or names a file it holds (the manifest of an earlier artifact of the same
-    kind); otherwise a one-line :class:`LatentLMError` "``<out> <refusal>``" is raised before
+    What may be there already is :func:`check_replaceable`'s rule (``replace``, ``inputs``); otherwise
+    a one-line :class:`LatentLMError` ("``<out> <refusal>``" for a plain refusal) is raised before
     anything is written. The scratch directory is ``<out>.tmp-<pid>`` (``.<name>.tmp-<pid>`` if
     ``hidden``). Leftovers of killed writers are cleared first: the siblings matching the glob
     ``stale`` when the caller knows no live writer owns them (e.g. under a run lock), else those
     :func:`remove_stale_temps` finds."""
-    given, out = out, Path(os.path.abspath(out))
-    taken = out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir())))
-    if taken and not (replace is True or (isinstance(replace, str) and (out / replace).is_file())):
-        raise LatentLMError(f"{given} {refusal}")
+    check_replaceable(out, replace, refusal, inputs)
+    out = Path(os.path.abspath(out))
     out.parent.mkdir(parents=True, exist_ok=True)
     if stale is None:
         remove_stale_temps(out)

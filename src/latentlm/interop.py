@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from latentlm.checkpoint_files import load_core
+from latentlm.checkpoint_files import CHECKPOINT_FORMAT, load_core
 from latentlm.config import Config
 from latentlm.data.sources import find_package_file
 from latentlm.data.tokenizers import (EOT_TEXT, TOKENIZER_NAMES, Tokenizer, _GPT2_PACKAGE, _GPT2_PIP,
                                       _gpt2_byte_to_unicode, load_tokenizer)
 from latentlm.errors import LatentLMError
-from latentlm.fileio import fsync_file, publishing, read_json_object, write_json_atomic
+from latentlm.fileio import ManifestFormat, fsync_file, publishing, read_json_object, write_json_atomic
 from latentlm.methods import BASELINE, method_class
 from latentlm.model.config import ModelConfig
 from latentlm.model.hf import HF_CLASSES, from_hf, to_hf
@@ -40,6 +40,10 @@ TOKENIZER_DIR = "tokenizer"  # where an imported checkpoint keeps a Hugging Face
 # --- export -----------------------------------------------------------------------------------
 
 OCCUPIED = "already exists and is not empty; pass --overwrite or choose another path"  # export / import refusal
+NOT_OURS = "is not a {what} latentlm wrote, so --overwrite leaves it alone; remove it yourself or choose another path"
+# The marker an export leaves, so a later `export --overwrite` knows the directory is latentlm's to replace.
+EXPORT_FORMAT = ManifestFormat("latentlm-hf-export", 1, "a Hugging Face export", "run `latentlm export` again",
+                               name="latentlm_export.json")
 
 
 def _byte_tokenizer_json() -> str:
@@ -94,10 +98,12 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = Fal
     desc = manifest.get("tokenizer", {})
     hf_config, tensors = to_hf(model.cfg, core, desc.get("eot_id"))
     out_dir = Path(os.path.abspath(out_dir))
-    with publishing(out_dir, replace=overwrite, refusal=OCCUPIED) as tmp:
+    with publishing(out_dir, replace=EXPORT_FORMAT if overwrite else False, inputs=(ckpt,),
+                    refusal=NOT_OURS.format(what="Hugging Face export") if overwrite else OCCUPIED) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_json_atomic(tmp / "config.json", hf_config)
         tokenizer = _write_hf_tokenizer(desc, ckpt, tmp, model.cfg.block_size) if desc else "none recorded"
+        EXPORT_FORMAT.write(tmp, {"checkpoint": str(ckpt), "method": manifest.get("method"), "step": manifest.get("step")})
         for f in tmp.iterdir():
             fsync_file(f)
     return {"checkpoint": str(ckpt), "out": str(out_dir), "architecture": hf_config["architectures"][0],
@@ -142,7 +148,8 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer: str = "hf", to
         raise LatentLMError(f"{src} has no tokenizer files; pass --tokenizer gpt2, byte or bpe (with --tokenizer-path)")
     tensors = read_hf_weights(src)
     out_dir = Path(os.path.abspath(out_dir))
-    with publishing(out_dir, replace=overwrite, refusal=OCCUPIED) as tmp:
+    with publishing(out_dir, replace=CHECKPOINT_FORMAT if overwrite else False, inputs=(src,),
+                    refusal=NOT_OURS.format(what="checkpoint") if overwrite else OCCUPIED) as tmp:
         if tokenizer == "hf":
             (tmp / TOKENIZER_DIR).mkdir()
             for f in (*HF_TOKENIZER_FILES, "config.json"):  # config.json: AutoTokenizer may need model_type

@@ -130,7 +130,7 @@ def build_label_cache(data_dir: str | Path, teacher: Teacher, sae: TopKSAE, out_
         raise LatentLMError(f"the train split of {data_dir} has {len(split)} tokens, fewer than one window of "
                             f"{seq_len + 1}; lower --seq-len or prepare more data")
     sae = sae.to(teacher.device)
-    with publishing(out, replace=MANIFEST_FILE,
+    with publishing(out, replace=CACHE_FORMAT,
                     refusal="exists and is not a label cache; choose a new directory or remove it") as tmp:
         bar = tqdm(total=n, disable=not progress, unit="window", desc="labels", dynamic_ncols=True)
         done = 0

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from latentlm.data.loader import TokenSplit, WindowLoader, iter_eval_windows
 from latentlm.errors import LatentLMError
-from latentlm.fileio import (MANIFEST_FILE, ManifestFormat, fsync_file, publishing, read_json_object, sha256_file,
+from latentlm.fileio import (ManifestFormat, fsync_file, publishing, read_json_object, sha256_file,
                              write_delay, write_json_atomic)
 
 NORM_EPS = 1e-5
@@ -350,7 +350,7 @@ def save_sae(sae: TopKSAE, directory: str | Path, metrics: dict[str, Any] | None
         json.dumps(sae.meta)
     except (TypeError, ValueError):
         raise LatentLMError("sae.meta must be JSON-serialisable (plain dicts, lists, strings, numbers)") from None
-    with publishing(out, replace=MANIFEST_FILE,
+    with publishing(out, replace=SAE_FORMAT,
                     refusal="exists and is not a saved SAE; choose a new directory or remove it") as tmp:
         save_file({name: getattr(sae, name).detach().cpu().contiguous() for name in PARAM_NAMES},
                   str(tmp / WEIGHTS_FILE), metadata={"format": MANIFEST_KIND})

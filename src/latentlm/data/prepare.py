@@ -292,7 +292,11 @@ def prepare(
     source_info = describe_source(source, text_field=text_field, limit=limit)
     dtype = token_dtype(tokenizer.vocab_size)
 
-    with publishing(out_dir, replace=True) as tmp, contextlib.ExitStack() as open_shards:
+    local = Path(str(source))
+    inputs = (local,) if local.exists() else ()  # the corpus must not live inside what --overwrite replaces
+    with publishing(out_dir, replace=DATA_FORMAT if overwrite else False, inputs=inputs,
+                    refusal="is not prepared data written by latentlm, so --overwrite leaves it alone; remove it "
+                            "yourself or choose another --out") as tmp, contextlib.ExitStack() as open_shards:
         writers = {s: ShardWriter(tmp, s, dtype, shard_tokens, buffer_tokens) for s in SPLITS}
         for writer in writers.values():
             open_shards.callback(writer.close)  # on failure, before the scratch directory goes; no-op once finished
