@@ -41,6 +41,16 @@ def test_int_accepted_for_float_and_roundtrip():
     (["--train.dist", "mpi"], "train.dist='mpi'"),
     (["model.n_layer", "4"], "config overrides look like --section.key VALUE"),
     (["--model.n_layer"], "has no value"),
+    # non-finite numbers are refused where they are read, not discovered as a nan loss
+    (["--train.lr", "inf"], "train.lr=inf must be positive and finite"),
+    (["--train.lr", "nan"], "train.lr=nan must be positive and finite"),
+    (["--train.weight_decay", "inf"], "train.weight_decay=inf must be >= 0 and finite"),
+    (["--train.grad_clip", "nan"], "train.grad_clip=nan must be >= 0 and finite"),
+    (["--train.beta2", "nan"], "train.beta2=nan must be in [0, 1)"),
+    (["--model.embed_scale", "inf"], "model.embed_scale=inf must be positive and finite"),
+    (["--model.dropout", "nan"], "model.dropout=nan must be in [0, 1)"),
+    (["--kd.temperature", "-inf"], "kd.temperature=-inf must be positive and finite"),
+    (["--cocomix.concept_weight", "inf"], "cocomix.concept_weight=inf must be >= 0 and finite"),
 ])
 def test_bad_values_fail_with_one_line(args, needle):
     with pytest.raises(LatentLMError) as e:

@@ -51,13 +51,18 @@ def test_publishing_refuses_to_replace_other_things(tmp_path):
     out = tmp_path / "out"
     (out / "sub").mkdir(parents=True)
     (out / "notes.txt").write_text("mine")
+    thing = ManifestFormat("latentlm-thing", 1, "a thing", "make it again")
     with pytest.raises(LatentLMError) as e:
-        with publishing(out, replace="manifest.json", refusal="exists and is not a thing; choose another --out"):
+        with publishing(out, replace=thing, refusal="exists and is not a thing; choose another --out"):
             raise AssertionError("the block must not run")
-    assert str(e.value) == f"{out} exists and is not a thing; choose another --out"
+    assert str(e.value) == f"{out} exists and is not a thing; choose another --out (it holds notes.txt, sub)"
     assert entries(tmp_path) == ["out"]  # nothing written, not even a scratch directory
-    (out / "manifest.json").write_text("{}")  # an earlier artifact of the same kind may be replaced
-    with publishing(out, replace="manifest.json") as tmp:
+    ManifestFormat("latentlm-other", 1, "another", "").write(out, {})  # a manifest of another kind: still not ours
+    with pytest.raises(LatentLMError, match="is not a thing"):
+        with publishing(out, replace=thing, refusal="is not a thing"):
+            pass
+    thing.write(out, {})  # an earlier artifact of the same kind may be replaced
+    with publishing(out, replace=thing) as tmp:
         (tmp / "manifest.json").write_text("{}")
     assert entries(out) == ["manifest.json"]
     empty = tmp_path / "empty"

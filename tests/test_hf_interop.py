@@ -139,8 +139,12 @@ def test_export_refuses_what_hf_cannot_represent(tmp_path):
     (tmp_path / "out" / "keep").write_text("x")
     with pytest.raises(LatentLMError, match="--overwrite"):
         export_hf(tmp_path / "good", tmp_path / "out")
-    export_hf(tmp_path / "good", tmp_path / "out", overwrite=True)
-    assert not (tmp_path / "out" / "keep").exists() and (tmp_path / "out" / "config.json").is_file()
+    with pytest.raises(LatentLMError, match="not a Hugging Face export latentlm wrote.*it holds keep"):
+        export_hf(tmp_path / "good", tmp_path / "out", overwrite=True)  # a user's directory is never replaced
+    assert (tmp_path / "out" / "keep").read_text() == "x"
+    export_hf(tmp_path / "good", tmp_path / "fresh")
+    export_hf(tmp_path / "good", tmp_path / "fresh", overwrite=True)  # an earlier export is
+    assert (tmp_path / "fresh" / "config.json").is_file()
 
 
 def test_import_errors_leave_nothing(tmp_path, capsys):

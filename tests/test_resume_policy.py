@@ -82,3 +82,19 @@ def test_restore_is_strict(stopped, edit):
     needle = "lacks model.blocks.1.mlp.up.weight" if edit == "drop" else "has model.extra"
     with pytest.raises(LatentLMError, match=needle):
         train(stopped, resume=True)
+
+
+def test_an_unwritable_run_config_is_one_line_on_resume(stopped):
+    """Rewriting RUN/config.yaml at the start (a full or read-only disk, here a directory in its way)
+    fails with one line before any step runs; the checkpoint is untouched and the run still resumes."""
+    run = ckpt_io.latest_checkpoint(stopped.train.out_dir).parents[1]
+    (run / "config.yaml").unlink()
+    (run / "config.yaml").mkdir()
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    with pytest.raises(LatentLMError, match=r"cannot write .*; free disk space or make it writable, then run the same "
+                                            r"command \(it resumes\)") as e:
+        train(stopped, resume=True)
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    (run / "config.yaml").rmdir()
+    assert train(stopped, resume=True)["step"] == 6

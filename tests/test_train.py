@@ -1,17 +1,26 @@
-"""The trainer: learning on real text, exact resume, non-finite steps, checkpoint safety."""
+"""The trainer: learning on real text, exact resume, non-finite steps, checkpoint safety, metric sinks."""
 
+import importlib.util
 import json
 import math
+import os
+import signal
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from latentlm.errors import LatentLMError
+from latentlm.checkpoint_files import read_manifest
+from latentlm.cli import main
+from latentlm.config import save_yaml
+from latentlm.errors import Interrupted, LatentLMError
 from latentlm.loading import load_method
 from latentlm.methods.ntp import NTP
 from latentlm.train import checkpoint as ckpt_io
-from latentlm.train.metrics import read_metrics
+from latentlm.train.metrics import WANDB_RUN_FILE, read_metrics
 from latentlm.train.optim import lr_at
 from latentlm.train.trainer import NonFiniteLossError, train
 
@@ -111,6 +120,69 @@ def test_divergence_stops_with_clear_error(tiny_config, monkeypatch):
         train(cfg)
 
 
+def test_non_finite_last_step_ends_the_run_with_an_error_and_no_summary(tiny_config, tmp_path, monkeypatch, capsys):
+    """Policy: a run that ends inside a non-finite streak (here its very last step) stops with one line
+    (exit 2 through the CLI) instead of finishing: the streak's weights are never checkpointed, so no
+    final checkpoint and no final.json describing weights that exist nowhere. The last good checkpoint
+    verifies, and --resume redoes the steps after it, ending exactly where a clean run ends."""
+    cfg = tiny_config(max_steps=6, ckpt_every=4, keep_last=5)
+    run = Path(cfg.train.out_dir)
+    save_yaml(cfg, tmp_path / "run.yaml")
+    _nan_on_calls(monkeypatch, {6})
+    assert main(["train", "--config", str(tmp_path / "run.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the run ended inside a streak of 1 optimizer step(s) with a "
+                                               "non-finite loss or gradient (step 6)"), err
+    assert f"no final.json were written. The last good checkpoint is {run}/checkpoints/step_00000004: run the " \
+           "same command with --resume" in err[0]
+    assert not (run / "final.json").exists()
+    assert [p.name for p in ckpt_io.list_checkpoints(run)] == ["step_00000004"]
+    assert read_manifest(run / "checkpoints" / "step_00000004")["step"] == 4  # verifies every file's sha256
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if r.get("skipped")] == [6]
+
+    monkeypatch.undo()  # the fault is gone (e.g. a bad node): resuming finishes like a clean run
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--resume"]) == 0
+    clean = tiny_config(max_steps=6, ckpt_every=4, out_dir=str(tmp_path / "clean"))
+    train(clean)
+    a, b = weights(run), weights(clean.train.out_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6] and not any(r.get("skipped") for r in records)
+    assert json.loads((run / "final.json").read_text())["val_loss"] == pytest.approx(
+        json.loads((tmp_path / "clean" / "final.json").read_text())["val_loss"])
+
+    # a streak reaching the end with no checkpoint before it: nothing to resume, start over
+    _nan_on_calls(monkeypatch, {2, 3})
+    bare = tiny_config(max_steps=3, out_dir=str(tmp_path / "bare"))
+    with pytest.raises(NonFiniteLossError, match=r"streak of 2 optimizer step\(s\) .*\(steps 2-3\).*No checkpoint was "
+                                                 "saved before it: run the same command again without --resume"):
+        train(bare)
+    assert not (tmp_path / "bare" / "final.json").exists() and not ckpt_io.list_checkpoints(tmp_path / "bare")
+
+
+def test_stop_request_inside_a_non_finite_streak_names_the_checkpoint_before_it(tiny_config, monkeypatch):
+    """SIGINT during a streak: no checkpoint of the streak is written, and the message says which one
+    the resume continues from (not "saved" the step it stopped at)."""
+    cfg = tiny_config(max_steps=8, ckpt_every=2)
+    calls, orig = {"n": 0}, NTP.forward
+
+    def forward(self, x, y, nll=False):
+        out = orig(self, x, y, nll)
+        if nll or not self.training:
+            return out
+        calls["n"] += 1
+        if calls["n"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # the trainer's handler: stop after this step
+        return (out[0] * float("nan"), out[1]) if calls["n"] in (3, 4) else out
+
+    monkeypatch.setattr(NTP, "forward", forward)
+    with pytest.raises(Interrupted, match=r"^SIGINT at step 4, inside a streak of 2 non-finite step\(s\), which are "
+                                          r"never saved\. The last good checkpoint is .*step_00000002: run the same "
+                                          r"command with --resume to continue from it$"):
+        train(cfg)
+    assert [p.name for p in ckpt_io.list_checkpoints(cfg.train.out_dir)] == ["step_00000002"]
+
+
 def test_checkpoint_integrity_checks(tiny_config, tmp_path):
     cfg = tiny_config(max_steps=2, ckpt_every=1)
     train(cfg)
@@ -189,3 +261,57 @@ def test_optional_metric_sinks(sink, tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config(max_steps=2, **{sink: True})
     train(cfg)
     assert (tmp_path / "run" / sink).exists() and len(list((tmp_path / "run" / sink).rglob("*"))) > 0
+
+
+def test_missing_wandb_fails_before_anything_is_written(tiny_config, tmp_path, monkeypatch, capsys):
+    """--train.wandb true without the wandb package: one line, exit 2, no run directory; on --resume the
+    run directory is left exactly as it was (config.yaml, metrics.jsonl untouched)."""
+    if importlib.util.find_spec("wandb") is not None:  # installed: make it missing (here it is not installed)
+        monkeypatch.setitem(sys.modules, "wandb", None)
+    cfg = tiny_config(max_steps=2, ckpt_every=1)
+    run = Path(cfg.train.out_dir)
+    save_yaml(cfg, tmp_path / "run.yaml")
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--train.wandb", "true"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: train.wandb=true needs wandb: pip install 'latentlm[wandb]' (set WANDB_MODE=offline to "
+                   "run without network)"]
+    assert not run.exists()
+    assert main(["train", "--config", str(tmp_path / "run.yaml")]) == 0
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file()}
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--resume", "--train.wandb", "true"]) == 2
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file()} == before
+
+
+class FakeWandb(types.ModuleType):
+    """Stands in for the ``wandb`` package: records every ``init``'s keywords and the steps logged."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.inits, self.steps = [], []
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return types.SimpleNamespace(id=kwargs.get("id") or f"run-{len(self.inits)}",
+                                     log=lambda nums, step: self.steps.append(step), finish=lambda: None)
+
+
+def test_resumed_run_continues_its_wandb_run(tiny_config, tmp_path, monkeypatch):
+    """The W&B run id is kept in RUN/wandb_run.json; --resume passes it back (id=..., resume="allow"),
+    a fresh start (even in a directory holding a stale id) begins a new W&B run."""
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = tiny_config(max_steps=4, ckpt_every=2, wandb=True)
+    run = Path(cfg.train.out_dir)
+    train(cfg, stop_after=2)
+    assert "id" not in fake.inits[0] and "resume" not in fake.inits[0]
+    assert fake.inits[0]["project"] == "latentlm" and fake.inits[0]["dir"] == str(run)
+    assert json.loads((run / WANDB_RUN_FILE).read_text())["id"] == "run-1"
+    train(cfg, resume=True)
+    assert fake.inits[1]["id"] == "run-1" and fake.inits[1]["resume"] == "allow"
+    assert json.loads((run / WANDB_RUN_FILE).read_text())["id"] == "run-1"
+    assert sorted(set(fake.steps)) == [1, 2, 3, 4]
+    fresh = tiny_config(max_steps=1, wandb=True, out_dir=str(tmp_path / "fresh"))
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / WANDB_RUN_FILE).write_text('{"id": "stale"}')
+    train(fresh)
+    assert "id" not in fake.inits[2] and json.loads((tmp_path / "fresh" / WANDB_RUN_FILE).read_text())["id"] == "run-3"

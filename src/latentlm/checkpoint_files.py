@@ -91,6 +91,24 @@ def load_model_state(ckpt: Path, model_cfg: ModelConfig) -> dict[str, torch.Tens
     return sd
 
 
+DAMAGED_CONFIG = "its config.yaml does not describe these weights: the checkpoint is damaged, use an earlier one"
+
+
+def check_state_fits(ckpt: Path, state: dict[str, torch.Tensor], module: torch.nn.Module,
+                     hint: str = DAMAGED_CONFIG) -> None:
+    """One line, instead of ``load_state_dict``'s many, unless ``state`` holds exactly ``module``'s
+    tensors with their shapes (``hint`` says what to do)."""
+    wanted = module.state_dict()
+    missing, extra = sorted(set(wanted) - set(state)), sorted(set(state) - set(wanted))
+    if missing or extra:
+        first = f"lacks {missing[0]}" if missing else f"has {extra[0]}, which the model has not"
+        raise LatentLMError(f"checkpoint {ckpt} {first} ({len(missing)} missing, {len(extra)} unexpected tensors); {hint}")
+    for name, t in wanted.items():
+        if state[name].shape != t.shape:
+            raise LatentLMError(f"checkpoint {ckpt}: {name} has shape {tuple(state[name].shape)}, the model "
+                                f"{tuple(t.shape)}; {hint}")
+
+
 # Checkpoints of latentlm 0.1 record no capabilities; these are what their methods could do.
 FORMAT1_CAPABILITIES: dict[str, dict[str, bool]] = {
     "ntp": {"plain_lm": True}, "kd": {"plain_lm": True},
@@ -134,5 +152,6 @@ def load_core(path: str | Path, device: str | torch.device = "cpu"
     model = Transformer(cfg)
     state = load_model_state(ckpt, cfg)
     core = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    check_state_fits(ckpt, core, model)
     model.load_state_dict(core, strict=True)
     return model.to(device), manifest, ckpt

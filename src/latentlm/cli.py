@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -56,7 +57,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
     tasks = _task_names(a)  # bad task arguments fail before the checkpoint loads
     method, cfg, manifest = load_method(a.checkpoint, a.device)
     tokenizer = checkpoint_tokenizer(a.checkpoint, manifest)
-    seq_len = a.seq_len or cfg.seq_len
+    seq_len = cfg.seq_len if a.seq_len is None else a.seq_len
     kw = dict(seq_len=seq_len, batch_size=a.batch_size, stride=a.stride, max_tokens=a.max_tokens, progress=not a.quiet)
     modes = [None] if a.mode is None else (list(method.eval_modes) or [None]) if a.mode == "all" else [a.mode]
     if a.mode is not None and a.mode != "all":
@@ -118,7 +119,8 @@ def _eval_once(a: argparse.Namespace, method, cfg, manifest: dict, tokenizer, kw
     if a.text:
         p = Path(a.text)
         if not p.is_file():
-            raise LatentLMError(f"--text {p} does not exist")
+            raise LatentLMError(f"--text {p} does not exist" if not p.exists() else f"--text {p} is not a regular file; "
+                                "pass a UTF-8 text file")
         try:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError:
@@ -128,6 +130,9 @@ def _eval_once(a: argparse.Namespace, method, cfg, manifest: dict, tokenizer, kw
         data = a.data or manifest.get("data")
         if not data:
             raise LatentLMError(f"{a.checkpoint} records no training data (an imported model); pass --data or --text")
+        if not isinstance(data, str):
+            raise LatentLMError(f"{a.checkpoint}'s manifest records data={data!r}, not a path; the checkpoint is "
+                                "damaged: pass --data or --text, or use an earlier checkpoint")
         check_tokenizer(load_manifest(data), tokenizer, vocab_size=cfg.model.vocab_size)
         r = evaluate_tokens(method, TokenSplit(data, a.split), byte_lengths=tokenizer.token_byte_lengths(), **kw)
         where = f"{data} [{a.split}]"
@@ -139,9 +144,11 @@ def cmd_generate(a: argparse.Namespace) -> None:
     from latentlm.generate import generate
     from latentlm.loading import checkpoint_tokenizer, load_method
 
+    prompts = [_utf8("--prompt", p) for p in a.prompt or [""]]
+    if a.steer_prompt and not a.steer:
+        raise LatentLMError("--steer-prompt only changes how --steer applies; add --steer CONCEPT=ALPHA or drop it")
     method, _, manifest = load_method(a.checkpoint, a.device)
     tokenizer = checkpoint_tokenizer(a.checkpoint, manifest)
-    prompts = a.prompt or [""]
     ids = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
     if a.steer:
         if not method.has_concepts:
@@ -155,6 +162,10 @@ def cmd_generate(a: argparse.Namespace) -> None:
                 alphas.append(float(alpha))
             except ValueError:
                 raise LatentLMError(f"--steer {item!r} is not CONCEPT=ALPHA (e.g. --steer 123=5)") from None
+            if not math.isfinite(alphas[-1]):
+                raise LatentLMError(f"--steer {item!r}: ALPHA must be a finite number")
+            if concepts.count(concepts[-1]) > 1:
+                raise LatentLMError(f"--steer names concept {concepts[-1]} twice; give each concept once")
         method.set_steering(concepts, alphas, on_prompt=a.steer_prompt)
     outs = generate(method, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                     top_p=a.top_p, eot_id=tokenizer.eot_id, stop_at_eot=not a.no_stop, seed=a.seed)
@@ -165,7 +176,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
 
 def _teacher_and_data(a: argparse.Namespace):
-    """The teacher of ``--teacher`` and the train/val splits of ``--data``, whose tokenizer must be the teacher's."""
+    """The teacher of ``--teacher`` and the train/val splits of ``--data``, whose tokenizer must be the teacher's;
+    ``--seq-len`` must be a window the teacher can read."""
     from latentlm.concepts.teacher import load_teacher
     from latentlm.data.loader import TokenSplit
     from latentlm.data.prepare import check_tokenizer, load_manifest
@@ -173,12 +185,22 @@ def _teacher_and_data(a: argparse.Namespace):
     manifest = load_manifest(a.data)
     teacher = load_teacher(a.teacher, device=a.device)
     check_tokenizer(manifest, teacher.tokenizer)
-    return teacher, TokenSplit(a.data, "train"), TokenSplit(a.data, "val")
+    train, val = TokenSplit(a.data, "train"), TokenSplit(a.data, "val")
+    shape = teacher.model_config().resolved()
+    # (a window longer than the data is left to the command, which says so in its own words)
+    if a.seq_len < 1 or (shape.pos == "learned" and shape.block_size < a.seq_len < len(train)):
+        raise LatentLMError(f"--seq-len {a.seq_len} must be from 1 to the teacher's block_size {shape.block_size} "
+                            "(learned positions)" if shape.pos == "learned" else f"--seq-len {a.seq_len} must be >= 1")
+    return teacher, train, val
 
 
 def cmd_sae_train(a: argparse.Namespace) -> None:
     from latentlm.concepts.sae import train_sae_on_teacher
+    from latentlm.settings import check_seed
 
+    check_seed(a.seed, "--seed")
+    if not 1 <= a.k <= a.latents:  # before the teacher loads
+        raise LatentLMError(f"--k {a.k} and --latents {a.latents} must satisfy 1 <= k <= n_latents")
     teacher, _, _ = _teacher_and_data(a)
     with output_lock(a.out, OTHER_OUT):
         out, metrics = train_sae_on_teacher(teacher, a.data, a.out, layer=a.layer, latents=a.latents, k=a.k,
@@ -198,6 +220,9 @@ def _sae_layer_teacher(a: argparse.Namespace):
     layer = a.layer if a.layer is not None else sae.meta.get("layer")
     if layer is None:
         raise LatentLMError(f"SAE {a.sae} does not record its teacher layer; pass --layer")
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise LatentLMError(f"SAE {a.sae} records teacher layer {layer!r}, not a block number; the SAE is damaged: "
+                            "save it again, or pass --layer")
     teacher, _, _ = _teacher_and_data(a)
     return sae, layer, teacher
 
@@ -230,13 +255,17 @@ def cmd_concepts_inspect(a: argparse.Namespace) -> None:
     from latentlm.concepts.inspect import NO_DESCRIPTION, inspect_text, load_contexts
     from latentlm.loading import checkpoint_tokenizer, load_method
 
+    text = _utf8("--text", a.text)
+    if a.sae is not None and not Path(a.sae).is_dir():
+        raise LatentLMError(f"--sae {a.sae} is not a directory; pass the SAE directory holding contexts.json "
+                            "(written by `latentlm concepts contexts`), or drop --sae")
     method, cfg, manifest = load_method(a.checkpoint, a.device)
     if not method.has_concepts:
         raise LatentLMError(f"concepts inspect needs a checkpoint of a method with concepts (e.g. cocomix); "
-                            f"{a.checkpoint} was trained with {manifest['method']!r}")
+                            f"{a.checkpoint} was trained with {manifest.get('method')!r}")
     sae_dir = a.sae or cfg.concepts.sae
     contexts = load_contexts(sae_dir) if sae_dir else None
-    records = inspect_text(method, checkpoint_tokenizer(a.checkpoint, manifest), a.text, top=a.top, contexts=contexts)
+    records = inspect_text(method, checkpoint_tokenizer(a.checkpoint, manifest), text, top=a.top, contexts=contexts)
     if a.json:
         print(json.dumps(records))
         return
@@ -250,11 +279,23 @@ def cmd_concepts_inspect(a: argparse.Namespace) -> None:
                 print(f"       {c['id']:>6}  {c['description']}")
 
 
+def _utf8(flag: str, text: str) -> str:
+    """``text`` as given; one line for an argument that is not UTF-8 (undecodable bytes in argv arrive as
+    surrogate escapes, which no tokenizer can encode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise LatentLMError(f"{flag} is not valid UTF-8 text (at character {e.start}); pass UTF-8 text") from None
+    return text
+
+
 def cmd_flops(a: argparse.Namespace, overrides: list[str]) -> None:
     from latentlm.config import make_config
     from latentlm.methods import BASELINE, flops_report, methods
 
     cfg = make_config(a.config, overrides)
+    if a.context is not None and a.context < 1:
+        raise LatentLMError(f"--context {a.context} must be at least 1 token")
     names = list(methods()) if a.methods == "all" else (a.methods.split(",") if a.methods else
                                                        list(dict.fromkeys([BASELINE, cfg.train.method])))
     rows = flops_report(cfg, names, a.context)
@@ -311,6 +352,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
+def _device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU; the default), cpu, "
+                        "cuda or cuda:N")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
@@ -363,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stride", type=int, help="sliding-window stride (default: window length)")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--max-tokens", type=int, help="score at most this many tokens")
-    s.add_argument("--device", default="cpu")
+    _device_option(s)
     s.add_argument("--mode", help="evaluation mode of methods that have several, or 'all' "
                    "(ponder: jacobi = eval_iters Jacobi iterations as the paper, exact = sequential thoughts)")
     s.add_argument("--tasks", help="comma-separated zero-shot tasks instead of perplexity: hellaswag, piqa, siqa, "
@@ -385,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steer", action="append", metavar="CONCEPT=ALPHA",
                    help="cocomix: multiply this concept's predicted logit by ALPHA before the TopK (repeatable)")
     s.add_argument("--steer-prompt", action="store_true", help="also steer at prompt positions")
-    s.add_argument("--device", default="cpu")
+    _device_option(s)
     s.set_defaults(fn=cmd_generate)
 
     s = add(sub, "sae", help="sparse autoencoders over a teacher's residual stream (CoCoMix)")
@@ -403,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=4e-4)
     t.add_argument("--eval-tokens", type=int, default=100_000, help="validation tokens for the final metrics")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="cpu")
+    _device_option(t)
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(fn=cmd_sae_train)
 
@@ -421,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--layer", type=int, help="teacher layer (default: the SAE's)")
     t.add_argument("--batch-size", type=int, default=8, help="windows per teacher pass")
     t.add_argument("--limit-windows", type=int, help="only the first N windows (tests, dry runs)")
-    t.add_argument("--device", default="cpu")
+    _device_option(t)
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(fn=cmd_concepts_label)
     t = add(csub, "contexts", help="top activating corpus snippets of every SAE latent (concept descriptions)")
@@ -434,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--top-n", type=int, default=8, help="snippets kept per latent")
     t.add_argument("--seq-len", type=int, default=64, help="teacher window length in tokens")
     t.add_argument("--batch-size", type=int, default=8, help="windows per teacher pass")
-    t.add_argument("--device", default="cpu")
+    _device_option(t)
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(fn=cmd_concepts_contexts)
     t = add(csub, "inspect", help="the concepts a cocomix checkpoint predicts at each token of a text")
@@ -443,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--top", type=int, default=5, help="concepts shown per token")
     t.add_argument("--sae", help="SAE directory with contexts.json for descriptions (default: the run's concepts.sae)")
     t.add_argument("--json", action="store_true", help="print the per-token records as JSON")
-    t.add_argument("--device", default="cpu")
+    _device_option(t)
     t.set_defaults(fn=cmd_concepts_inspect)
 
     s = add(sub, "flops", help="training and generation FLOPs per token of methods on a config",
@@ -492,6 +538,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if rest:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
+            if getattr(args, "device", None) is not None:  # every command's --device, resolved in one place
+                from latentlm.devices import resolve_device
+
+                args.device = resolve_device(args.device, option="--device")
             args.fn(args)
     except Interrupted as e:  # an orderly stop on SIGINT / SIGTERM, with a checkpoint to resume from
         print(f"stopped: {e}", file=sys.stderr)
@@ -504,7 +554,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:  # torch's CPU / CUDA allocators raise RuntimeError subclasses
+        if debug or not _out_of_memory(e):
+            raise
+        print(f"error: out of memory ({_first_line(e)}); use smaller sizes or batches, or a machine with more "
+              "memory", file=sys.stderr)
+        return 2
     return 0
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(e)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:200]
 
 
 if __name__ == "__main__":

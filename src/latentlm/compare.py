@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from latentlm.fileio import write_json_atomic
 from latentlm.loading import checkpoint_tokenizer, load_method
 from latentlm.methods import BASELINE, flops_report, method_class, section_types
 from latentlm.report import run_summary, write_report
+from latentlm.settings import read_yaml, short_repr
 from latentlm.checkpoint_files import latest_checkpoint
 from latentlm.train.trainer import train
 
@@ -59,10 +61,7 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise LatentLMError(f"experiment file {p} does not exist")
-    try:
-        exp = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise LatentLMError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    exp = read_yaml(p, "experiment file", floats=False)
     _check_keys("experiment", exp, TOP_KEYS)
     for key in ("out_dir", "data", "budget", "runs"):
         if key not in exp:
@@ -70,9 +69,13 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
     data = _check_keys("data", exp["data"], DATA_KEYS)
     if ("path" in data) == ("source" in data):
         raise LatentLMError("data needs exactly one of 'path' (a prepared directory) or 'source' (a corpus to prepare)")
+    if not isinstance(exp["out_dir"], str) or not exp["out_dir"]:
+        raise LatentLMError(f"out_dir={short_repr(exp['out_dir'])} in {p} must be a directory path (a string)")
     budget = _check_keys("budget", exp["budget"], {"tokens", "flops"})
-    if len(budget) != 1 or not isinstance(next(iter(budget.values())), (int, float)) or next(iter(budget.values())) <= 0:
-        raise LatentLMError("budget needs exactly one positive number: 'tokens' (equal training tokens) or "
+    amount = next(iter(budget.values()), None)
+    if len(budget) != 1 or isinstance(amount, bool) or not isinstance(amount, (int, float)) \
+            or not (0 < amount < math.inf):
+        raise LatentLMError("budget needs exactly one positive number (finite): 'tokens' (equal training tokens) or "
                             "'flops' (equal training FLOPs, teacher included)")
     runs = _check_keys("runs", exp["runs"], set(exp["runs"]) if isinstance(exp["runs"], dict) else set())
     if not runs:

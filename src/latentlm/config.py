@@ -18,12 +18,13 @@ from typing import Any, Literal
 
 import yaml
 
+from latentlm.devices import check_device_name
 from latentlm.errors import LatentLMError
 from latentlm.fileio import write_text_atomic
 from latentlm.methods import method_class, section_types
 from latentlm.methods.legacy import renamed_keys, upgrade_config
 from latentlm.model.config import ModelConfig
-from latentlm.settings import build, load_yaml, merge, non_negative, parse_overrides, positive
+from latentlm.settings import build, check_seed, load_yaml, merge, non_negative, parse_overrides, positive
 
 __all__ = ["Config", "DataConfig", "ModelConfig", "TrainConfig", "config_from_dict", "make_config",
            "parse_overrides", "save_yaml"]
@@ -91,8 +92,8 @@ class TrainConfig:
         for k in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, k) < 1.0:
                 raise LatentLMError(f"train.{k}={getattr(self, k)} must be in [0, 1)")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise LatentLMError(f"train.device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        check_device_name(self.device, "train.device")
+        check_seed(self.seed, "train.seed")
 
 
 @dataclass

@@ -57,7 +57,10 @@ PROMPT = "The history of science"
 
 def run_demo(out: str | Path = "runs/demo") -> dict:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file at --out or above it, or no permission
+        raise LatentLMError(f"cannot create the demo directory {out} ({e.strerror or e}); choose another --out") from None
     exp = dict(DEMO_EXPERIMENT, out_dir=str(out))
     try:
         data_root()

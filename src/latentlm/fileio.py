@@ -13,6 +13,7 @@ kind as a :class:`ManifestFormat` that writes it and reads it back with one-line
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -20,10 +21,12 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from safetensors import SafetensorError
 
 import latentlm
 from latentlm.errors import LatentLMError
@@ -71,6 +74,93 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# A write refused by the storage itself: a full disk or quota, a read-only file system, a file size
+# limit. Reading never fails this way, so a block that reads and writes may translate these.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust) ends an I/O error's message
+
+
+def write_failure(e: BaseException) -> OSError | None:
+    """The OSError behind ``e`` if ``e`` reports a failed file operation, else None: ``e`` itself, or
+    the ``(os error N)`` that ends the message of a safetensors ``SafetensorError`` (``save_file`` on
+    a full disk). ``torch.save`` reports a failed write as a RuntimeError that does not say why, so
+    its files are written through :func:`save_through`, which raises the OSError instead."""
+    if isinstance(e, OSError):
+        return e
+    if isinstance(e, SafetensorError):
+        m = _RUST_OS_ERROR.search(str(e))
+        if m:
+            return OSError(int(m.group(1)), os.strerror(int(m.group(1))))
+    return None
+
+
+def cannot_write(target: str | Path, error: OSError, hint: str) -> str:
+    """The one-line message of a failed write: ``cannot write TARGET (REASON); HINT``."""
+    return f"cannot write {target} ({error.strerror or error}); {hint}"
+
+
+def retry_hint(path: str | Path, replacing: bool = False) -> str:
+    """What to do after writing ``path`` failed (``replacing``: an existing ``path``, left as it was)."""
+    parent = Path(os.path.abspath(path)).parent
+    return (f"free disk space (or make {parent} writable) and run the same command again"
+            + (f"; {path} still holds what it held before" if replacing else ""))
+
+
+@contextlib.contextmanager
+def write_errors(target: str | Path, hint: str, errnos: frozenset[int] | None = STORAGE_ERRNOS) -> Iterator[None]:
+    """Turn a failed write in the block into the one-line :class:`LatentLMError` of
+    :func:`cannot_write`: an OSError, bare or reported by safetensors (:func:`write_failure`), whose
+    errno is in ``errnos`` (None: any errno, for a block that only writes). Anything else passes."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        error = write_failure(e)
+        if error is None or (errnos is not None and error.errno not in errnos):
+            raise
+        raise LatentLMError(cannot_write(target, error, hint)) from e
+
+
+class _RecordingFile:
+    """A binary file that remembers the OSError its ``write`` / ``flush`` raised."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.file, self.error = f, None
+
+    def _call(self, name: str, *args: Any) -> Any:
+        try:
+            return getattr(self.file, name)(*args)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def write(self, data: Any) -> int:
+        return self._call("write", data)
+
+    def flush(self) -> None:
+        self._call("flush")
+
+    def __getattr__(self, name: str) -> Any:  # seek, tell, ...
+        return getattr(self.file, name)
+
+
+def save_through(path: str | Path, save: Callable[[Any], None]) -> None:
+    """Call ``save(f)`` with ``f`` the file ``path`` opened for binary writing (e.g.
+    ``lambda f: torch.save(obj, f)``) and flush it. A write that fails raises its OSError (a full disk:
+    ENOSPC), even when ``save`` turns it into an exception of its own, as ``torch.save`` does (a
+    RuntimeError that does not say why); other exceptions of ``save`` pass unchanged."""
+    with open(path, "wb") as f:
+        recording = _RecordingFile(f)
+        try:
+            save(recording)
+            recording.flush()
+        except Exception as e:
+            with contextlib.suppress(OSError):
+                f.close()  # drop what the full disk refused, so leaving the block does not retry it
+            if recording.error is None:
+                raise
+            raise OSError(recording.error.errno, recording.error.strerror, str(path)) from e
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -226,7 +316,8 @@ def check_replaceable(out: str | Path, replace: bool | ManifestFormat = False, r
 @contextlib.contextmanager
 def publishing(out: str | Path, *, replace: bool | ManifestFormat = False,
                refusal: str = "already exists and is not empty; remove it or choose another path",
-               hidden: bool = False, stale: str | None = None, inputs: tuple[str | Path, ...] = ()) -> Iterator[Path]:
+               hidden: bool = False, stale: str | None = None, inputs: tuple[str | Path, ...] = (),
+               name: str | None = None, hint: str | None = None) -> Iterator[Path]:
     """Yield an empty scratch directory beside the directory artifact ``out`` to fill; when the block
     succeeds it is published as ``out`` (:func:`publish_dir`), and on any exception (Ctrl-C
     included) it is removed, so ``out`` is either the old artifact or the complete new one.
@@ -236,21 +327,31 @@ def publishing(out: str | Path, *, replace: bool | ManifestFormat = False,
     anything is written. The scratch directory is ``<out>.tmp-<pid>`` (``.<name>.tmp-<pid>`` if
     ``hidden``). Leftovers of killed writers are cleared first: the siblings matching the glob
     ``stale`` when the caller knows no live writer owns them (e.g. under a run lock), else those
-    :func:`remove_stale_temps` finds."""
+    :func:`remove_stale_temps` finds.
+
+    A write the storage refuses inside the block (a full disk, a read-only file system, a file size
+    limit: :func:`write_errors`), and any OSError while the scratch directory is made or published,
+    becomes the one line ``cannot write NAME (REASON); HINT`` once the scratch directory is gone;
+    ``name`` defaults to ``out``, ``hint`` to :func:`retry_hint`."""
     check_replaceable(out, replace, refusal, inputs)
-    out = Path(os.path.abspath(out))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if stale is None:
-        remove_stale_temps(out)
-    else:
-        for leftover in out.parent.glob(stale):
-            _remove(leftover)
-    tmp = temp_sibling(out, hidden=hidden)
-    _remove(tmp)
-    tmp.mkdir()
+    given, out = out, Path(os.path.abspath(out))
+    name = str(given) if name is None else name
+    hint = retry_hint(given, out.exists() or out.is_symlink()) if hint is None else hint
+    with write_errors(name, hint, errnos=None):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if stale is None:
+            remove_stale_temps(out)
+        else:
+            for leftover in out.parent.glob(stale):
+                _remove(leftover)
+        tmp = temp_sibling(out, hidden=hidden)
+        _remove(tmp)
+        tmp.mkdir()
     try:
-        yield tmp
-        publish_dir(tmp, out)
+        with write_errors(name, hint):
+            yield tmp
+        with write_errors(name, hint, errnos=None):
+            publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -7,10 +7,25 @@ prefill call, then one cached step per new token, sampling, and stopping at end-
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from latentlm.errors import LatentLMError
 from latentlm.methods.base import Method
+from latentlm.settings import check_seed
+
+MAX_SEQUENCE = 2**31 - 1  # prompt + new tokens: more than any KV cache (or attention kernel) can index
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise :class:`LatentLMError` for sampling settings that mean nothing (NaN, negative, empty)."""
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise LatentLMError(f"temperature={temperature} must be a finite number >= 0 (0 means greedy)")
+    if top_k is not None and top_k < 1:
+        raise LatentLMError(f"top_k={top_k} must be at least 1, or unset to keep every token")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise LatentLMError(f"top_p={top_p} must be in (0, 1], or unset to disable nucleus sampling")
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float | None,
@@ -21,12 +36,7 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int | None, 
     temperature, cut to the ``top_k`` most likely tokens, then to the nucleus: the smallest
     set of most likely tokens whose probability reaches ``top_p`` (never empty).
     """
-    if temperature < 0:
-        raise LatentLMError(f"temperature={temperature} must be >= 0 (0 means greedy)")
-    if top_k is not None and top_k < 1:
-        raise LatentLMError(f"top_k={top_k} must be at least 1, or unset to keep every token")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise LatentLMError(f"top_p={top_p} must be in (0, 1], or unset to disable nucleus sampling")
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -60,6 +70,9 @@ def _check_request(method: Method, prompts: list[list[int]], max_new_tokens: int
         raise LatentLMError(f"prompt token ids span [{lo}, {hi}] but the model's vocabulary is "
                             f"[0, {cfg.vocab_size}); encode prompts with the model's tokenizer")
     longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > MAX_SEQUENCE:
+        raise LatentLMError(f"prompt of {longest} tokens + {max_new_tokens} new tokens is more than a KV cache can "
+                            f"hold ({MAX_SEQUENCE} tokens); lower --max-new-tokens")
     if cfg.pos == "learned" and longest + max_new_tokens > cfg.block_size:
         raise LatentLMError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the "
                             f"model's block_size={cfg.block_size} (learned positions); shorten the "
@@ -80,6 +93,9 @@ def generate(method: Method, prompts: list[list[int]], *, max_new_tokens: int, t
     reproducible on a given device.
     """
     _check_request(method, prompts, max_new_tokens)
+    check_sampling(temperature, top_k, top_p)  # before the prefill, not at the first sample
+    if seed is not None:
+        check_seed(seed, "seed")
     device = next(method.parameters()).device
     batch, width = len(prompts), max(len(p) for p in prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)

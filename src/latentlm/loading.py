@@ -17,7 +17,8 @@ from latentlm.config import Config, config_from_dict
 from latentlm.data.prepare import tokenizer_for
 from latentlm.data.tokenizers import Tokenizer
 from latentlm.methods import Method, build_method
-from latentlm.checkpoint_files import load_model_state, read_manifest, resolve_checkpoint
+from latentlm.checkpoint_files import check_state_fits, load_model_state, read_manifest, resolve_checkpoint
+from latentlm.errors import LatentLMError
 
 
 def load_config(ckpt: Path) -> Config:
@@ -27,6 +28,10 @@ def load_config(ckpt: Path) -> Config:
 
 def checkpoint_tokenizer(ckpt: str | Path, manifest: dict[str, Any]) -> Tokenizer:
     """The tokenizer a checkpoint was trained with (a BPE's file is stored inside it)."""
+    desc = manifest.get("tokenizer")
+    if not (isinstance(desc, dict) and isinstance(desc.get("name"), str)):
+        raise LatentLMError(f"{resolve_checkpoint(ckpt) / 'manifest.json'} records no tokenizer; the checkpoint is "
+                            "damaged, use an earlier one")
     return tokenizer_for(manifest, resolve_checkpoint(ckpt))
 
 
@@ -35,6 +40,11 @@ def load_method(path: str | Path, device: str | torch.device = "cpu") -> tuple[M
     ckpt = resolve_checkpoint(path)
     manifest = read_manifest(ckpt)
     cfg = load_config(ckpt)
+    if manifest.get("method", cfg.train.method) != cfg.train.method:
+        raise LatentLMError(f"{ckpt}: its manifest says method {manifest['method']!r} but its config.yaml says "
+                            f"{cfg.train.method!r}; the checkpoint is damaged, use an earlier one")
     method = build_method(cfg)
-    method.load_state_dict(method.upgrade_state_dict(load_model_state(ckpt, cfg.model)), strict=True)
+    state = method.upgrade_state_dict(load_model_state(ckpt, cfg.model))
+    check_state_fits(ckpt, state, method)
+    method.load_state_dict(state, strict=True)
     return method.to(device).eval(), cfg, manifest

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -27,6 +28,24 @@ def positive(obj: Any, section: str, *names: str) -> None:
         v = getattr(obj, n)
         if not (v > 0 and math.isfinite(v)):
             raise LatentLMError(f"{section}.{n}={v} must be positive and finite")
+
+
+MAX_SEED = 2**63 - 1  # torch seeds are 64-bit; the trainer adds the rank to its seed
+
+
+def check_seed(value: Any, name: str) -> None:
+    """``value`` is an integer seed torch and numpy accept, else a one-line error naming ``name``."""
+    if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SEED):
+        raise LatentLMError(f"{name}={short_repr(value)} must be an integer from 0 to 2**63 - 1 ({MAX_SEED})")
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` cut to a readable length (a value in an error line may be a huge structure)."""
+    return _SHORT.repr(value)
 
 
 def non_negative(obj: Any, section: str, *names: str) -> None:
@@ -87,14 +106,14 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
-    raise LatentLMError(f"config key {key}={value!r} has the wrong type: expected {_type_name(tp)}")
+    raise LatentLMError(f"config key {key}={short_repr(value)} has the wrong type: expected {_type_name(tp)}")
 
 
 def build(cls: type, data: Any, prefix: str) -> Any:
     """An instance of the dataclass ``cls`` from the mapping ``data`` (missing keys keep their
     defaults); ``prefix`` (``"model."``) names keys in errors."""
     if not isinstance(data, dict):
-        raise LatentLMError(f"config section {prefix.rstrip('.') or 'root'} must be a mapping, got {data!r}")
+        raise LatentLMError(f"config section {prefix.rstrip('.') or 'root'} must be a mapping, got {short_repr(data)}")
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -164,20 +183,75 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise LatentLMError(f"config file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise LatentLMError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    data = read_yaml(p, "config file") or {}
     if not isinstance(data, dict):
         raise LatentLMError(f"config file {p} must hold a mapping of sections (model:, data:, train:)")
-    return _fix_yaml_floats(data)
+    return data
 
 
-def _fix_yaml_floats(d: Any) -> Any:
-    if isinstance(d, dict):
-        return {k: _fix_yaml_floats(v) for k, v in d.items()}
-    if isinstance(d, str):
-        return _parse_scalar(d) if _looks_like_float(d) else d
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if key.value in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key.value!r} is given twice in one "
+                                                            "mapping; keep one", key.start_mark)
+                seen.add(key.value)
+        return super().construct_mapping(node, deep)
+
+
+MAX_YAML_VALUES = 100_000  # once aliases are expanded; a config holds a few hundred
+
+
+def read_yaml(path: Path, what: str, floats: bool = True) -> Any:
+    """The YAML document in the file ``path`` (``what`` names it in errors: "config file"), with
+    float-like strings in mappings read as floats unless ``floats`` is false. One-line errors for a
+    file that is unreadable, not UTF-8 or not valid YAML, a key given twice, and aliases that contain
+    themselves or expand to more than MAX_YAML_VALUES values (which would hang whatever walks them)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LatentLMError(f"{what} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise LatentLMError(f"cannot read {what} {path} ({e.strerror or e})") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as e:
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e).splitlines()[0]
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise LatentLMError(f"{what} {path} is not valid YAML: {problem}{where}") from None
+    except RecursionError:
+        raise LatentLMError(f"{what} {path} nests too deeply to be a config; flatten it") from None
+    try:
+        return _expand(data, [MAX_YAML_VALUES], set(), floats)
+    except (ValueError, RecursionError) as e:
+        problem = str(e) if isinstance(e, ValueError) else "nests too deeply"
+        raise LatentLMError(f"{what} {path} {problem}; write the values out") from None
+
+
+def _expand(d: Any, budget: list[int], active: set[int], floats: bool) -> Any:
+    """``d`` with float-like strings of mappings as floats (lists are kept as they are); ValueError
+    for an alias cycle or more values than ``budget`` once aliases are expanded."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ValueError(f"holds more than {MAX_YAML_VALUES:,} values once its aliases are expanded")
+    if isinstance(d, (dict, list)):
+        if id(d) in active:
+            raise ValueError("holds an alias that contains itself")
+        active.add(id(d))
+        try:
+            if isinstance(d, dict):
+                return {k: _expand(v, budget, active, floats) for k, v in d.items()}
+            for v in d:
+                _expand(v, budget, active, floats)
+            return d
+        finally:
+            active.discard(id(d))
+    if floats and isinstance(d, str) and _looks_like_float(d):
+        return _parse_scalar(d)
     return d
 
 

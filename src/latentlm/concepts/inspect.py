@@ -22,7 +22,7 @@ from latentlm.data.loader import TokenSplit, iter_eval_windows
 from latentlm.data.prepare import check_tokenizer, load_manifest
 from latentlm.data.tokenizers import Tokenizer
 from latentlm.errors import LatentLMError
-from latentlm.fileio import ManifestFormat, sha256_file
+from latentlm.fileio import ManifestFormat, retry_hint, sha256_file, write_errors
 
 CONTEXTS_FILE = "contexts.json"
 CONTEXTS_KIND = "latentlm-concept-contexts"
@@ -98,9 +98,12 @@ def collect_top_contexts(teacher: Teacher, sae: TopKSAE, layer: int, data_dir: s
 
 
 def save_contexts(contexts: dict[str, Any], sae_dir: str | Path) -> Path:
-    """Write ``contexts`` atomically as ``contexts.json`` in the SAE directory; return its path."""
-    CONTEXTS_FORMAT.write(sae_dir, contexts)
-    return Path(sae_dir) / CONTEXTS_FILE
+    """Write ``contexts`` atomically as ``contexts.json`` in the SAE directory; return its path. A
+    failed write (a full disk) is one line, and the previous contexts.json stays as it was."""
+    path = Path(sae_dir) / CONTEXTS_FILE
+    with write_errors(path, retry_hint(path, path.exists()), errnos=None):
+        CONTEXTS_FORMAT.write(sae_dir, contexts)
+    return path
 
 
 def load_contexts(sae_dir: str | Path) -> dict[str, Any] | None:

@@ -29,21 +29,32 @@ class TokenSplit:
         if split not in splits:
             raise LatentLMError(f"{data_dir} has no split {split!r} (has {', '.join(splits)})")
         info = splits[split]
+        shard_tokens = sum(s["tokens"] for s in info["shards"])
+        if not (all(type(info.get(k)) is int and info[k] >= 0 for k in ("tokens", "documents", "bytes"))
+                and info["tokens"] == shard_tokens):
+            raise LatentLMError(f"{self.data_dir / 'manifest.json'} is malformed (split {split} needs integer tokens, "
+                                f"documents and bytes, tokens equal to its shards' {shard_tokens}); re-run `latentlm prepare`")
         if info["tokens"] == 0:
             raise LatentLMError(
                 f"split {split} of {data_dir} is empty; re-run `latentlm prepare` with more documents or a larger val fraction"
             )
         self.documents: int = info["documents"]
         self.text_bytes: int = info["bytes"]
+        self.vocab_size: int = self.manifest["tokenizer"]["vocab_size"]  # every id must be below it
         dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
-        self._shards = [np.memmap(self.data_dir / s["file"], dtype=dtype, mode="r") for s in info["shards"]]
+        self._files = [self.data_dir / s["file"] for s in info["shards"]]
+        self._shards = [np.memmap(f, dtype=dtype, mode="r") for f in self._files]
         self._starts = np.cumsum([0] + [len(s) for s in self._shards])
 
     def __len__(self) -> int:
         return int(self._starts[-1])
 
     def get(self, start: int, length: int) -> np.ndarray:
-        """Copy of tokens ``[start, start + length)`` of the stream, possibly spanning several shards."""
+        """Copy of tokens ``[start, start + length)`` of the stream, possibly spanning several shards.
+
+        An id outside the data's vocabulary (a damaged or hand-edited shard the size check passes)
+        is a one-line error here, on the CPU copy, before it can index an embedding: one pass over
+        tokens that are about to be used anyway, so it costs nothing noticeable on huge corpora."""
         if start < 0 or length < 0 or start + length > len(self):
             raise IndexError(f"tokens [{start}, {start + length}) out of range for a split of {len(self)} tokens")
         out = np.empty(length, dtype=self._shards[0].dtype)
@@ -56,7 +67,17 @@ class TokenSplit:
             out[pos:pos + n] = shard[offset:offset + n]
             pos += n
             k += 1
+        if length and int(out.max()) >= self.vocab_size:
+            self._bad_token(start, out)
         return out
+
+    def _bad_token(self, start: int, tokens: np.ndarray) -> None:
+        at = start + int(np.argmax(tokens >= self.vocab_size))
+        k = int(np.searchsorted(self._starts, at, side="right")) - 1
+        raise LatentLMError(
+            f"shard {self._files[k]} holds token id {int(tokens[at - start])} (at token {at - int(self._starts[k])}) but "
+            f"the data's {self.manifest['tokenizer']['name']} tokenizer has {self.vocab_size} ids: the shard is damaged "
+            "or was edited; re-run `latentlm prepare`")
 
 
 def _batch(split: TokenSplit, windows: np.ndarray, block_size: int, pin_memory: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,11 +22,15 @@ sha256}`` where ``bytes`` is the shard's file size.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import hashlib
 import multiprocessing
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -41,7 +45,7 @@ from tqdm import tqdm
 from latentlm.fileio import MANIFEST_FILE, ManifestFormat, publishing, sha256_file, write_delay
 from latentlm.data.sources import describe_source, iter_documents
 from latentlm.data.tokenizers import Tokenizer, load_tokenizer
-from latentlm.errors import LatentLMError
+from latentlm.errors import Interrupted, LatentLMError
 
 FORMAT_VERSION = 1
 TOKENIZER_FILE = "tokenizer.json"
@@ -170,10 +174,36 @@ def _tokenize_chunk(
 
 
 _worker_tokenizer: Tokenizer | None = None
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _worker_init(name: str, path: str | None) -> None:
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _end_with_parent(parent: int) -> None:
+    """End this worker process as soon as ``parent`` (the process running :func:`prepare`) ends,
+    however it ends (SIGKILL included), so no worker outlives it holding its caller's stdout and
+    stderr: the kernel's parent-death signal on Linux, else a thread polling the parent's pid."""
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            armed = ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
+    if os.getppid() != parent:  # it ended before the signal was armed
+        os._exit(1)
+
+
+def _worker_init(name: str, path: str | None, parent: int) -> None:
     global _worker_tokenizer
+    _end_with_parent(parent)
+    # Ctrl-C in a terminal reaches the whole process group: the parent alone stops, and shuts the pool down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Parallelism comes from the processes; HF's own thread pool would only oversubscribe the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_tokenizer = load_tokenizer(name, path)
@@ -223,6 +253,34 @@ def _tokenized_chunks(
             "a tokenizer worker process died (see the error above: out of memory, or a script calling prepare() "
             "without an `if __name__ == '__main__':` guard); fix that or use workers=1"
         ) from None
+
+
+@contextlib.contextmanager
+def _stop_on_signals(out_dir: Path) -> Iterator[None]:
+    """While tokenizing, SIGINT / SIGTERM raise :class:`Interrupted` (exit 130 / 143), so the worker
+    pool shuts down in order and the scratch directory is removed; a second signal acts as it would
+    without this handler. Signal handlers live in the main thread only: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous: dict[int, Any] = {}
+
+    def restore() -> None:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        previous.clear()
+
+    def stop(signum: int, frame: Any) -> None:
+        restore()
+        raise Interrupted(f"{signal.Signals(signum).name} while preparing {out_dir}, which is left as it was; run the "
+                          "same command again to prepare it", signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        previous[s] = signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        restore()
 
 
 def _check_destination(out_dir: Path, overwrite: bool) -> None:
@@ -302,23 +360,21 @@ def prepare(
             open_shards.callback(writer.close)  # on failure, before the scratch directory goes; no-op once finished
         counts = {s: {"documents": 0, "bytes": 0} for s in SPLITS}
         with contextlib.ExitStack() as stack:
+            stack.enter_context(_stop_on_signals(out_dir))  # left last: after the pool has shut down
             pool = None
             if workers > 1:
                 # Spawned (not forked) workers: the parent may run threads (tqdm, torch, pyarrow)
-                # that make fork unsafe. Workers rebuild the tokenizer from its name and path.
+                # that make fork unsafe. Workers rebuild the tokenizer from its name and path, and
+                # end with this process whatever ends it.
                 spec = tokenizer.describe()
-                pool = stack.enter_context(
-                    ProcessPoolExecutor(
-                        workers,
-                        mp_context=multiprocessing.get_context("spawn"),
-                        initializer=_worker_init,
-                        initargs=(spec["name"], spec.get("path")),
-                    )
-                )
+                pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                           initializer=_worker_init,
+                                           initargs=(spec["name"], spec.get("path"), os.getpid()))
+                stack.callback(pool.shutdown, wait=True, cancel_futures=True)  # on a failure: no queued work
             bar = stack.enter_context(tqdm(unit="doc", desc="prepare", disable=not progress, mininterval=0.5))
             t0, total_tokens = time.perf_counter(), 0
             docs = iter_documents(source, text_field=text_field, limit=limit)
-            for chunk in _tokenized_chunks(docs, tokenizer, pool, workers, seed, val_fraction):
+            for n_chunk, chunk in enumerate(_tokenized_chunks(docs, tokenizer, pool, workers, seed, val_fraction)):
                 for split, part in chunk.items():
                     writers[split].write(part.tokens)
                     counts[split]["documents"] += part.documents
@@ -326,11 +382,12 @@ def prepare(
                     total_tokens += len(part.tokens)
                 bar.update(sum(part.documents for part in chunk.values()))
                 bar.set_postfix_str(f"{total_tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
+                if n_chunk == 0:
+                    write_delay()  # test seam: the output half-written, the workers running
         splits = {}
         for split, writer in writers.items():
             shards = writer.finish()
             splits[split] = {"tokens": sum(s["tokens"] for s in shards), **counts[split], "shards": shards}
-        write_delay()
         manifest = DATA_FORMAT.write(tmp, {
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "tokenizer": _own_tokenizer_copy(tokenizer, tmp),

@@ -9,9 +9,16 @@ Source forms accepted by :func:`iter_documents`:
 * any other file: the whole file is ONE document (decoded as strict UTF-8).
 * a directory: walked recursively in sorted order; every ``*.txt`` / ``*.md`` file is one
   document and every ``*.jsonl`` / ``*.jsonl.gz`` file is read as JSONL. Hidden files and
-  directories (name starting with ``.``) are skipped.
+  directories (name starting with ``.``) are skipped, and so are symbolic links to directories
+  (never followed, so a link loop cannot recurse). A matching name that is not a regular file (a
+  broken symbolic link, a link loop, a FIFO, a socket, a device) is refused with one line naming
+  it, before anything is read: a FIFO would block the read forever, and skipping a file would
+  silently tokenize less than the directory holds. An unreadable subdirectory is refused too.
 * a glob pattern (contains ``*``, ``?`` or ``[``, and is not an existing path): expanded in sorted
-  order; each match is handled as if it had been given directly.
+  order; each match is handled as if it had been given directly (directories as above); matched
+  files must be regular files, as in a directory.
+* a single file given directly is read whatever it is, so ``--source <(zcat corpus.txt.gz)`` (a
+  pipe) works.
 * ``hf:NAME_OR_PATH[:SPLIT]``: a Hugging Face dataset (``load_from_disk`` for a directory written
   by ``save_to_disk``, streaming ``load_dataset`` otherwise, e.g. a hub name or a local folder of
   data files; split defaults to ``train``).
@@ -23,12 +30,15 @@ streamed without a parser.
 
 from __future__ import annotations
 
+import errno
 import glob
 import gzip
 import json
 import os
 import site
+import stat
 import sys
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -80,20 +90,45 @@ def _parse_hf(source: str) -> tuple[str, str]:
     return name, split
 
 
+def _walk_error(e: OSError) -> None:
+    raise LatentLMError(f"cannot list directory {e.filename} ({e.strerror}); make it readable or move it out of the source")
+
+
+def _regular_file(path: Path) -> Path:
+    """``path`` if it is (a link to) a regular file; else one line saying what it is instead."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        if path.is_symlink():
+            what = "a symbolic link loop" if e.errno == errno.ELOOP else f"a broken symbolic link (to {os.readlink(path)})"
+        else:
+            what = f"unreadable ({e.strerror})"
+        raise LatentLMError(f"{path} is {what}; fix or remove it (a directory or glob source is read for regular "
+                            "files only)") from None
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device or special file"
+        raise LatentLMError(f"{path} is {kind}, not a regular file; remove it or move it out of the source "
+                            "(a directory or glob source is read for regular files only)")
+    return path
+
+
 def _walk_dir(root: Path) -> list[Path]:
-    """Document files under ``root``: sorted, recursive, hidden entries skipped."""
+    """Document files under ``root``: sorted, recursive, hidden entries and links to directories
+    skipped; every match must be a regular file."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_walk_error):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             if name.startswith(".") or not (name.endswith(_DOC_SUFFIXES) or name.endswith(_JSONL_SUFFIXES)):
                 continue
-            found.append(Path(dirpath) / name)
+            found.append(_regular_file(Path(dirpath) / name))
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
 def _expand_paths(source: str) -> list[Path]:
     """Files a path / directory / glob source stands for, in deterministic order."""
+    if not source:
+        raise LatentLMError("the data source is empty; pass 'wiki', a text/.jsonl file, a directory, a glob or hf:NAME")
     path = Path(source)
     if path.exists():
         if path.is_dir():
@@ -108,7 +143,7 @@ def _expand_paths(source: str) -> list[Path]:
         files = []
         for match in sorted(glob.glob(source, recursive=True)):
             m = Path(match)
-            files.extend(_walk_dir(m) if m.is_dir() else [m])
+            files.extend(_walk_dir(m) if m.is_dir() else [_regular_file(m)])
         if not files:
             raise LatentLMError(f"glob pattern {source!r} matched no files; check the pattern")
         return files
@@ -117,11 +152,17 @@ def _expand_paths(source: str) -> list[Path]:
     )
 
 
+def _cannot_read(path: Path, e: OSError) -> LatentLMError:
+    return LatentLMError(f"cannot read {path} ({e.strerror or e}); make it readable or remove it from the source")
+
+
 def _read_text_file(path: Path) -> str:
     try:
         return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise LatentLMError(f"file {path} is not valid UTF-8 (byte {e.start}); convert it to UTF-8 or remove it") from None
+    except OSError as e:
+        raise _cannot_read(path, e) from None
 
 
 def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
@@ -149,8 +190,10 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
                     raise LatentLMError(f"{path} line {lineno} field {text_field!r} is {type(text).__name__}, not a string")
                 if text:
                     yield text
-    except (gzip.BadGzipFile, EOFError) as e:
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # zlib: a damaged stream inside a gzip file
         raise LatentLMError(f"{path} is not a valid gzip file ({e}); re-create or decompress it") from None
+    except OSError as e:
+        raise _cannot_read(path, e) from None
 
 
 def _iter_files(files: list[Path], text_field: str) -> Iterator[str]:
@@ -180,21 +223,45 @@ def _import_datasets() -> Any:
     return datasets
 
 
-def _iter_hf(source: str, text_field: str) -> Iterator[str]:
+def _hf_failure(name: str, split: str, e: Exception) -> LatentLMError:
+    """One line for whatever ``datasets`` raised (offline: a long chain of connection errors)."""
+    lines = str(e).strip().splitlines()
+    return LatentLMError(f"cannot load Hugging Face dataset {name!r} split {split!r}: {type(e).__name__}: "
+                         f"{(lines[0] if lines else '')[:300]}; check the name and split (offline: pass a local "
+                         "directory written by save_to_disk, or a folder of data files)")
+
+
+def _hf_rows(name: str, split: str) -> Iterator[Any]:
+    """The rows of the dataset; any failure of ``datasets`` (opening it or streaming a row) is one line.
+    Third-party I/O, so every exception it raises is the dataset's or the environment's problem."""
     datasets = _import_datasets()
-    name, split = _parse_hf(source)
-    if (Path(name) / "dataset_dict.json").is_file() or (Path(name) / "state.json").is_file():
-        ds = datasets.load_from_disk(name)
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise LatentLMError(f"dataset {name} has no split {split!r} (has {sorted(ds)}); use hf:{name}:SPLIT")
-            ds = ds[split]
-    else:
-        try:
+    try:
+        if (Path(name) / "dataset_dict.json").is_file() or (Path(name) / "state.json").is_file():
+            ds = datasets.load_from_disk(name)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise LatentLMError(f"dataset {name} has no split {split!r} (has {sorted(ds)}); use hf:{name}:SPLIT")
+                ds = ds[split]
+        else:
             ds = datasets.load_dataset(name, split=split, streaming=True)
-        except (FileNotFoundError, ValueError) as e:
-            raise LatentLMError(f"cannot load Hugging Face dataset {name!r} split {split!r}: {e}".replace("\n", " ")) from None
-    for i, row in enumerate(ds):
+        rows = iter(ds)
+    except LatentLMError:
+        raise
+    except Exception as e:
+        raise _hf_failure(name, split, e) from None
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise _hf_failure(name, split, e) from None
+        yield row
+
+
+def _iter_hf(source: str, text_field: str) -> Iterator[str]:
+    name, split = _parse_hf(source)
+    for i, row in enumerate(_hf_rows(name, split)):
         if text_field not in row:
             raise LatentLMError(
                 f"dataset {name} row {i} has no field {text_field!r} (found {sorted(row)}); set the text field option"

@@ -221,17 +221,54 @@ class BPETokenizer(Tokenizer):
         return {**super().describe(), "path": str(self.path)}
 
 
+def _is_tokenizer_file(path: Path) -> bool:
+    """Whether ``path`` holds a Hugging Face tokenizer.json (what train_bpe may replace)."""
+    try:
+        if path.stat().st_size > 1 << 28:  # far larger than any tokenizer.json: some other file
+            return False
+        obj = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and "model" in obj and "added_tokens" in obj
+
+
+def _check_bpe_out(out: Path) -> None:
+    """Refuse, before any training, an ``out`` that cannot or must not be written: a directory, a file
+    that is not a tokenizer (a typo could name the corpus), or a parent that is a file or read-only."""
+    if out.is_dir():
+        raise LatentLMError(f"--out {out} is a directory; give the tokenizer file to write, e.g. {out / 'tokenizer.json'}")
+    if out.exists() or out.is_symlink():
+        if not _is_tokenizer_file(out):
+            raise LatentLMError(f"--out {out} exists and is not a tokenizer.json; refusing to replace it, choose "
+                                "another --out")
+        return
+    parent = Path(os.path.abspath(out)).parent
+    while not parent.exists():  # missing directories are created; the first existing one must allow it
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LatentLMError(f"cannot write {out}: {parent} is not a directory; choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LatentLMError(f"cannot write {out}: {parent} is not writable (Permission denied); choose another --out")
+
+
+MAX_BPE_VOCAB = 1 << 32  # token shards are uint32 at most
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str | Path) -> BPETokenizer:
     """Train a byte-level BPE with ``vocab_size`` ids (end-of-text included) and save it atomically.
 
     The initial alphabet is all 256 byte symbols, so any text round-trips even if the training
-    corpus never contained some byte. A small corpus may yield fewer ids than requested.
+    corpus never contained some byte. A small corpus may yield fewer ids than requested. Missing
+    parent directories of ``out_path`` are created; an existing ``out_path`` is replaced only if it
+    is a tokenizer.json.
     """
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < 257:
-        raise LatentLMError(f"bpe vocab_size must be at least 257 (256 bytes + end-of-text), got {vocab_size}")
+    if not 257 <= vocab_size <= MAX_BPE_VOCAB:
+        raise LatentLMError(f"bpe vocab_size must be at least 257 (256 bytes + end-of-text) and at most 2**32, "
+                            f"got {vocab_size}")
+    _check_bpe_out(Path(out_path))
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -243,13 +280,16 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str | Path) -> BP
     )
     tok.train_from_iterator(texts, trainer=trainer)
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
         tok.save(str(tmp))
         os.replace(tmp, out_path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # e.g. a full disk (tokenizers' own write errors are Exceptions, below)
+            raise LatentLMError(f"cannot write {out_path} ({e.strerror or e}); choose another --out or free disk "
+                                "space") from None
         raise
     return BPETokenizer(out_path)
 

@@ -19,6 +19,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from latentlm.errors import LatentLMError
@@ -83,13 +84,22 @@ def _batches(windows: list[Window], batch_size: int) -> Iterator[list[Window]]:
 @torch.inference_mode()
 def evaluate_tokens(method: Method, tokens: np.ndarray | TokenSource, *, seq_len: int, batch_size: int = 8,
                     stride: int | None = None, byte_lengths: np.ndarray | None = None,
-                    max_tokens: int | None = None, progress: bool = False) -> dict[str, float]:
+                    max_tokens: int | None = None, progress: bool = False, rank: int = 0,
+                    world_size: int = 1) -> dict[str, float]:
     """Score ``tokens`` (a 1-D array or a :class:`TokenSource`) with sliding windows.
 
     ``stride`` defaults to ``seq_len`` (non-overlapping windows); ``max_tokens`` caps the
     number of scored targets (the stream is cut after ``max_tokens + 1`` tokens). Returns
     ``loss`` (mean nats per scored token), ``ppl``, ``tokens`` (scored count) and, given
     ``byte_lengths`` (bytes per token id), ``bytes`` of the scored tokens and ``bpb``.
+
+    Data parallel (``world_size`` > 1, every rank of the default process group calling): the same
+    windows, in global batches of ``batch_size x world_size``, each rank scoring its disjoint
+    ``batch_size`` share; the NLL and byte sums are all-reduced, so every rank returns the result
+    one process gets with a ``batch_size x world_size`` batch, and the method's float statistics
+    (:meth:`~latentlm.methods.base.Method.pop_eval_metrics`) are means over ranks. Every rank runs
+    every batch (FSDP gathers weights in its forward): a rank whose share of a short last batch is
+    empty scores nothing of the batch's first window.
     """
     stride = seq_len if stride is None else stride
     cfg = unwrap(method).model.cfg
@@ -118,28 +128,40 @@ def evaluate_tokens(method: Method, tokens: np.ndarray | TokenSource, *, seq_len
     unwrap(method).pop_eval_metrics()  # start this evaluation's statistics afresh
     try:
         with tqdm(total=n_tokens - 1, disable=not progress, unit="tok", desc="perplexity") as bar:
-            for batch in _batches(_windows(n_tokens, seq_len, stride), batch_size):
-                chunks = np.stack([source.get(start, length) for start, length, _ in batch]).astype(np.int64)
+            for batch in _batches(_windows(n_tokens, seq_len, stride), batch_size * world_size):
+                share = -(-len(batch) // world_size)
+                mine = batch[rank * share:(rank + 1) * share]
+                n_new = [new for _, _, new in mine] or [0]  # an empty share runs the first window, unscored
+                rows = [source.get(start, length) for start, length, _ in mine or batch[:1]]
+                chunks = np.stack(rows).astype(np.int64)
                 seq = torch.from_numpy(chunks).to(device)
-                n_new = [new for _, _, new in batch]
                 nll = method(seq[:, :-1], seq[:, 1:], nll=True)
                 width = nll.shape[1]
                 first_new = torch.tensor([width - k for k in n_new], device=device)
                 scored = torch.arange(width, device=device)[None] >= first_new[:, None]
                 total_nats += torch.where(scored, nll.double(), 0.0).sum()
                 if byte_lengths is not None:
-                    n_bytes += sum(int(byte_lengths[row[-k:]].sum()) for row, k in zip(chunks, n_new))
-                bar.update(sum(n_new))
+                    n_bytes += sum(int(byte_lengths[row[-k:]].sum()) for row, k in zip(chunks, n_new) if k)
+                bar.update(sum(new for _, _, new in batch))
     finally:
         method.train(was_training)
 
+    statistics = unwrap(method).pop_eval_metrics()  # e.g. ponder's mode and Jacobi residual
+    if world_size > 1:
+        means = [k for k, v in statistics.items() if isinstance(v, float)]
+        sums = torch.tensor([0.0, float(n_bytes)] + [statistics[k] for k in means], dtype=torch.float64,
+                            device=device)
+        sums[0] = total_nats
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        total_nats, n_bytes = sums[0], int(sums[1].item())
+        statistics.update({k: v / world_size for k, v in zip(means, sums[2:].tolist())})
     nats = total_nats.item()
     loss = nats / (n_tokens - 1)
     result = {"loss": loss, "ppl": math.exp(loss), "tokens": n_tokens - 1}
     if byte_lengths is not None:
         result["bytes"] = n_bytes
         result["bpb"] = nats / (math.log(2) * n_bytes) if n_bytes else float("nan")
-    result.update(unwrap(method).pop_eval_metrics())  # e.g. ponder's mode and Jacobi residual
+    result.update(statistics)
     return result
 
 

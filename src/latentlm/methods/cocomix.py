@@ -8,7 +8,8 @@ added at the input only, so concept slots get none) and the concept slots' outpu
 next token. ``mix="add"`` continues on ``h + c_hat`` (T slots); ``mix="none"`` inserts nothing.
 
 Loss: NTP + ``concept_weight`` x the concept cross-entropy, the mean over unmasked labels
-(label != -1) of ``CE(z_t, label_{t,i})``, which is ``(1/k_attr) sum_i CE`` averaged over
+(label != -1) of the whole data-parallel batch (:func:`~latentlm.methods.concept_head.label_norm`)
+of ``CE(z_t, label_{t,i})``, which is ``(1/k_attr) sum_i CE`` averaged over
 tokens when nothing is masked. ``concept_acc`` is the fraction of unmasked labels among the
 student's top-``k_attr`` concept logits (chance ~ k_attr / C). Labels come from the ``concepts:``
 section (a teacher's SAE, on the fly or from a cache); the teacher from ``teacher:``.
@@ -29,7 +30,7 @@ from latentlm.concepts.sae import load_sae
 from latentlm.concepts.teacher import TeacherSettings, run_teacher_config
 from latentlm.errors import LatentLMError
 from latentlm.methods.base import Method, token_nll, token_positions
-from latentlm.methods.concept_head import ConceptHead
+from latentlm.methods.concept_head import ConceptHead, label_norm
 from latentlm.model.flops import forward_flops_per_slot
 from latentlm.model.transformer import KVCache, Transformer
 from latentlm.settings import Settings
@@ -118,7 +119,8 @@ class Cocomix(Method):
         if not sae_path:
             raise LatentLMError(f"train.method {cfg.train.method} needs --concepts.sae (or --cocomix.n_concepts and "
                                 "--cocomix.k_concepts) to size its concept head")
-        sae = load_sae(sae_path)
+        with torch.random.fork_rng(devices=[]):  # building the SAE draws an init: keep the seeded stream
+            sae = load_sae(sae_path)  # (the core's and the head's init must not depend on where C and k came from)
         for key, mine, theirs in (("n_concepts", c.n_concepts, sae.n_latents), ("k_concepts", c.k_concepts, sae.k)):
             if mine and mine != theirs:
                 raise LatentLMError(f"cocomix.{key}={mine} but the SAE {sae_path} has {theirs}; drop "
@@ -157,12 +159,14 @@ class Cocomix(Method):
         self._labels = labels
 
     def batch_inputs(self, x: torch.Tensor, y: torch.Tensor, *, windows: np.ndarray, step: int):
-        """Concept labels of the batch's windows (the source is loaded on first use); none without a
-        concept loss."""
+        """Concept labels of the batch's windows (the source is loaded on first use) and the concept
+        loss's denominator (:func:`label_norm`: the global count of valid labels, all-reduced here,
+        outside the compiled and wrapped forward); none without a concept loss."""
         if not self.cfg.cocomix.concept_loss:
             return {}
         self.validate_inputs(x.device)
-        return {"labels": self._labels.labels(x, windows)}
+        labels = self._labels.labels(x, windows)
+        return {"labels": labels, "label_norm": label_norm(labels)}
 
     # --- the student ---------------------------------------------------------------------------
 
@@ -198,7 +202,10 @@ class Cocomix(Method):
     def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x, token_positions(x), need_concepts=False)[0]
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor | None = None):
+    def loss(self, x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor | None = None,
+             label_norm: torch.Tensor | None = None):
+        """NTP + lambda x the concept CE; ``label_norm`` (from :meth:`batch_inputs`) divides the
+        concept sums, by default this batch's own count of valid labels."""
         c = self.cfg.cocomix
         logits, z = self.run(x, token_positions(x), need_concepts=True)
         ntp = token_nll(logits, y).mean()
@@ -207,7 +214,7 @@ class Cocomix(Method):
         if labels is None:
             raise LatentLMError("cocomix training needs concept labels (loss(..., labels=...) from "
                                 "batch_inputs), or --cocomix.concept_loss false")
-        concept, acc = self.concept_head.loss(z, labels, c.concept_chunk)
+        concept, acc = self.concept_head.loss(z, labels, c.concept_chunk, label_norm)
         return ntp + c.concept_weight * concept, {"ntp_loss": ntp.detach(), "concept_loss": concept.detach(),
                                                   "concept_acc": acc}
 

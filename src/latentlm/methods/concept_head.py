@@ -14,6 +14,7 @@ chunks whose softmax is recomputed in backward. Steering multiplies chosen logit
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -28,6 +29,22 @@ def _masked_ce_sum(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     keep = labels >= 0
     picked = z.gather(-1, labels.clamp(min=0))
     return ((torch.logsumexp(z, dim=-1, keepdim=True) - picked) * keep).sum()
+
+
+def label_norm(labels: torch.Tensor) -> torch.Tensor:
+    """The denominator of :meth:`ConceptHead.loss` for this process's ``labels`` [..., k_attr]: the
+    unmasked labels of the whole data-parallel batch (all-reduced over the default process group when
+    one is running) divided by the world size, float32 [] on the labels' device. Each rank's loss is
+    then its CE sum x world / global count, and the gradient mean DDP / FSDP take over ranks is that of
+    the mean over every rank's labels, i.e. one process's objective on the same global batch (ranks
+    mask different numbers of labels, so their own counts would weight their labels differently). In
+    one process it is the batch's own count, exactly the default. Called outside the (compiled,
+    wrapped) forward, e.g. in ``batch_inputs``; a device tensor, so no host sync."""
+    count = (labels >= 0).sum().to(torch.float64)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world > 1:
+        dist.all_reduce(count, op=dist.ReduceOp.SUM)
+    return (count.clamp(min=1) / world).float()
 
 
 class ConceptHead(nn.Module):
@@ -63,10 +80,12 @@ class ConceptHead(nn.Module):
                                 mode="sum").view(*z.shape[:-1], -1)
         return (mixed + self.compress_bias + self.b) * s + mu
 
-    def loss(self, z: torch.Tensor, labels: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, z: torch.Tensor, labels: torch.Tensor, chunk: int,
+             norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean CE over unmasked labels [..., k_attr] (-1 = masked) and the fraction of them among the
         top-k_attr logits (chance ~ k_attr / C), in chunks of ``chunk`` rows (each chunk's softmax
-        recomputed in backward, never all kept)."""
+        recomputed in backward, never all kept). Both sums are divided by ``norm``, by default this
+        batch's unmasked labels; data-parallel training passes :func:`label_norm`'s."""
         flat, lab = z.flatten(0, -2), labels.flatten(0, -2)
         total = flat.new_zeros((), dtype=torch.float32)
         recompute = torch.is_grad_enabled() and flat.requires_grad
@@ -75,7 +94,7 @@ class ConceptHead(nn.Module):
             total = total + (checkpoint(_masked_ce_sum, *part, use_reentrant=False) if recompute
                              else _masked_ce_sum(*part))
         keep = lab >= 0
-        count = keep.sum().clamp(min=1)
+        count = keep.sum().clamp(min=1) if norm is None else norm
         with torch.no_grad():
             top = flat.topk(min(lab.shape[-1], self.n_concepts), dim=-1).indices
             hits = ((top[:, None, :] == lab[:, :, None]).any(-1) & keep).sum()

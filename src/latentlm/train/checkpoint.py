@@ -32,7 +32,7 @@ from latentlm.checkpoint_files import (CHECKPOINT_FORMAT, TIED_KEY, TOKENIZER_FI
                                        list_checkpoints, load_model_state, read_manifest, resolve_checkpoint, step_of)
 from latentlm.config import Config, save_yaml
 from latentlm.errors import LatentLMError
-from latentlm.fileio import fsync_file, publishing, sha256_file, write_delay
+from latentlm.fileio import cannot_write, fsync_file, publishing, save_through, sha256_file, write_delay
 from latentlm.methods.base import unwrap
 from latentlm.train.distributed import DistInfo, raise_rank0_failure
 
@@ -60,18 +60,21 @@ def save_checkpoint(run_dir: str | Path, step: int, module: torch.nn.Module, opt
     final = Path(run_dir) / "checkpoints" / f"step_{step:08d}"
     failure = None
     if info.is_main:
+        previous = latest_checkpoint(run_dir)
+        what = f"checkpoint {final}"
+        hint = (f"free disk space or make {final.parent} writable, then "
+                + (f"resume: the previous checkpoint {previous} is intact" if previous is not None
+                   else "start again: no checkpoint was saved yet"))
         try:  # hidden while assembled; the run lock excludes live writers, so every .step_* is a leftover
-            with publishing(final, replace=True, hidden=True, stale=".step_*") as tmp:
+            with publishing(final, replace=True, hidden=True, stale=".step_*", name=what, hint=hint) as tmp:
                 write_checkpoint(tmp, model_sd, cfg, step=step, optim_sd=optim_sd, rngs=rngs,
                                  trainer_state=trainer_state, world_size=info.world_size, extra=extra)
             for old in list_checkpoints(run_dir)[:-cfg.train.keep_last]:
                 _remove_checkpoint(old)
-        except OSError as e:  # disk full, read-only or vanished directory: say so, keep the older ones
-            previous = latest_checkpoint(run_dir)
-            failure = (f"cannot write checkpoint {final} ({e.strerror or e}); free disk space or make "
-                       f"{final.parent} writable, then "
-                       + (f"resume: the previous checkpoint {previous} is intact" if previous is not None
-                          else "start again: no checkpoint was saved yet"))
+        except LatentLMError as e:  # disk full or read-only (publishing says so): the older ones are kept
+            failure = str(e)
+        except OSError as e:  # any other failed write (permissions, a vanished directory)
+            failure = cannot_write(what, e, hint)
     raise_rank0_failure(failure, info)  # every rank learns whether rank 0 succeeded (instead of a barrier)
     return final
 
@@ -92,11 +95,12 @@ def write_checkpoint(directory: Path, model_sd: dict[str, torch.Tensor], cfg: Co
     listed in the manifest too."""
     save_file({k: v.contiguous() for k, v in model_sd.items() if not (k == TIED_KEY and _tied(cfg))},
               str(directory / "model.safetensors"), metadata={"format": "latentlm", "method": cfg.train.method})
-    if optim_sd is not None:
-        torch.save(optim_sd, directory / "optimizer.pt")
+    if optim_sd is not None:  # through a Python file: a full disk is then an OSError, not torch's RuntimeError
+        save_through(directory / "optimizer.pt", lambda f: torch.save(optim_sd, f))
     write_delay()
     if rngs is not None:
-        torch.save({f"rank{r}_{k}": v for r, s in enumerate(rngs) for k, v in s.items()}, directory / "rng.pt")
+        rng = {f"rank{r}_{k}": v for r, s in enumerate(rngs) for k, v in s.items()}
+        save_through(directory / "rng.pt", lambda f: torch.save(rng, f))
     if trainer_state is not None:
         (directory / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
     extra = dict(extra or {})
@@ -145,7 +149,33 @@ def restore_training(ckpt: Path, module: torch.nn.Module, optimizer, cfg: Config
         torch.set_rng_state(rng[key])
         if torch.cuda.is_available() and f"rank{info.rank}_cuda" in rng:
             torch.cuda.set_rng_state(rng[f"rank{info.rank}_cuda"])
-    return json.loads((ckpt / "trainer_state.json").read_text())
+    return read_trainer_state(ckpt)
+
+
+STATE_COUNTS = ("step", "tokens_seen", "skipped_steps")
+LOADER_COUNTS = ("epoch", "cursor", "seed", "block_size", "batch_size_global")
+
+
+def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+    """``trainer_state.json``, checked: its counters and data position are non-negative integers and its
+    step is the one the directory is named after (a damaged or hand-edited file is one line, not a
+    KeyError or a resumed run that logs the wrong steps)."""
+    path = ckpt / "trainer_state.json"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        state = None
+
+    def counts(d: Any, keys: tuple[str, ...]) -> bool:
+        return isinstance(d, dict) and all(type(d.get(k)) is int and d[k] >= 0 for k in keys)
+
+    if not (counts(state, STATE_COUNTS) and counts(state.get("loader"), LOADER_COUNTS)):
+        raise LatentLMError(f"{path} is damaged (it needs non-negative integers {', '.join(STATE_COUNTS)} and a "
+                            "loader position); resume from an earlier checkpoint")
+    if state["step"] != step_of(ckpt):
+        raise LatentLMError(f"{path} records step {state['step']} but the checkpoint is {ckpt.name}; it is damaged, "
+                            "resume from an earlier checkpoint")
+    return state
 
 
 def _load_tensors(path: Path) -> Any:

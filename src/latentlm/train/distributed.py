@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from latentlm.devices import resolve_device
 from latentlm.errors import LatentLMError
 
 
@@ -26,17 +29,6 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.mode != "none"
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise LatentLMError(f"train.device={name} but no CUDA device is available; use --train.device cpu")
-        if name == "cuda":
-            name = f"cuda:{local_rank}"
-    return torch.device(name)
 
 
 def setup(mode: str, device_name: str) -> tuple[DistInfo, torch.device]:
@@ -93,6 +85,17 @@ def barrier(info: DistInfo) -> None:
 def teardown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def on_rank0(fn: Callable[[], Any], info: DistInfo) -> None:
+    """Call ``fn`` on rank 0 only; a LatentLMError it raises is raised on every rank."""
+    failure = None
+    if info.is_main:
+        try:
+            fn()
+        except LatentLMError as e:
+            failure = str(e)
+    raise_rank0_failure(failure, info)
 
 
 def raise_rank0_failure(failure: str | None, info: DistInfo) -> None:

@@ -21,13 +21,13 @@ from latentlm.data.loader import TokenSplit, WindowLoader
 from latentlm.data.prepare import check_tokenizer, load_manifest, tokenizer_for
 from latentlm.errors import Interrupted, LatentLMError
 from latentlm.eval.perplexity import evaluate_tokens
-from latentlm.fileio import dir_lock, sha256_file, write_json_atomic
+from latentlm.fileio import dir_lock, sha256_file, write_errors, write_json_atomic
 from latentlm.loading import load_config
 from latentlm.methods import build_method
 from latentlm.model.flops import device_peak_flops
 from latentlm.train import checkpoint as ckpt_io
 from latentlm.train import distributed as dist_
-from latentlm.train.metrics import MetricLogger
+from latentlm.train.metrics import MetricLogger, check_sinks
 from latentlm.train.optim import build_optimizer, lr_at
 from latentlm.train.warmstart import init_core_from
 
@@ -69,6 +69,22 @@ def check_resume_config(saved: Config, cfg: Config, ckpt: Path) -> list[str]:
     return changes
 
 
+def _device_scalar(value: Any, device: torch.device) -> torch.Tensor:
+    """A method metric (a tensor or a number) as a float32 scalar on ``device``, without a host sync."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().reshape(())
+    return torch.full((), float(value), device=device)
+
+
+def _last_good(run_dir: Path, then: str = "") -> str:
+    """Where a run stopped inside a non-finite streak goes on from (a streak's steps are never saved),
+    with ``then`` (what to do with that checkpoint) when there is one."""
+    ck = ckpt_io.latest_checkpoint(run_dir)
+    if ck is None:
+        return "No checkpoint was saved before it: run the same command again without --resume to start over"
+    return f"The last good checkpoint is {ck}{then}"
+
+
 def autocast_context(device: torch.device, dtype: str):
     """bf16 autocast on CUDA by default (``auto``); plain float32 on CPU unless asked."""
     if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
@@ -86,6 +102,8 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None) -
     tc = cfg.train
     info, device = dist_.setup(tc.dist, tc.device)
     try:
+        # A missing TensorBoard / W&B package fails here, before anything is written.
+        dist_.on_rank0(lambda: check_sinks(tensorboard=tc.tensorboard, wandb=tc.wandb), info)
         with _run_lock(Path(tc.out_dir), info), _StopRequest() as stop:
             return _train(cfg, info, device, resume, stop_after, stop)
     finally:
@@ -97,13 +115,7 @@ def _run_lock(run_dir: Path, info: dist_.DistInfo) -> Iterator[None]:
     """Rank 0 holds the run directory's lock for the whole run, so a second ``train`` on the same
     directory fails at once instead of interleaving checkpoints; every rank fails with it."""
     with contextlib.ExitStack() as stack:
-        failure = None
-        if info.is_main:
-            try:
-                stack.enter_context(dir_lock(run_dir, "choose another --train.out_dir"))
-            except LatentLMError as e:
-                failure = str(e)
-        dist_.raise_rank0_failure(failure, info)
+        dist_.on_rank0(lambda: stack.enter_context(dir_lock(run_dir, "choose another --train.out_dir")), info)
         yield
 
 
@@ -170,12 +182,19 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
         state = ckpt_io.restore_training(existing, module, optimizer, cfg, info)
         step, tokens_seen, skipped = state["step"], state["tokens_seen"], state["skipped_steps"]
         loader.load_state_dict(state["loader"])
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, run_dir / "config.yaml")
-    dist_.barrier(info)
-    logger = MetricLogger(run_dir, tensorboard=tc.tensorboard, wandb=tc.wandb, wandb_project=tc.wandb_project,
-                          config=cfg.to_dict(), after_step=step) if info.is_main else None
+    failure, logger = None, None
+    if info.is_main:  # a full or read-only disk here is one line on every rank, like a failed checkpoint
+        hint = "free disk space or make it writable, then run the same command" + (" (it resumes)" if existing else "")
+        try:
+            with write_errors(run_dir, hint, errnos=None):
+                run_dir.mkdir(parents=True, exist_ok=True)
+                save_yaml(cfg, run_dir / "config.yaml")
+                logger = MetricLogger(run_dir, tensorboard=tc.tensorboard, wandb=tc.wandb,
+                                      wandb_project=tc.wandb_project, config=cfg.to_dict(), after_step=step,
+                                      resume=existing is not None)
+        except LatentLMError as e:
+            failure = str(e)
+    dist_.raise_rank0_failure(failure, info)  # instead of a barrier: every rank learns whether rank 0 could write
     compiled = torch.compile(module) if tc.compile else module
     amp = autocast_context(device, tc.dtype)
     byte_lengths = tokenizer.token_byte_lengths()
@@ -193,9 +212,12 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
                   "params": method.model.num_params(), "capabilities": method.capabilities()}
 
     def evaluate() -> dict[str, float]:
+        """``eval_batches`` global batches of held-out windows, each rank scoring its share: the same
+        tokens and numbers whatever the world size (for the same global batch)."""
         with amp:
             r = evaluate_tokens(compiled, val_split, seq_len=seq_len, batch_size=tc.batch_size,
-                                byte_lengths=byte_lengths, max_tokens=tc.eval_batches * tc.batch_size * seq_len)
+                                byte_lengths=byte_lengths, rank=info.rank, world_size=info.world_size,
+                                max_tokens=tc.eval_batches * tc.batch_size * info.world_size * seq_len)
         extra = {f"val_{k}": v for k, v in r.items() if k not in ("loss", "ppl", "bpb", "tokens", "bytes")}
         return {"val_loss": r["loss"], "val_ppl": r["ppl"], "val_bpb": r["bpb"], **extra}
 
@@ -223,6 +245,7 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
         for g in optimizer.param_groups:
             g["lr"] = lr
         loss_sum = torch.zeros((), device=device)
+        metric_sums: dict[str, torch.Tensor] = {}
         for micro in range(tc.grad_accum):
             x, y, windows = loader.next_batch_windows()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -234,13 +257,17 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
                     loss, metrics = compiled(x, y, **extra)
                 (loss / tc.grad_accum).backward()
             loss_sum += loss.detach()
+            for k, v in metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + _device_scalar(v, device)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        # A stop request rides the same all-reduce, so every rank stops after the same step.
+        # A stop request and the method's metrics ride the same all-reduce: every rank stops after the
+        # same step, and the metrics logged are means over micro-batches and ranks, not rank 0's.
         flag = torch.full((), float(stop.signum), device=device)
-        stats = dist_.all_reduce_mean(torch.stack([loss_sum / tc.grad_accum, grad_norm.float(), flag]), info)
-        loss_val, norm_val, stop_val = stats.tolist()  # the one host sync per optimizer step
+        stats = dist_.all_reduce_mean(torch.stack([loss_sum / tc.grad_accum, grad_norm.float(), flag,
+                                                   *(m / tc.grad_accum for m in metric_sums.values())]), info)
+        loss_val, norm_val, stop_val, *metric_vals = stats.tolist()  # the one host sync per optimizer step
         stopping = stop_val > 0
         tokens_seen += tokens_per_step
         step += 1
@@ -256,9 +283,10 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
                 tqdm.write(f"step {step}: non-finite loss or gradient ({loss_val}, {norm_val}); update skipped")
         optimizer.zero_grad(set_to_none=True)
         if bad_in_row >= tc.max_bad_steps:
+            if logger:
+                logger.close()
             raise NonFiniteLossError(f"{bad_in_row} optimizer steps in a row had a non-finite loss or gradient "
-                                     f"(step {step}); lower --train.lr or check the data. The last good "
-                                     f"checkpoint is {ckpt_io.latest_checkpoint(run_dir)}")
+                                     f"(step {step}); lower --train.lr or check the data. {_last_good(run_dir)}")
         bar.update(1)
         if step % tc.log_every == 0 or step == end:
             now = time.perf_counter()
@@ -266,7 +294,7 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
             t_log, tok_log = now, tokens_seen
             last = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": norm_val, "tokens": tokens_seen,
                     "tok_per_s": tok_s, "flops_per_token": flops_per_token}
-            last.update({k: float(v) for k, v in metrics.items()})
+            last.update(zip(metric_sums, metric_vals))
             if peak:
                 last["mfu"] = flops_per_token * tok_s / (peak * info.world_size)
             if logger:
@@ -287,12 +315,28 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
         if stopping:
             break
     bar.close()
+    if logger and ((stopping and step < end) or bad_in_row):
+        logger.close()
     if stopping and step < end:
-        if logger:
-            logger.close()
         signum = stop.signum or signal.SIGTERM  # a rank the signal did not reach stops as if SIGTERMed
+        if bad_in_row:  # no checkpoint inside the streak: the resume goes back to before it
+            raise Interrupted(f"{signal.Signals(signum).name} at step {step}, inside a streak of {bad_in_row} "
+                              f"non-finite step(s), which are never saved. "
+                              f"{_last_good(run_dir, ': run the same command with --resume to continue from it')}",
+                              signum)
         raise Interrupted(f"{signal.Signals(signum).name} at step {step}: saved {ckpt_io.latest_checkpoint(run_dir)}; "
                           "run the same command with --resume to continue", signum)
+    if bad_in_row:
+        # Policy: a run never ends on weights it cannot save. Skipped steps leave the weights of the
+        # last good step, but no checkpoint is written inside a streak (a resume must not land in it),
+        # so the final checkpoint and final.json would describe weights that exist nowhere. Stop instead.
+        steps = f"steps {step - bad_in_row + 1}-{step}" if bad_in_row > 1 else f"step {step}"
+        raise NonFiniteLossError(f"the run ended inside a streak of {bad_in_row} optimizer step(s) with a non-finite "
+                                 f"loss or gradient ({steps}), whose weights are never saved: no final checkpoint "
+                                 "and no final.json were written. "
+                                 + _last_good(run_dir, ": run the same command with --resume to redo the steps after "
+                                              "it (if they fail again, check the data or start a new run with a "
+                                              "lower --train.lr)"))
     result = dict(last)
     if step >= tc.max_steps:
         ev = evaluate()
