@@ -465,6 +465,8 @@ CASES: list = [
      "--seq-len 100 must be from 1 to the teacher's block_size 64"),
     ("sae-k-0", lambda w, t, e: sae_train(w, t, "--k", "0"), "1 <= k <= n_latents"),
     ("sae-latents-0", lambda w, t, e: sae_train(w, t, "--latents", "0"), "--latents 0 must satisfy 1 <= k <= n_latents"),
+    ("sae-latents-10**13", lambda w, t, e: sae_train(w, t, "--latents", str(10**13)),  # 1.3 PB: beyond any address space
+     "error: out of memory ("),
     ("label-k-attr-0", lambda w, t, e: label(w, t, "--k-attr", "0"), "k_attr must be at least 1"),
     ("label-seq-len-past-teacher", lambda w, t, e: label(w, t, "--seq-len", "100"),  # the last --seq-len counts
      "--seq-len 100 must be from 1 to the teacher's block_size 64"),

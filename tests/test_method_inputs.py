@@ -4,6 +4,8 @@ against the concept head, and the label cache against the run."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from latentlm.cli import main
@@ -82,4 +84,28 @@ def test_a_label_cache_of_another_sae_size_is_refused(bpe_teacher, tmp_path, cap
                  "--concepts.k_attr", "2", "--concepts.layer", "0", "--cocomix.insert_layer", "1",
                  "--cocomix.n_concepts", "24", "--cocomix.k_concepts", "2"]) == 2
     assert "cocomix.n_concepts=24 but the concept labels come from an SAE with 16" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda m: m.pop("labels"), "labels.file is None"),
+    (lambda m: m["labels"].update(shape=[4, 32]), "labels.shape is"),
+    (lambda m: m.update(seq_len="32"), "seq_len is '32', not a valid int"),
+    (lambda m: m["sae"].update(n_latents=None), "sae.n_latents is None"),
+])
+def test_a_hand_edited_label_cache_manifest_is_one_line(bpe_teacher, tmp_path, capsys, edit, needle):
+    teacher, sae, data = bpe_teacher
+    labels = tmp_path / "labels"
+    assert main(["concepts", "label", "--teacher", str(teacher), "--sae", str(sae), "--data", str(data), "--out",
+                 str(labels), "--seq-len", "32", "--k-attr", "2", "--limit-windows", "2", "--quiet"]) == 0
+    manifest = json.loads((labels / "manifest.json").read_text())
+    edit(manifest)
+    (labels / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "run"
+    assert main(["train", *MODEL, "--model.vocab_size", "512", "--data.path", str(data), "--train.out_dir", str(out),
+                 "--train.method", "cocomix", "--train.max_steps", "1", *COMMON, "--concepts.labels", str(labels),
+                 "--concepts.k_attr", "2", "--concepts.layer", "0", "--cocomix.insert_layer", "1",
+                 "--cocomix.n_concepts", "16", "--cocomix.k_concepts", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is damaged" in err and needle in err, err
     assert not out.exists()

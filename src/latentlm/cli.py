@@ -181,12 +181,16 @@ def _teacher_and_data(a: argparse.Namespace):
     from latentlm.concepts.teacher import load_teacher
     from latentlm.data.loader import TokenSplit
     from latentlm.data.prepare import check_tokenizer, load_manifest
+    from latentlm.model.config import ModelConfig
 
     manifest = load_manifest(a.data)
     teacher = load_teacher(a.teacher, device=a.device)
     check_tokenizer(manifest, teacher.tokenizer)
     train, val = TokenSplit(a.data, "train"), TokenSplit(a.data, "val")
-    shape = teacher.model_config().resolved()
+    try:
+        shape = teacher.model_config().resolved()
+    except LatentLMError:  # a Hugging Face shape we cannot describe: no position limit known here
+        shape = ModelConfig(pos="rope")
     # (a window longer than the data is left to the command, which says so in its own words)
     if a.seq_len < 1 or (shape.pos == "learned" and shape.block_size < a.seq_len < len(train)):
         raise LatentLMError(f"--seq-len {a.seq_len} must be from 1 to the teacher's block_size {shape.block_size} "

@@ -39,7 +39,7 @@ def resolve_device(name: str, local_rank: int = 0, option: str = "train.device")
         index = int(name[5:]) if ":" in name else local_rank
         count = torch.cuda.device_count()
         if index >= count:
-            raise LatentLMError(f"{option}={name} but this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1}); "
-                                f"use {flag} cuda:0 or {flag} auto")
+            raise LatentLMError(f"{option}={name} but this machine has {count} CUDA device(s) "
+                                f"(cuda:0..cuda:{count - 1}); use {flag} cuda:0 or {flag} auto")
         name = f"cuda:{index}"
     return torch.device(name)

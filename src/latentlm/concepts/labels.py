@@ -168,6 +168,25 @@ def _teacher_spec_matches(spec: str, recorded: dict[str, Any]) -> bool:
     return path.resolve() == Path(str(recorded.get("path"))).resolve()
 
 
+# What CachedLabels reads from a cache manifest, with its type (a hand-edited manifest fails in one line).
+_FIELDS = {("data", "manifest_sha256"): str, ("seq_len",): int, ("k_attr",): int, ("acts",): str, ("select",): str,
+           ("layer",): int, ("teacher",): dict, ("sae", "fingerprint"): str, ("sae", "n_latents"): int,
+           ("sae", "k"): int, ("labels", "file"): str, ("labels", "shape"): list, ("labels", "sha256"): str}
+
+
+def _check_fields(m: dict[str, Any], path: Path) -> None:
+    for keys, kind in _FIELDS.items():
+        value: Any = m
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+        if ok and keys == ("labels", "shape"):
+            ok = len(value) == 3 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+        if not ok:
+            raise LatentLMError(f"{path} is damaged: {'.'.join(keys)} is {repr(value)[:40]}, not a valid "
+                                f"{kind.__name__}; {RERUN}")
+
+
 class CachedLabels:
     """Labels looked up by window id in a cache written by :func:`build_label_cache` (memory-mapped).
 
@@ -180,6 +199,7 @@ class CachedLabels:
                  verify: Literal["size", "sha256"] = "size"):
         self.dir = Path(cache_dir)
         self.manifest = m = CACHE_FORMAT.read(self.dir)
+        _check_fields(m, self.dir / MANIFEST_FILE)
         c = cfg.concepts
         data = _data_identity(data_dir)
         checks = [("data manifest sha256", m["data"]["manifest_sha256"], data["manifest_sha256"]),
