@@ -235,3 +235,15 @@ def test_check_sae_matches() -> None:
     with pytest.raises(LatentLMError, match="cannot tell"):
         check_sae_matches(by_path, {"name": "x"}, 0, None)
     check_sae_matches(random_sae(), {"name": "anything"}, 9, "tok9")  # no meta: nothing to check
+
+
+def test_loading_an_sae_leaves_the_seeded_stream_alone(tmp_path):
+    """A student built after reading its SAE (CoCoMix sizes its head from it) must start from the same
+    weights as one built without: loading never draws from the global RNG."""
+    torch.manual_seed(0)
+    save_sae(TopKSAE(8, 16, 2), tmp_path / "sae")
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    load_sae(tmp_path / "sae")
+    assert torch.equal(torch.rand(3), expected)

@@ -424,9 +424,16 @@ def load_sae(path: str | Path, k: int | None = None) -> TopKSAE:
             raise LatentLMError(f"{p / WEIGHTS_FILE}: {name} has shape {tuple(state[name].shape)}, cfg.json "
                                 f"implies {shape}; the files do not belong together, save the SAE again")
     meta = cfg.get("latentlm")
-    sae = TopKSAE(d_in, d_sae, cfg_k, meta if isinstance(meta, dict) else None)
+    sae = _to_be_loaded(d_in, d_sae, cfg_k, meta if isinstance(meta, dict) else None)
     sae.load_state_dict(state)
     return sae.eval()
+
+
+def _to_be_loaded(d_in: int, n_latents: int, k: int, meta: dict[str, Any] | None = None) -> TopKSAE:
+    """An SAE whose weights are about to be overwritten: its throw-away init draws from a forked RNG,
+    so loading an SAE never shifts a caller's seeded stream (e.g. a student's initial weights)."""
+    with torch.random.fork_rng(devices=[]):
+        return TopKSAE(d_in, n_latents, k, meta)
 
 
 def sae_from_openai_state_dict(state_dict: Mapping[str, Any], k: int) -> TopKSAE:
@@ -447,7 +454,7 @@ def sae_from_openai_state_dict(state_dict: Mapping[str, Any], k: int) -> TopKSAE
                                 f"from encoder.weight {tuple(enc.shape)}; the state dict is inconsistent")
     if not 0 < k <= n_latents:
         raise LatentLMError(f"k={k} must be in [1, {n_latents}] for this OpenAI SAE")
-    sae = TopKSAE(d_in, n_latents, k)
+    sae = _to_be_loaded(d_in, n_latents, k)
     with torch.no_grad():
         sae.W_enc.copy_(enc.t())
         sae.b_enc.copy_(state_dict["latent_bias"])

@@ -119,8 +119,7 @@ class Cocomix(Method):
         if not sae_path:
             raise LatentLMError(f"train.method {cfg.train.method} needs --concepts.sae (or --cocomix.n_concepts and "
                                 "--cocomix.k_concepts) to size its concept head")
-        with torch.random.fork_rng(devices=[]):  # building the SAE draws an init: keep the seeded stream
-            sae = load_sae(sae_path)  # (the core's and the head's init must not depend on where C and k came from)
+        sae = load_sae(sae_path)  # leaves the RNG alone: the init must not depend on where C and k came from
         for key, mine, theirs in (("n_concepts", c.n_concepts, sae.n_latents), ("k_concepts", c.k_concepts, sae.k)):
             if mine and mine != theirs:
                 raise LatentLMError(f"cocomix.{key}={mine} but the SAE {sae_path} has {theirs}; drop "
