@@ -27,7 +27,7 @@ from latentlm.train import checkpoint as ckpt_io
 from latentlm.train.metrics import read_metrics
 from latentlm.train.trainer import train
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, run_torchrun
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -373,7 +373,7 @@ def test_sigterm_to_one_ddp_rank_stops_both_at_the_same_step(byte_wiki, teacher_
     assert proc.returncode != 0 and 3 <= step < STEPS
     assert f"stopped: SIGTERM at step {step}: saved " in err and "exitcode  : 143" in err, err[-2000:]
     assert_checkpoints_sound(tmp_path / "ddp")
-    done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=240)
+    done = run_torchrun(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = ([r["loss"] for r in read_metrics(d / "metrics.jsonl") if "loss" in r]
             for d in (tmp_path / "single", tmp_path / "ddp"))

@@ -4,7 +4,7 @@ per-step losses and method metrics (all-reduced means), the same validation toke
 the same final weights. CoCoMix's concept loss is normalised by the global label count."""
 
 import os
-import subprocess
+import shutil
 import sys
 
 import pytest
@@ -20,7 +20,7 @@ from latentlm.methods import build_method
 from latentlm.train.metrics import read_metrics
 from latentlm.train.trainer import train
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, run_torchrun
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,8 @@ def test_two_processes_match_one(mode, method, tiny_config, tmp_path, request):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "latentlm", "train", "--config", str(tmp_path / "config.yaml"), "--train.out_dir", str(out),
            "--train.batch_size", str(single.train.batch_size // 2), "--train.dist", mode]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = run_torchrun(cmd, env=env, capture_output=True, text=True, timeout=240,
+                        before_retry=lambda: shutil.rmtree(out, ignore_errors=True))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     def losses(run):

@@ -105,7 +105,9 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None) -
         # A missing TensorBoard / W&B package fails here, before anything is written.
         dist_.on_rank0(lambda: check_sinks(tensorboard=tc.tensorboard, wandb=tc.wandb), info)
         with _run_lock(Path(tc.out_dir), info), _StopRequest() as stop:
-            return _train(cfg, info, device, resume, stop_after, stop)
+            result = _train(cfg, info, device, resume, stop_after, stop)
+        dist_.barrier(info)  # no rank tears its process group down while another still works with it
+        return result
     finally:
         dist_.teardown(info)
 
