@@ -142,3 +142,17 @@ def run_torchrun(cmd: list[str], *, before_retry=None, **kw):
             before_retry()
         proc = subprocess.run(cmd, **kw)
     return proc
+
+
+def random_sae_for(teacher_run, out, latents: int = 64, k: int = 4, layer: int = 0):
+    """A seeded random TopK SAE saved to ``out`` whose meta names the teacher run ``teacher_run``
+    (so teacher / layer / tokenizer checks accept the pair); returns its directory."""
+    import torch
+
+    from latentlm.concepts.sae import TopKSAE, save_sae
+    from latentlm.concepts.teacher import load_teacher
+
+    teacher = load_teacher(str(teacher_run))
+    torch.manual_seed(0)
+    meta = {"teacher": teacher.describe(), "layer": layer, "tokenizer_fingerprint": teacher.tokenizer.fingerprint()}
+    return save_sae(TopKSAE(teacher.d_model, latents, k, meta), out)

@@ -19,7 +19,7 @@ from latentlm.data.prepare import prepare
 from latentlm.data.tokenizers import load_tokenizer
 from latentlm.fileio import sha256_file
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, random_sae_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,10 +55,7 @@ class World:
             assert main(["train", *MODEL, *FAST, "--data.path", str(data), "--train.out_dir", str(run),
                          "--train.method", method, "--train.seed", str(seed)]) == 0
         teacher = load_teacher(str(self.run))
-        torch.manual_seed(0)
-        self.sae = save_sae(TopKSAE(teacher.d_model, 64, 4, {"teacher": teacher.describe(), "layer": 0,
-                                                            "tokenizer_fingerprint": teacher.tokenizer.fingerprint()}),
-                            root / "sae")
+        self.sae = random_sae_for(self.run, root / "sae")
         self.labels = root / "labels"
         build_label_cache(self.small, teacher, load_sae(self.sae), self.labels, seq_len=32, layer=0, progress=False)
 

@@ -24,12 +24,13 @@ import torch
 
 from latentlm.cli import build_parser, main
 from latentlm.concepts.labels import build_label_cache
-from latentlm.concepts.sae import TopKSAE, load_sae, save_sae
+from latentlm.concepts.sae import load_sae
 from latentlm.concepts.teacher import load_teacher
 from latentlm.data.prepare import prepare
 from latentlm.data.tokenizers import load_tokenizer
 from latentlm.fileio import sha256_file
 
+from conftest import random_sae_for
 from test_bad_inputs import FAST, MODEL, QUIET, copy_run, reseal, snapshot, write
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,10 +52,7 @@ class World:
         for run, model in ((self.run, MODEL), (self.llama, LLAMA)):
             assert main(["train", *model, *FAST, "--data.path", str(self.data), "--train.out_dir", str(run)]) == 0
         teacher = load_teacher(str(self.run))
-        torch.manual_seed(0)
-        self.sae = save_sae(TopKSAE(teacher.d_model, 64, 4, {"teacher": teacher.describe(), "layer": 0,
-                                                            "tokenizer_fingerprint": teacher.tokenizer.fingerprint()}),
-                            root / "sae")
+        self.sae = random_sae_for(self.run, root / "sae")
         self.labels = root / "labels"
         build_label_cache(self.data, teacher, load_sae(self.sae), self.labels, seq_len=32, layer=0, progress=False)
         assert main(["train", *MODEL, *FAST, "--data.path", str(self.data), "--train.out_dir", str(self.cocomix),

@@ -18,8 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from latentlm.cli import main
-from latentlm.concepts.sae import TopKSAE, load_sae, save_sae
-from latentlm.concepts.teacher import load_teacher
+from latentlm.concepts.sae import load_sae
 from latentlm.config import make_config, save_yaml
 from latentlm.data.prepare import load_manifest
 from latentlm.fileio import DELAY_ENV, LOCK_FILE
@@ -27,7 +26,7 @@ from latentlm.train import checkpoint as ckpt_io
 from latentlm.train.metrics import read_metrics
 from latentlm.train.trainer import train
 
-from conftest import TINY_MODEL, run_torchrun
+from conftest import TINY_MODEL, random_sae_for, run_torchrun
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,11 +41,7 @@ def teacher_sae(byte_wiki, tmp_path_factory) -> tuple[Path, Path]:
                             "train": {"out_dir": str(root / "teacher"), "max_steps": 2, "batch_size": 2,
                                       "eval_batches": 1, "progress": False, "device": "cpu"}})
     train(cfg)
-    teacher = load_teacher(str(root / "teacher"))
-    torch.manual_seed(0)
-    sae = TopKSAE(teacher.d_model, 64, 4, {"teacher": teacher.describe(), "layer": 0,
-                                          "tokenizer_fingerprint": teacher.tokenizer.fingerprint()})
-    return root / "teacher", save_sae(sae, root / "sae")
+    return root / "teacher", random_sae_for(root / "teacher", root / "sae")
 
 
 def run_config(method: str, data: Path, out: Path, teacher_sae: tuple[Path, Path]):

@@ -10,8 +10,6 @@ import sys
 import pytest
 import torch
 
-from latentlm.concepts.sae import TopKSAE, save_sae
-from latentlm.concepts.teacher import load_teacher
 from latentlm.config import make_config, save_yaml
 from latentlm.eval import perplexity
 from latentlm.eval.perplexity import evaluate_tokens
@@ -20,7 +18,7 @@ from latentlm.methods import build_method
 from latentlm.train.metrics import read_metrics
 from latentlm.train.trainer import train
 
-from conftest import TINY_MODEL, run_torchrun
+from conftest import TINY_MODEL, random_sae_for, run_torchrun
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +29,7 @@ def teacher_sae(byte_wiki, tmp_path_factory):
     train(make_config(base={"model": dict(TINY_MODEL), "data": {"path": str(byte_wiki)},
                             "train": {"out_dir": str(root / "teacher"), "max_steps": 2, "batch_size": 2,
                                       "eval_batches": 1, "progress": False, "device": "cpu"}}))
-    teacher = load_teacher(str(root / "teacher"))
-    torch.manual_seed(0)
-    sae = TopKSAE(teacher.d_model, 64, 4, {"teacher": teacher.describe(), "layer": 0,
-                                          "tokenizer_fingerprint": teacher.tokenizer.fingerprint()})
-    return root / "teacher", save_sae(sae, root / "sae")
+    return root / "teacher", random_sae_for(root / "teacher", root / "sae")
 
 
 # Logged per step and equal to one process's (tok_per_s is a timing; the rest must match).
