@@ -8,7 +8,7 @@ AdamW. Methods are timed round-robin (one step of each per round, median over ro
 drifting background load hits all of them alike. Prints one markdown table.
 
     python benchmarks/train_throughput.py                        # tiny CoCoMix preset, CPU
-    python benchmarks/train_throughput.py --config configs/gpt2-124m.yaml --device cuda \\
+    python benchmarks/train_throughput.py --config gpt2-124m --device cuda \\
         --batch-size 16 --seq-len 1024 --dtype bfloat16 --compile --steps 20 --warmup 5
 
 FLOPs per token are each method's own ``train_flops_per_token`` (3 x forward, flops.py's

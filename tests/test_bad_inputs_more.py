@@ -453,7 +453,7 @@ CASES: list = [
     ("config-tab-indent", config("model:\n\tn_layer: 2\n"), "found character '\\t' that cannot start any token (line 2)"),
     ("config-python-tag", config("train: !!python/object/apply:os.system ['touch pwned']\n"),
      "could not determine a constructor"),
-    ("config-is-a-directory", lambda w, t, e: ["train", "--config", str(t)], "does not exist"),
+    ("config-is-a-directory", lambda w, t, e: ["train", "--config", str(t)], "is a directory; pass a YAML file or a preset name"),
     ("config-nested-3000-deep", config("train: " + "[" * 3000 + "]" * 3000 + "\n"), "nests too deeply to be a config"),
     ("config-override-without-value", lambda w, t, e: train(w, t, "--train.lr"), "override --train.lr has no value"),
     ("config-device-mps", lambda w, t, e: train(w, t, "--train.device", "mps"), "train.device='mps' is not one of"),

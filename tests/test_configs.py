@@ -4,10 +4,11 @@ from pathlib import Path
 
 import pytest
 
+from latentlm.presets import PRESET_DIR
 from latentlm.config import make_config
 from latentlm.model.transformer import Transformer
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
+CONFIGS = sorted((PRESET_DIR).rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[f"{p.parent.name}/{p.stem}" for p in CONFIGS])
@@ -20,7 +21,7 @@ def test_gpt2_124m_has_124m_parameters():
     import torch
 
     with torch.device("meta"):
-        m = Transformer(make_config(Path(__file__).parent.parent / "configs" / "gpt2-124m.yaml").model)
+        m = Transformer(make_config(PRESET_DIR / "gpt2-124m.yaml").model)
     # GPT-2 small: 124.4M with the 50257-row embedding; ours pads it to 50304 rows (+36k).
     assert m.num_params() == 124_475_904
 
@@ -31,7 +32,7 @@ OFFICIAL = {"125m": (768, 12, 12, 2064), "410m": (1024, 24, 16, 2752), "834m": (
 
 @pytest.mark.parametrize("name", OFFICIAL)
 def test_ponder_presets_match_the_official_shapes(name):
-    cfg = make_config(Path(__file__).parent.parent / "configs" / "ponder" / f"llama-{name}.yaml")
+    cfg = make_config(PRESET_DIR / "ponder" / f"llama-{name}.yaml")
     m = cfg.model
     assert (m.n_embd, m.n_layer, m.n_head, m.ffn_hidden) == OFFICIAL[name]
     assert m.padded_vocab_size == 50304 and m.arch == "llama" and m.block_size == 2048
@@ -64,7 +65,7 @@ def test_cocomix_presets_and_their_width_matched_ntp_baselines(size):
     from latentlm.methods.cocomix import Cocomix
 
     n_layer, d, heads, insert, d_wide, batch = COCOMIX[size]
-    root = Path(__file__).parent.parent / "configs" / "cocomix"
+    root = PRESET_DIR / "cocomix"
     student_cfg, ntp_cfg = make_config(root / f"cocomix-{size}.yaml"), make_config(root / f"ntp-{size}-wide.yaml")
     for cfg, width in ((student_cfg, d), (ntp_cfg, d_wide)):
         m, t = cfg.model, cfg.train
@@ -87,7 +88,7 @@ def test_cocomix_tiny_preset_builds_for_every_baseline(tmp_path):
     from latentlm.errors import LatentLMError
     from latentlm.methods import build_method
 
-    path = Path(__file__).parent.parent / "configs" / "cocomix" / "tiny.yaml"
+    path = PRESET_DIR / "cocomix" / "tiny.yaml"
     sae = save_sae(TopKSAE(128, 4096, 32), tmp_path / "sae")
     for method in ("cocomix", "ntp", "pause_insert", "kd", "kd_pause"):
         extra = ["--concepts.sae", str(sae)] if method == "cocomix" else []

@@ -97,7 +97,7 @@ def test_teacher_shapes_from_specs(tmp_path):
     gpt2 = {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257, "n_positions": 1024}
     c = hf_model_config(gpt2)
     assert (c.arch, c.n_layer, c.n_embd, c.ffn_hidden, c.padded_vocab_size) == ("gpt2", 12, 768, 3072, 50257)
-    yaml_cfg = teacher_model_config("configs/gpt2-124m.yaml")
+    yaml_cfg = teacher_model_config("gpt2-124m.yaml")
     assert forward_flops_per_slot(yaml_cfg, 1024) == pytest.approx(forward_flops_per_slot(c, 1024), rel=2e-3)
     llama = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
              "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True}
@@ -110,9 +110,9 @@ def test_teacher_shapes_from_specs(tmp_path):
 
 
 def test_flops_report_counts_the_teacher_and_every_method():
-    cfg = make_config("configs/cocomix/cocomix-69m.yaml", ["--teacher.path", "configs/gpt2-124m.yaml"])
+    cfg = make_config("cocomix/cocomix-69m", ["--teacher.path", "configs/gpt2-124m.yaml"])
     rows = {r["method"]: r for r in flops_report(cfg, ["ntp", "kd", "cocomix", "ponder"])}
-    teacher = make_config("configs/gpt2-124m.yaml").model
+    teacher = make_config("gpt2-124m").model
     assert rows["ntp"]["teacher"] == 0 and rows["ponder"]["teacher"] == 0
     assert rows["kd"]["teacher"] == forward_flops_per_slot(teacher, cfg.seq_len)
     assert rows["kd"]["train_total"] == rows["ntp"]["train_total"] + rows["kd"]["teacher"]
@@ -121,20 +121,20 @@ def test_flops_report_counts_the_teacher_and_every_method():
     assert rows["ntp"]["params"] == sum(p.numel() for p in Transformer(cfg.model).parameters())
     two_slots = 2 * forward_flops_per_slot(cfg.model, 2 * cfg.seq_len, head=False)  # K=1: the head once
     assert rows["ponder"]["infer"] == two_slots + forward_flops_per_slot(cfg.model, 0, n_layers=0)
-    no_teacher = flops_report(make_config("configs/cocomix/cocomix-69m.yaml", []), ["kd"])[0]
+    no_teacher = flops_report(make_config("cocomix/cocomix-69m", []), ["kd"])[0]
     assert "set --teacher.path" in no_teacher["error"]
 
 
 def test_flops_cli(capsys):
-    assert main(["flops", "--config", "configs/ponder/pythia-70m.yaml", "--methods", "ntp,ponder,pause"]) == 0
+    assert main(["flops", "--config", "ponder/pythia-70m", "--methods", "ntp,ponder,pause"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[1].split()[:3] == ["method", "params", "train"]
     ponder = next(line for line in out if line.startswith("ponder")).split()
     assert 1.9 < float(ponder[-1]) < 2.0  # K=1 generation: 2 slots per token through the blocks, 1 head
-    assert main(["flops", "--config", "configs/ponder/pythia-70m.yaml", "--json", "--context", "16"]) == 0
+    assert main(["flops", "--config", "ponder/pythia-70m", "--json", "--context", "16"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["method"] for r in rows] == ["ntp", "ponder"] and rows[0]["infer"] < rows[0]["train_student"] / 3
-    assert main(["flops", "--config", "configs/ponder/pythia-70m.yaml", "--methods", "nope"]) == 2
+    assert main(["flops", "--config", "ponder/pythia-70m", "--methods", "nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
 
 

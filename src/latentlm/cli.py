@@ -399,8 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_tokenizer_train)
 
     s = add(sub, "train", help="train a model; any config key can be overridden as --section.key VALUE",
-                       epilog="example: latentlm train --config configs/tiny.yaml --train.max_steps 200")
-    s.add_argument("--config", help="YAML config (see configs/)")
+                       epilog="example: latentlm train --config tiny --train.max_steps 200")
+    s.add_argument("--config", help="a YAML file or a preset name (`latentlm configs` lists them)")
     s.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     s.set_defaults(fn=cmd_train, takes_overrides=True)
 
@@ -497,8 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_concepts_inspect)
 
     s = add(sub, "flops", help="training and generation FLOPs per token of methods on a config",
-            epilog="example: latentlm flops --config configs/ponder/pythia-70m.yaml --methods ntp,ponder,pause")
-    s.add_argument("--config", help="YAML config (see configs/); --section.key VALUE overrides as for train")
+            epilog="example: latentlm flops --config ponder/pythia-70m --methods ntp,ponder,pause")
+    s.add_argument("--config", help="a YAML file or a preset name (`latentlm configs`); --section.key VALUE overrides as for train")
     s.add_argument("--methods", help="comma-separated methods, or 'all' (default: ntp and the config's method)")
     s.add_argument("--context", type=int, help="tokens in the KV cache when generating (default: seq_len)")
     s.add_argument("--json", action="store_true", help="print the rows as JSON")

@@ -3,7 +3,7 @@
 A run is described by one :class:`Config`: ``model`` (:class:`~latentlm.model.config.ModelConfig`),
 ``data``, ``train``, and a section per settings block the registered methods declare
 (``ponder:``, ``cocomix:``, ``teacher:``, ...; :attr:`Method.sections`). It can be written as YAML
-(``configs/*.yaml``) and every field can be overridden on the command line with its dotted name
+(the presets in ``latentlm/configs``, listed by ``latentlm configs``) and every field can be overridden on the command line with its dotted name
 (``--model.n_layer 4``). Everything is checked before any work starts: unknown keys, wrong types
 and impossible values raise :class:`LatentLMError` with one line naming the key, the value and
 what is allowed. The typed-settings machinery itself is :mod:`latentlm.settings`.
@@ -24,6 +24,7 @@ from latentlm.fileio import write_text_atomic
 from latentlm.methods import method_class, section_types
 from latentlm.methods.legacy import renamed_keys, upgrade_config
 from latentlm.model.config import ModelConfig
+from latentlm.presets import config_path
 from latentlm.settings import build, check_seed, load_yaml, merge, non_negative, parse_overrides, positive
 
 __all__ = ["Config", "DataConfig", "ModelConfig", "TrainConfig", "config_from_dict", "make_config",
@@ -176,7 +177,7 @@ def make_config(path: str | Path | None = None, overrides: list[str] | dict | No
     """Build and validate a :class:`Config` from defaults <- ``base`` <- YAML file <- overrides."""
     data: dict[str, Any] = base or {}
     if path is not None:
-        data = merge(data, load_yaml(path))
+        data = merge(data, load_yaml(config_path(path)))
     if overrides:
         data = merge(data, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
     moved = renamed_keys(data)

@@ -32,6 +32,7 @@ from latentlm.data.tokenizers import HFTokenizer, Tokenizer, require_hf, smollm2
 from latentlm.errors import LatentLMError
 from latentlm.fileio import sha256_file
 from latentlm.model.config import ModelConfig
+from latentlm.presets import config_path
 from latentlm.model.hf import hf_model_config
 from latentlm.model.transformer import Transformer
 from latentlm.settings import Settings, build, load_yaml
@@ -301,9 +302,9 @@ def teacher_model_config(spec: str) -> ModelConfig:
     """The shape of teacher ``spec`` (as :func:`load_teacher` reads it) without loading its weights
     where possible: a latentlm checkpoint's config, a Hugging Face config.json, a GGUF header. For
     counting only, ``spec`` may also be a latentlm YAML config naming the shape (e.g. a paper teacher
-    not on disk: ``configs/gpt2-124m.yaml``)."""
+    not on disk: the preset ``gpt2-124m``)."""
     if spec.endswith((".yaml", ".yml")):
-        return build(ModelConfig, load_yaml(spec).get("model") or {}, "model.")
+        return build(ModelConfig, load_yaml(config_path(spec)).get("model") or {}, "model.")
     if spec == "smollm2" or spec.endswith(".gguf"):
         require_hf(True)
         from transformers import AutoConfig
@@ -336,5 +337,5 @@ def run_teacher_config(cfg) -> ModelConfig:
             pass  # an older or unreadable cache: fall back to the teacher spec
     if not cfg.teacher.path:
         raise LatentLMError("cannot count the teacher's FLOPs: set --teacher.path (a teacher, or for "
-                            "counting a YAML config of its shape, e.g. configs/gpt2-124m.yaml)")
+                            "counting a YAML config of its shape, e.g. the preset gpt2-124m)")
     return teacher_model_config(cfg.teacher.path)
