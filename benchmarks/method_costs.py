@@ -63,7 +63,7 @@ def step_seconds(method, x, y, steps: int, device: torch.device) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", default="llama", choices=["gpt2", "llama"])
+    ap.add_argument("--arch", default="llama", choices=["gpt2", "llama", "neox"])
     ap.add_argument("--n-layer", type=int, default=4)
     ap.add_argument("--n-embd", type=int, default=128)
     ap.add_argument("--n-head", type=int, default=4)

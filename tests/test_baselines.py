@@ -56,7 +56,7 @@ def assert_nll_matches(method: Method, x: torch.Tensor, logits: torch.Tensor) ->
     torch.testing.assert_close(nll.flatten(), ce, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_pause_is_an_interleaved_sequence_with_shared_positions(arch, k):
     """Built by hand: each token followed by the K scaled pause embeddings, position ids
@@ -83,7 +83,7 @@ def test_pause_is_an_interleaved_sequence_with_shared_positions(arch, k):
         assert (method.logits(x, positions(x)) - logits).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_loop_applies_the_stack_k_plus_one_times(arch, k):
     """Positions once at the input, K+1 runs of all blocks with the same position ids, one head."""
@@ -100,7 +100,7 @@ def test_loop_applies_the_stack_k_plus_one_times(arch, k):
         assert (logits - m(x)).abs().max() > 1e-3  # not the single pass
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_ponderlm_follows_the_recursion(arch, k):
     """e(0) = embed(x); e(k) = e(0) + softmax(logits of the pass on e(k-1)) @ W_E[:V] sqrt(d);
@@ -123,7 +123,7 @@ def test_ponderlm_follows_the_recursion(arch, k):
 
 
 @pytest.mark.parametrize("name", BASELINES)
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_cached_generation_matches_parallel_forward(name, arch, k):
     """Prefill of a left-padded batch of two prompts and per-token ``step`` calls give the
@@ -137,7 +137,7 @@ def test_cached_generation_matches_parallel_forward(name, arch, k):
 
 
 @pytest.mark.parametrize("name", BASELINES)
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_flops_formula_matches_counted_forward(name, arch, k):
     """The per-token forward formula equals a FLOP count of one forward (math attention kernel:

@@ -94,7 +94,7 @@ def interleave(h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return torch.stack([h, c], dim=2).flatten(1, 2)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 def test_forward_follows_the_spec_equations(arch):
     """z, TopK (raw values), gather compress = dense W_comp z_k, interleave h_1 c_1 h_2 c_2 ..,
     shared position ids, logits from the concept slots; the loss is NTP + 0.1 x masked concept CE."""
@@ -135,7 +135,7 @@ def test_forward_follows_the_spec_equations(arch):
         torch.testing.assert_close(nll.flatten(), ce_tok, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 def test_positions_enter_at_the_input_and_concepts_share_them(arch):
     """Positions are added once, to the T token slots; the concept slots are exactly c_hat (no
     position embedding); the blocks after the insert layer see position ids 0,0,1,1,..."""
@@ -194,7 +194,7 @@ VARIANTS = [("cocomix", ()), ("cocomix", ("--cocomix.mix", "add")), ("cocomix", 
 
 
 @pytest.mark.parametrize("name,extra", VARIANTS)
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 def test_cached_generation_matches_parallel_forward(name, extra, arch):
     """Prefill of a left-padded batch of two prompts of different lengths, then per-token steps,
     give each row's parallel logits; interleaving caches T slots before the insert layer, 2T after."""
@@ -260,7 +260,7 @@ def test_steering_raises_a_concept_and_changes_the_continuation():
         method.set_steering([C], [2.0])
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 def test_variants(arch):
     """add: blocks from L on run on h + c_hat (T slots); none: the plain core's logits plus a concept
     loss; insertion only: no labels, no concept metrics; pause_insert: one learned vector after each
@@ -307,7 +307,7 @@ def test_variants(arch):
 
 
 @pytest.mark.parametrize("name,extra", VARIANTS + [("cocomix", ("--cocomix.concept_loss", "false"))])
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 def test_flops_formula_matches_counted_forward(name, extra, arch):
     """The per-token formula equals a FLOP count of one training forward (math attention kernel:
     full score matrices) plus the concept gather's 2 k d, which is an embedding_bag the counter

@@ -43,7 +43,7 @@ def counted(fn) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 @pytest.mark.parametrize("name,k", [("ntp", 1), ("pause", 1), ("loop", 2), ("ponderlm", 1), ("ponder", 1),
                                     ("ponder", 2), ("cocomix", 1), ("pause_insert", 1)])
 def test_generation_flops_equal_a_counted_decode_step(arch, name, k):
@@ -68,7 +68,7 @@ def test_generation_flops_equal_a_counted_decode_step(arch, name, k):
         pytest.approx(100 * (m.infer_flops_per_token(1) - m.infer_flops_per_token(0)))
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 @pytest.mark.parametrize("layer", [0, 1])
 def test_label_flops_equal_counted_teacher_passes(arch, layer):
     """The teacher's forward (no grad) up to the SAE layer, its forward and input-gradient backward

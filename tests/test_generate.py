@@ -40,7 +40,7 @@ def prompts_of(lengths: list[int], seed: int = 1) -> list[list[int]]:
     return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 def test_cached_decoding_matches_full_forward(arch):
     method = tiny_method(arch)
     [prompt] = prompts_of([7])
@@ -54,7 +54,7 @@ def test_cached_decoding_matches_full_forward(arch):
         assert int(logits[0].argmax()) == out[i]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 def test_padded_batch_matches_each_prompt_alone(arch):
     method = tiny_method(arch)
     prompts = prompts_of([3, 9, 5, 9])

@@ -21,7 +21,7 @@ def tiny(arch="gpt2", **kw):
     return Transformer(make_config(overrides=over).model).eval()
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 def test_presets_shapes_and_structure(arch):
     m = tiny(arch)
     c = m.cfg
@@ -30,9 +30,15 @@ def test_presets_shapes_and_structure(arch):
     assert m.wte.weight.shape[0] == 320 and c.padded_vocab_size == 320
     assert (m.lm_head.weight is m.wte.weight) == (arch == "gpt2")
     assert (m.wpe is not None) == (arch == "gpt2")
-    assert (m.blocks[0].attn.q_proj.bias is not None) == (arch == "gpt2")
-    assert type(m.norm_f).__name__ == ("LayerNorm" if arch == "gpt2" else "RMSNorm")
+    assert (m.blocks[0].attn.q_proj.bias is not None) == (arch != "llama")
+    assert type(m.norm_f).__name__ == ("RMSNorm" if arch == "llama" else "LayerNorm")
+    assert (getattr(m.norm_f, "bias", None) is not None) == (arch != "llama")
     assert hasattr(m.blocks[0].mlp, "gate") == (arch == "llama")
+    assert m.blocks[0].mlp.up.out_features == (192 if arch == "llama" else 256)
+    assert m.blocks[0].parallel == (arch == "neox")
+    assert c.mlp == {"gpt2": "gelu", "llama": "swiglu", "neox": "gelu_exact"}[arch]  # neox: erf GELU, as Pythia
+    if arch != "gpt2":  # RoPE tables cover the rotary dims only: all 16 of a head, or 25% for neox
+        assert m.rope_cos.shape == (64, 4 if arch == "neox" else 16)
 
 
 def test_depth_scaled_init():
@@ -45,7 +51,7 @@ def test_depth_scaled_init():
     assert down == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 def test_pieces_compose_to_forward(arch):
     m = tiny(arch)
     idx = torch.randint(0, V, (2, 12))
@@ -63,8 +69,9 @@ def test_embed_scale_multiplies_token_embeddings():
     torch.testing.assert_close(m.embed(idx), 3.0 * m.wte(idx))
 
 
-def test_rope_depends_on_relative_positions_only():
-    m = tiny("llama")
+@pytest.mark.parametrize("arch", ["llama", "neox"])
+def test_rope_depends_on_relative_positions_only(arch):
+    m = tiny(arch)
     x = m.embed(torch.randint(0, V, (1, 9)))
     a = m.run_blocks(x, torch.arange(9))
     b = m.run_blocks(x, torch.arange(9) + 17)
@@ -74,7 +81,7 @@ def test_rope_depends_on_relative_positions_only():
 def test_shared_position_ids():
     """Slots that share a position id (concept / thought / pause slots) are accepted and
     causality stays by slot order: a later slot never changes an earlier slot's output."""
-    for arch in ("gpt2", "llama"):
+    for arch in ("gpt2", "llama", "neox"):
         m = tiny(arch)
         x = m.embed(torch.randint(0, V, (1, 8)))
         pos = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
@@ -86,7 +93,7 @@ def test_shared_position_ids():
         assert not torch.allclose(h[:, 5:], h2[:, 5:])
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 def test_left_padding_mask(arch):
     """A left-padded row gives the same outputs on its real tokens as the row alone."""
     m = tiny(arch)
@@ -98,7 +105,7 @@ def test_left_padding_mask(arch):
     torch.testing.assert_close(out[:, 3:], m(real), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 def test_kv_cache_matches_full_forward_with_gqa(arch):
     m = tiny(arch, n_kv_head=2)
     idx = torch.randint(0, V, (2, 20))
@@ -136,7 +143,7 @@ def test_cache_lengths_may_differ_per_layer():
 
 
 def test_flop_count_matches_module_weights():
-    for arch in ("gpt2", "llama"):
+    for arch in ("gpt2", "llama", "neox"):
         m = tiny(arch, n_kv_head=2)
         linear = sum(mod.weight.numel() for b in m.blocks for mod in b.modules() if isinstance(mod, torch.nn.Linear))
         assert matmul_params(m.cfg) == linear + m.lm_head.weight.numel()

@@ -44,7 +44,7 @@ def tokens(batch: int = 2, length: int = T, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_jacobi_matches_sequential_within_the_exactness_bound(arch, k):
     """After the K init passes the first token's K thoughts are exact, and each Jacobi iteration
@@ -172,7 +172,7 @@ def two_prompts() -> list[list[int]]:
     return [tokens(1, 3, seed=4)[0].tolist(), tokens(1, 6, seed=5)[0].tolist()]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_cached_generation_matches_exact_model(arch, k):
     """Generation through ``step`` (left-padded batch of two prompts) reproduces the exact
@@ -183,7 +183,7 @@ def test_cached_generation_matches_exact_model(arch, k):
     assert_cached_matches_parallel(method, prompts, method.exact_logits)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_jacobi_prefill_with_enough_iterations_equals_exact_prefill(arch, k):
     """With eval_iters >= K (T - 1) the Jacobi prefill of a left-padded batch gives the exact
@@ -226,7 +226,7 @@ def test_generate_end_to_end_with_jacobi_prefill():
         generate(method, prompts, max_new_tokens=4, temperature=0.0)[1:]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_flops_formula_matches_counted_passes(arch, k):
     """The per-token forward formula equals a FLOP count of the real passes (math attention

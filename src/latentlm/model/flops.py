@@ -4,7 +4,9 @@ Convention (PaLM appendix B, as nanoGPT and most MFU numbers use): a forward pas
 2 FLOPs per multiply-accumulate of every weight matrix that touches a token, plus the
 attention score and value products, 2 * 2 * n_layer * d * S per token for a context of S
 slots (counted without the causal halving, as is customary). Training = 3 x forward.
-Embedding lookups, norms and activations are ignored.
+Embedding lookups, norms, activations, biases and RoPE are ignored (element-wise work, O(d) per
+slot and layer), so the presets differ only by their matrices: SwiGLU has three MLP matrices,
+GELU (gpt2, neox) two; neox's parallel residual and partial rotary change no matrix.
 """
 
 from __future__ import annotations

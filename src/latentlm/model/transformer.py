@@ -1,7 +1,9 @@
 """The one decoder-only transformer every method uses.
 
-Two presets (``ModelConfig.arch``): ``gpt2`` (learned positions, LayerNorm, GELU, tied
-embeddings, biases) and ``llama`` (RoPE, RMSNorm, SwiGLU, untied, no biases).
+Three presets (``ModelConfig.arch``): ``gpt2`` (learned positions, LayerNorm, GELU, tied
+embeddings, biases), ``llama`` (RoPE, RMSNorm, SwiGLU, untied, no biases) and ``neox`` (GPT-NeoX /
+Pythia: parallel residual, partial RoPE, LayerNorm, exact GELU, untied, biases). They differ only
+by the switches of :class:`ModelConfig`, read in the few places below.
 
 Methods do not subclass or copy this model. They call its pieces:
 
@@ -47,7 +49,8 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin tables ``[B, 1, T, head_dim]`` for the given positions (rotate-half layout)."""
+    """cos/sin tables ``[B, 1, T, head_dim]`` for the given positions (rotate-half layout);
+    ``head_dim`` is the number of rotary dims (a head's size unless RoPE is partial)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
     freqs = position_ids.float()[..., None] * inv_freq  # [B, T, hd/2]
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]
@@ -68,6 +71,11 @@ def linear_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on the first ``cos.shape[-1]`` dims of ``x``; the rest pass unchanged
+    (GPT-NeoX's partial rotary, whose tables cover only the rotary dims)."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :r], cos, sin), x[..., r:]), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -164,6 +172,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
+        self.gelu = "tanh" if cfg.mlp == "gelu" else "none"  # gelu_exact: the erf form (Pythia's)
         self.up = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=cfg.bias)
         if self.swiglu:
             self.gate = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=cfg.bias)
@@ -171,7 +180,7 @@ class MLP(nn.Module):
         self.down.is_residual_out = True
 
     def forward(self, x):
-        h = F.silu(self.gate(x)) * self.up(x) if self.swiglu else F.gelu(self.up(x), approximate="tanh")
+        h = F.silu(self.gate(x)) * self.up(x) if self.swiglu else F.gelu(self.up(x), approximate=self.gelu)
         return self.down(h)
 
 
@@ -183,9 +192,13 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
+        self.parallel = cfg.parallel_residual
 
     def forward(self, x, rope=None, cache=None, valid=None, mask=None, cache_offset: int = 0):
-        x = x + self.drop(self.attn(self.norm1(x), rope, cache, valid, mask, cache_offset))
+        a = self.drop(self.attn(self.norm1(x), rope, cache, valid, mask, cache_offset))
+        if self.parallel:  # GPT-NeoX: attention and MLP both read the block's input
+            return x + a + self.drop(self.mlp(self.norm2(x)))
+        x = x + a
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -203,7 +216,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         if cfg.pos == "rope":  # computed once, not on every run_blocks call; not saved in checkpoints
-            cos, sin = rope_table(cfg.block_size, cfg.n_embd // cfg.n_head, cfg.rope_theta)
+            cos, sin = rope_table(cfg.block_size, cfg.rotary_dim, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -258,7 +271,7 @@ class Transformer(nn.Module):
         return x
 
     def rope(self, position_ids: torch.Tensor, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE cos/sin ``[B or 1, 1, T, head_dim]`` for ``position_ids`` [B, T] or [T], all below
+        """RoPE cos/sin ``[B or 1, 1, T, rotary_dim]`` for ``position_ids`` [B, T] or [T], all below
         ``bound`` (a token's position never reaches the slots of its call plus the cache's capacity):
         looked up in the table of the first ``block_size`` positions when ``bound`` fits in it,
         computed on the spot otherwise. Checking ``bound``, not the ids, needs no device sync."""
@@ -266,7 +279,7 @@ class Transformer(nn.Module):
             position_ids = position_ids[None]
         if bound <= self.rope_cos.shape[0]:
             return self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]
-        return rope_cos_sin(position_ids, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_theta, torch.float32)
+        return rope_cos_sin(position_ids, self.cfg.rotary_dim, self.cfg.rope_theta, torch.float32)
 
     def add_positions(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Input-side position handling: learned embeddings are added, RoPE adds nothing here."""

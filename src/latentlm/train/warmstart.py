@@ -21,7 +21,8 @@ from latentlm.settings import build
 from latentlm.checkpoint_files import load_model_state, read_manifest, resolve_checkpoint
 
 # Settings that change the function but not any tensor shape, so shape checks cannot catch them.
-_SAME = ("vocab_size", "pos", "norm", "mlp", "tie_embeddings", "norm_eps", "rope_theta", "embed_scale")
+_SAME = ("vocab_size", "pos", "norm", "mlp", "tie_embeddings", "norm_eps", "rope_theta", "embed_scale",
+         "parallel_residual", "rotary_pct")
 
 
 def init_core_from(model: Transformer, path: str | Path, data_manifest: dict[str, Any] | None = None) -> Path:
