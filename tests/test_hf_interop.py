@@ -1,4 +1,4 @@
-"""Hugging Face interop: export / import of GPT-2 and Llama, logit parity, train.init_from.
+"""Hugging Face interop: export / import of GPT-2, Llama and GPT-NeoX, logit parity, train.init_from.
 
 Tests marked ``needs_hf`` load the files with ``transformers``; the rest check key names,
 shapes, round trips and errors without it (CI's environment has no transformers).
@@ -34,6 +34,12 @@ CASES = {  # name -> ModelConfig overrides beyond TINY
     "llama-gqa": dict(arch="llama", n_kv_head=2),
     "llama-tied-bias-theta": dict(arch="llama", tie_embeddings=True, bias=True, rope_theta=500.0, norm_eps=1e-6),
     "llama-embed-scale": dict(arch="llama", embed_scale=math.sqrt(2.5 * 32)),
+    "gpt2-exact-gelu": dict(arch="gpt2", mlp="gelu_exact"),
+    "neox": dict(arch="neox"),  # head size 8: 2 rotary dims
+    "neox-embed-scale": dict(arch="neox", embed_scale=math.sqrt(2.5 * 32)),
+    "neox-sequential-tanh-theta": dict(arch="neox", parallel_residual=False, mlp="gelu", rotary_pct=0.5,
+                                       rope_theta=500.0, norm_eps=1e-6),
+    "neox-tied-nobias-full-rotary": dict(arch="neox", tie_embeddings=True, bias=False, rotary_pct=1.0),
 }
 
 
@@ -90,7 +96,34 @@ def test_export_key_names_and_shapes(tmp_path):
     assert tok.token_to_id("<|endoftext|>") == 256
 
 
-@pytest.mark.parametrize("case", ["gpt2", "llama-gqa", "llama-tied-bias-theta"])
+def test_neox_export_layout(tmp_path):
+    """GPTNeoXForCausalLM names and layout: q, k, v fused per head ([q_h, k_h, v_h] for each head h),
+    nn.Linear weights as they are, the untied head as embed_out, Pythia's config keys (4.x and 5.x)."""
+    model = random_checkpoint(tmp_path / "n", arch="neox", n_layer=1)
+    export_hf(tmp_path / "n", tmp_path / "hf")
+    t = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["architectures"] == ["GPTNeoXForCausalLM"] and cfg["model_type"] == "gpt_neox"
+    assert (cfg["hidden_act"], cfg["use_parallel_residual"], cfg["rotary_pct"], cfg["rotary_emb_base"],
+            cfg["layer_norm_eps"], cfg["tie_word_embeddings"], cfg["intermediate_size"]) == (
+        "gelu", True, 0.25, 10000.0, 1e-5, False, 128)
+    assert cfg["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}
+    sd, hd = model.state_dict(), 8
+    qkv_w = t["gpt_neox.layers.0.attention.query_key_value.weight"]
+    qkv_b = t["gpt_neox.layers.0.attention.query_key_value.bias"]
+    assert qkv_w.shape == (96, 32)
+    for h in range(4):
+        for j, name in enumerate("qkv"):
+            rows = slice((3 * h + j) * hd, (3 * h + j + 1) * hd)
+            assert torch.equal(qkv_w[rows], sd[f"blocks.0.attn.{name}_proj.weight"][h * hd:(h + 1) * hd])
+            assert torch.equal(qkv_b[rows], sd[f"blocks.0.attn.{name}_proj.bias"][h * hd:(h + 1) * hd])
+    assert torch.equal(t["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"], sd["blocks.0.mlp.up.weight"])
+    assert torch.equal(t["embed_out.weight"], sd["lm_head.weight"][:257]) and "lm_head.weight" not in t
+    assert len(t) == 1 + 12 + 2 + 1
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama-gqa", "llama-tied-bias-theta", "gpt2-exact-gelu", "neox",
+                                  "neox-sequential-tanh-theta"])
 def test_round_trip_is_identity_on_weights(case, tmp_path):
     model = random_checkpoint(tmp_path / "ck", **CASES[case])
     export_hf(tmp_path / "ck", tmp_path / "hf")
@@ -127,7 +160,12 @@ def test_export_refuses_what_hf_cannot_represent(tmp_path):
             (dict(arch="gpt2", mlp="swiglu"), "model.mlp=swiglu with model.pos=learned"),
             (dict(arch="gpt2", n_kv_head=2), "grouped-query attention"),
             (dict(arch="llama", norm="layernorm"), "model.norm=layernorm"),
-            (dict(arch="gpt2", embed_scale=2.0), "embed_scale=2.0 with tied embeddings")]):
+            (dict(arch="gpt2", embed_scale=2.0), "embed_scale=2.0 with tied embeddings"),
+            (dict(arch="neox", n_kv_head=2), "grouped-query attention.*GPTNeoXForCausalLM"),
+            (dict(arch="llama", parallel_residual=True), "model.parallel_residual=True.*LlamaForCausalLM"),
+            (dict(arch="llama", rotary_pct=0.5), "model.rotary_pct=0.5.*LlamaForCausalLM"),
+            (dict(arch="gpt2", parallel_residual=True), "model.parallel_residual=True.*GPT2LMHeadModel"),
+            (dict(arch="neox", norm="rmsnorm"), "model.norm=rmsnorm.*GPTNeoXForCausalLM")]):
         random_checkpoint(tmp_path / f"bad{i}", **overrides)
         with pytest.raises(LatentLMError, match=msg):
             export_hf(tmp_path / f"bad{i}", tmp_path / "out")
@@ -241,7 +279,7 @@ def test_exported_logits_match_transformers(case, tmp_path):
 
 
 @needs_hf
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 def test_trained_checkpoint_exports_with_matching_logits(arch, tiny_config, tmp_path, capsys):
     from latentlm.data.loader import TokenSplit, iter_eval_windows
     from latentlm.train.trainer import train
@@ -251,7 +289,8 @@ def test_trained_checkpoint_exports_with_matching_logits(arch, tiny_config, tmp_
     train(cfg)
     capsys.readouterr()
     assert main(["export", cfg.train.out_dir, "--hf", str(tmp_path / "hf")]) == 0
-    assert ("GPT2LMHeadModel" if arch == "gpt2" else "LlamaForCausalLM") in capsys.readouterr().out
+    assert {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "neox": "GPTNeoXForCausalLM"}[arch] \
+        in capsys.readouterr().out
     method, _, _ = load_method(cfg.train.out_dir)
     x, _ = next(iter(iter_eval_windows(TokenSplit(cfg.data.path, "val"), cfg.seq_len, 4)))
     with torch.no_grad():
@@ -283,12 +322,16 @@ def test_exported_tokenizer_matches_ours(name, tmp_path, bpe_path):
 
 
 def save_tiny_hf(arch: str, directory: Path, bpe_path: Path) -> None:
-    """A tiny random GPT-2 / Llama built by transformers itself (no download), with our BPE as tokenizer."""
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+    """A tiny random GPT-2 / Llama / GPT-NeoX built by transformers itself (no download), with our BPE as tokenizer."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(tokenizer_file=str(bpe_path), eos_token="<|endoftext|>")
     if arch == "gpt2":
         config = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    elif arch == "neox":  # Pythia's layout: parallel residual, partial rotary, exact GELU, untied
+        config = GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=80, num_hidden_layers=2,
+                               num_attention_heads=4, max_position_embeddings=64, rotary_pct=0.5,
+                               rotary_emb_base=1000, layer_norm_eps=1e-6)
     else:
         config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=80, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -304,7 +347,7 @@ def save_tiny_hf(arch: str, directory: Path, bpe_path: Path) -> None:
 
 
 @needs_hf
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 def test_imported_model_matches_transformers(arch, tmp_path, bpe_path, capsys):
     from latentlm.concepts.teacher import LatentLMTeacher, load_teacher
     from latentlm.data.tokenizers import BPETokenizer

@@ -504,13 +504,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the rows as JSON")
     s.set_defaults(fn=cmd_flops, takes_overrides=True)
 
-    s = add(sub, "export", help="write an ntp checkpoint as a Hugging Face model directory (GPT-2 / Llama)")
+    s = add(sub, "export", help="write an ntp checkpoint as a Hugging Face model directory (GPT-2 / Llama / GPT-NeoX)")
     s.add_argument("checkpoint", help="run directory (latest checkpoint) or checkpoints/step_* directory")
     s.add_argument("--hf", required=True, metavar="DIR", help="Hugging Face directory to write")
     s.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
     s.set_defaults(fn=cmd_export)
 
-    s = add(sub, "import", help="turn a local Hugging Face GPT-2 / Llama directory into a latentlm checkpoint")
+    s = add(sub, "import",
+            help="turn a local Hugging Face GPT-2 / Llama / GPT-NeoX directory into a latentlm checkpoint")
     s.add_argument("--hf", required=True, metavar="DIR", help="Hugging Face model directory (config.json + weights)")
     s.add_argument("--out", required=True, help="checkpoint directory to write")
     s.add_argument("--tokenizer", default="hf", choices=["hf", "gpt2", "bpe", "byte"],

@@ -1,4 +1,5 @@
-"""Hugging Face interop: our ``ntp`` core <-> ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` directories.
+"""Hugging Face interop: our ``ntp`` core <-> ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` /
+``GPTNeoXForCausalLM`` directories.
 
 Export writes ``config.json`` and ``model.safetensors`` (plus the tokenizer files when the
 checkpoint's tokenizer has a Hugging Face form) without importing ``transformers``: the key
@@ -129,7 +130,7 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer: str = "hf", tokenizer_path: str | None = None,
               overwrite: bool = False) -> dict[str, Any]:
-    """Write the Hugging Face GPT-2 / Llama directory ``hf_dir`` as a latentlm ``ntp`` checkpoint
+    """Write the Hugging Face GPT-2 / Llama / GPT-NeoX directory ``hf_dir`` as a latentlm ``ntp`` checkpoint
     directory ``out_dir`` (weights, config, manifest, tokenizer); nothing is left behind on error.
 
     ``tokenizer``: ``hf`` copies the directory's own tokenizer into the checkpoint (needs
