@@ -309,14 +309,15 @@ def cmd_flops(a: argparse.Namespace, overrides: list[str]) -> None:
     ntp = next((r for r in rows if r["method"] == BASELINE and "error" not in r), None)
     print(f"FLOPs per token: training at seq_len {cfg.seq_len}; generation of one token with "
           f"{a.context or cfg.seq_len} tokens of context (KV cache). G = 1e9.")
-    print(f"{'method':<13}{'params':>10}{'train G':>10}{'teacher G':>11}{'total G':>10}{'x ntp':>8}"
+    w = max(13, 2 + max(len(r["method"]) for r in rows))  # the name column fits the longest method name
+    print(f"{'method':<{w}}{'params':>10}{'train G':>10}{'teacher G':>11}{'total G':>10}{'x ntp':>8}"
           f"{'generate G':>12}{'x ntp':>8}")
     for r in rows:
         if "error" in r:
-            print(f"{r['method']:<13}  n/a: {r['error']}")
+            print(f"{r['method']:<{w}}  n/a: {r['error']}")
             continue
         rel = (lambda k: f"{r[k] / ntp[k]:>8.2f}") if ntp else (lambda k: f"{'':>8}")
-        print(f"{r['method']:<13}{r['params'] / 1e6:>9.2f}M{r['train_student'] / 1e9:>10.3f}{r['teacher'] / 1e9:>11.3f}"
+        print(f"{r['method']:<{w}}{r['params'] / 1e6:>9.2f}M{r['train_student'] / 1e9:>10.3f}{r['teacher'] / 1e9:>11.3f}"
               f"{r['train_total'] / 1e9:>10.3f}{rel('train_total')}{r['infer'] / 1e9:>12.3f}{rel('infer')}")
 
 

@@ -16,6 +16,7 @@ from latentlm.methods.loop import Loop
 from latentlm.methods.ntp import NTP
 from latentlm.methods.pause import Pause
 from latentlm.methods.ponder import Ponder
+from latentlm.methods.ponder_concepts import PonderConcepts
 from latentlm.methods.ponderlm import PonderLM
 from latentlm.methods.registry import method_class, methods, register_method, section_types, unregister_method
 from latentlm.model.transformer import Transformer
@@ -23,7 +24,7 @@ from latentlm.model.transformer import Transformer
 if TYPE_CHECKING:
     from latentlm.config import Config
 
-for _cls in (NTP, Ponder, Pause, Loop, PonderLM, KD, Cocomix, PauseInsert, KDPause):
+for _cls in (NTP, Ponder, Pause, Loop, PonderLM, KD, Cocomix, PauseInsert, KDPause, PonderConcepts):
     register_method(_cls)
 
 # The reference every comparison is read against ("x ntp" columns): plain next-token prediction.
