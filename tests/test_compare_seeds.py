@@ -16,6 +16,7 @@ import yaml
 
 from latentlm import compare as compare_mod
 from latentlm.compare import load_experiment, plan, run_compare
+from latentlm.data.loader import TokenSplit
 from latentlm.errors import Interrupted, LatentLMError
 from latentlm.report_seeds import T975, paired, paired_differences, summarize
 from latentlm.train.checkpoint import resolve_checkpoint
@@ -274,3 +275,32 @@ def test_band_is_mean_and_std_over_seeds():
     assert len(band) == 1 and band[0] == pytest.approx((5.0, 1.0))
     assert seed_band(curves[:2])[1] == pytest.approx((3.25, statistics.stdev([3.0, 3.5])))
     assert seed_band(curves[:1]) == [(4.0, 0.0), (3.0, 0.0)]
+
+
+def test_cost_estimate_times_every_stage_and_counts_shared_ones_once(tmp_path, byte_wiki):
+    from latentlm.compare_cost import estimate_cost, format_estimate, total_seconds
+
+    path = experiment(tmp_path, byte_wiki, budget={"tokens": 4 * 32 * 6}, seeds=[0, 1],
+                      teacher={"overrides": {"train": {"max_steps": 7}}},
+                      sae={"layer": 0, "latents": 32, "k": 4, "steps": 9, "batch_tokens": 128, "eval_tokens": 256},
+                      runs={"ntp": {"method": "ntp"}, "cocomix": {"method": "cocomix", "seeds": [3]}})
+    exp = yaml.safe_load(path.read_text())
+    exp["base"]["cocomix"] = {"insert_layer": 1}
+    path.write_text(yaml.safe_dump(exp))
+    cal = {"ntp_cpu_tok_per_s": 1000.0, "factor": 0.5}
+    e = estimate_cost(path, tmp_path / "scratch", steps=1, calibration=cal)
+    stages = {s["stage"]: s for s in e["stages"]}
+    assert list(stages) == ["data", "teacher", "sae", "labels", "run cocomix", "run ntp"]  # runs in plan order
+    assert stages["teacher"]["what"] == "7 steps, 896 tokens"  # 7 x 4 x 32
+    assert stages["sae"]["what"].startswith("9 steps x 128 tokens")
+    train_windows = (len(TokenSplit(byte_wiki, "train")) - 1) // 32
+    assert stages["labels"]["what"].startswith(f"{train_windows:,} windows")
+    assert stages["run ntp"]["seeds"] == 2 and stages["run cocomix"]["seeds"] == 1
+    assert stages["run ntp"]["what"].startswith("2 x (6 steps, 768 tokens")
+    for s in e["stages"][1:]:
+        assert s["cpu_seconds"] > 0 and s["wall_seconds"] > 0 and s["quiet_seconds"] == s["cpu_seconds"] * 0.5
+    assert e["quiet_seconds"] == pytest.approx(sum(s["quiet_seconds"] for s in e["stages"]))
+    assert not (tmp_path / "cmp" / "teacher").exists() and not (tmp_path / "cmp" / "runs").exists()
+    assert "| run ntp |" in format_estimate(e)
+    twice = total_seconds([e, e])
+    assert twice == pytest.approx(e["quiet_seconds"])  # the same stages (same output paths) count once

@@ -46,8 +46,8 @@ from latentlm.train.trainer import train
 # The quiet-machine reference: `make demo`'s NTP student (llama 4 x 128, BPE 8192, 16 x 128 tokens per
 # step) trained at 9,554 tokens/s on the project's 2-core CPU machine with nothing else running
 # (docs/RESULTS.md). quiet seconds = CPU seconds x (this machine's single-thread CPU rate of that same
-# run / 9,554), i.e. the speed-up of the quiet 2-core machine over one busy core, taken as equal for
-# every stage (an approximation: stages parallelise differently).
+# run / 9,554): the quiet 2-core machine's speed-up over one core here is taken as equal for every
+# stage (an approximation: stages parallelise differently).
 QUIET_NTP = {"tok_per_s": 9554.0, "model": {"arch": "llama", "vocab_size": 8192, "block_size": 128, "n_layer": 4,
                                              "n_head": 4, "n_embd": 128, "embed_scale": 17.888544},
              "train": {"batch_size": 16}, "seq_len": 128}
@@ -125,7 +125,8 @@ def _eval_rate(run_dir: Path, data: Path, seq_len: int, batch_size: int) -> tupl
 
 def calibrate(data: Path, scratch: Path, steps: int) -> dict[str, float]:
     """This machine's single-thread CPU rate of the :data:`QUIET_NTP` run on ``data`` (its tokenizer
-    must have 8192 ids) and the factor from CPU seconds to quiet 2-core wall seconds."""
+    must have 8192 ids) and the factor from CPU seconds to quiet 2-core wall seconds (that rate over
+    the quiet rate: a quiet second does the work of 1 / factor CPU seconds here)."""
     from latentlm.config import make_config
 
     cfg = make_config(None, base={"model": QUIET_NTP["model"], "data": {"path": str(data), "seq_len": QUIET_NTP["seq_len"]},
@@ -143,7 +144,7 @@ def estimate_cost(path: str | Path, scratch: str | Path, *, steps: int = 4, cali
                   ) -> dict[str, Any]:
     """Measured cost of the experiment in ``path`` (see the module docstring): ``{"experiment",
     "load_average", "stages": [{"key", "stage", "what", "wall_seconds", "cpu_seconds", ...}],
-    "wall_seconds", "cpu_seconds", "quiet_seconds"}`` (quiet: CPU seconds over the calibration
+    "wall_seconds", "cpu_seconds", "quiet_seconds"}`` (quiet: CPU seconds times the calibration
     factor of :func:`calibrate`, measured here unless ``calibration`` is given).
 
     Each stage is timed over ``steps`` extra steps (by difference), single-threaded. ``scratch``
@@ -261,7 +262,7 @@ def _estimate(exp: dict, path, scratch: Path, steps: int, calibration: dict | No
                              method=tc.method, seeds=n, cpu_tok_per_s=tokens / tc.max_steps / cpu))
     cal = calibration or calibrate(small if _vocab(small) == 8192 else _calibration_data(scratch), scratch, steps)
     for st in stages:
-        st["quiet_seconds"] = st["cpu_seconds"] / cal["factor"]
+        st["quiet_seconds"] = st["cpu_seconds"] * cal["factor"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return {"experiment": str(path), "load_average": load, "cpus": os.cpu_count(), "calibration": cal,
             "stages": stages, **{k: sum(st[k] for st in stages) for k in ("wall_seconds", "cpu_seconds", "quiet_seconds")}}
@@ -304,8 +305,8 @@ def format_estimate(e: dict[str, Any]) -> str:
     cal = e["calibration"]
     lines = [f"{e['experiment']}: measured single-threaded on a machine with {e['cpus']} CPUs at load average "
              f"{e['load_average']:.1f}; wall = this busy machine (an upper bound), quiet = CPU seconds x "
-             f"{QUIET_NTP['tok_per_s']:,.0f} / {cal['ntp_cpu_tok_per_s']:,.0f} (the demo NTP run's quiet 2-core rate "
-             "over its single-thread CPU rate here)",
+             f"{cal['ntp_cpu_tok_per_s']:,.0f} / {QUIET_NTP['tok_per_s']:,.0f} (the demo NTP run's single-thread CPU "
+             "rate here over its measured quiet 2-core rate)",
              "| stage | work | CPU tokens/s | wall s (busy) | CPU s | quiet s |", "|---|---|---:|---:|---:|---:|"]
     for s in e["stages"]:
         rate = f"{s['cpu_tok_per_s']:,.0f}" if "cpu_tok_per_s" in s else ""

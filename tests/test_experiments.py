@@ -1,0 +1,75 @@
+"""The evidence study's checked-in experiment files (experiments/*.yaml): they load, the driver runs
+them all, and experiments sharing an out_dir agree on what they share, so a run they both name is
+the same run (trained once)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+from latentlm.compare import Comparison, config_mismatch, load_experiment
+from latentlm.config import config_differences
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = sorted((ROOT / "experiments").glob("*.yaml"))
+SHARED = ("data", "base", "budget", "teacher", "sae", "labels", "eval")
+
+
+def _driver():
+    spec = importlib.util.spec_from_file_location("study", ROOT / "experiments" / "study.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_file_loads_and_the_driver_runs_them_all():
+    assert len(FILES) >= 5
+    for f in FILES:
+        exp = load_experiment(f)
+        assert exp["seeds"] == [0, 1, 2] and exp["baseline"] in exp["runs"]
+        assert "shakespeare" in exp["eval"]["texts"]
+    assert sorted(_driver().EXPERIMENTS) == [f.name for f in FILES]
+
+
+def test_experiments_sharing_an_out_dir_share_their_settings_and_runs(tmp_path):
+    by_dir: dict[str, list[dict]] = {}
+    for f in FILES:
+        exp = yaml.safe_load(f.read_text())
+        by_dir.setdefault(exp["out_dir"], []).append(exp)
+    shared = [exps for exps in by_dir.values() if len(exps) > 1]
+    assert shared, "the study shares runs/study/prose between experiments"
+    (tmp_path / "teacher.yaml").write_text("model: {arch: gpt2, vocab_size: 8192, block_size: 128, n_layer: 4, "
+                                           "n_head: 4, n_embd: 192}\n")
+    for exps in shared:
+        reports = [e.get("report") for e in exps]
+        assert None not in reports and len(set(reports)) == len(reports)
+        for key in SHARED:  # teacher / SAE / labels: the same when given (a run-less experiment may omit them)
+            values = [yaml.safe_dump(e[key]) for e in exps if key in e]
+            assert len(set(values)) == 1, f"{key} differs between experiments sharing {exps[0]['out_dir']}"
+        # Runs of the same name resolve to the same config (the SAE sizes and teacher given as for counting).
+        configs = {}
+        for e in exps:
+            e = dict(e, out_dir=str(tmp_path / "out"))
+            c = Comparison(e, progress=False)
+            shared_artifacts = {"teacher": {"path": str(tmp_path / "teacher.yaml")},
+                                "concepts": {"sae": "", "layer": 1}}
+            for name, run in e["runs"].items():
+                over = {"cocomix": {"n_concepts": 2048, "k_concepts": 16},
+                        "ponder_concepts": {"n_concepts": 2048, "k_concepts": 16}}
+                run = dict(run, overrides={**over, **(run.get("overrides") or {})})
+                cfg = c.run_config(name, run, tmp_path / "data", shared_artifacts, 0)
+                if name in configs:
+                    assert list(config_differences(configs[name], cfg)) == [], name
+                configs[name] = cfg
+        assert {"ntp", "ponder_k1", "cocomix"} <= set(configs)
+
+
+def test_smollm2_data_covers_one_epoch_of_its_budget():
+    """The SmolLM2 experiment labels its whole train split once; the budget must fit in one epoch of it
+    (checked against the prepared data when the study ran it)."""
+    exp = load_experiment(ROOT / "experiments" / "cocomix_smollm2.yaml")
+    assert exp["labels"] is True and exp["data"]["limit"] and exp["teacher"]["path"] == "smollm2"
+    assert exp["sae"]["layer"] == exp["base"]["concepts"]["layer"]
