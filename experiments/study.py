@@ -100,21 +100,29 @@ def steering_stage(sae_dir: Path) -> Path:
 def run(files: list[Path]) -> None:
     check_environment()
     t0 = time.perf_counter()
-    reports = {}
+    reports, failed = {}, {}
     for f in files:
         print(f"=== {f.name}", flush=True)
-        reports[f.name] = str(run_compare(f))
+        try:
+            reports[f.name] = str(run_compare(f))
+        except LatentLMError as e:  # e.g. an unhealthy SAE: the experiments that do not need it still run
+            print(f"error in {f.name}: {e}", file=sys.stderr, flush=True)
+            failed[f.name] = str(e)
     health = [h for h in (sae_health(STUDY / d / "sae") for d in ("prose", "smollm2")) if h]
     steer = None
     smol = HERE / "cocomix_smollm2.yaml"
-    if smol in files:
+    if smol.name in reports:
         steer = str(steering_stage(contexts_stage(load_experiment(smol))))
-    summary = {"reports": reports, "sae": health, "steering": steer, "seconds_this_invocation": time.perf_counter() - t0}
+    summary = {"reports": reports, "failed": failed, "sae": health, "steering": steer,
+               "seconds_this_invocation": time.perf_counter() - t0}
     write_json_atomic(STUDY / "summary.json", summary)
     for h in health:
         flag = "" if h["healthy"] else "  <- more than 5% dead: raise sae.steps or lower sae.dead_tokens"
         print(f"SAE {h['sae']}: val FVU {h['fvu']:.3f}, dead {100 * h['dead_fraction']:.1f}%{flag}")
     print(json.dumps(summary, indent=1))
+    if failed:
+        raise LatentLMError(f"{len(failed)} experiment(s) failed: {', '.join(failed)}; fix them and rerun (finished "
+                            "stages are kept)")
 
 
 def status(files: list[Path]) -> None:

@@ -304,3 +304,23 @@ def test_cost_estimate_times_every_stage_and_counts_shared_ones_once(tmp_path, b
     assert "| run ntp |" in format_estimate(e)
     twice = total_seconds([e, e])
     assert twice == pytest.approx(e["quiet_seconds"])  # the same stages (same output paths) count once
+
+
+def test_an_sae_with_too_many_dead_latents_stops_before_labels_and_students(tmp_path, byte_wiki):
+    sae = {"layer": 0, "latents": 512, "k": 1, "steps": 2, "batch_tokens": 64, "eval_tokens": 64}
+    path = experiment(tmp_path, byte_wiki, seeds=[0], teacher={"overrides": {"train": {"max_steps": 2}}}, sae=sae,
+                      baseline="cocomix", runs={"cocomix": {"method": "cocomix"}})
+    exp = yaml.safe_load(path.read_text())
+    exp["base"]["cocomix"] = {"insert_layer": 1}
+    exp["sae"]["max_dead"] = 0.05  # at most 64 of 512 latents can fire on 64 tokens with k 1
+    path.write_text(yaml.safe_dump(exp))
+    with pytest.raises(LatentLMError, match=r"dead latents .* more than sae.max_dead 5%"):
+        run_compare(path, progress=False)
+    out = tmp_path / "cmp"
+    assert (out / "sae").is_dir() and not (out / "labels").exists() and not (out / "runs").exists()
+    with pytest.raises(LatentLMError, match="more than sae.max_dead"):  # a reused SAE is checked too
+        run_compare(path, progress=False)
+    exp["sae"]["max_dead"] = 2
+    path.write_text(yaml.safe_dump(exp))
+    with pytest.raises(LatentLMError, match="sae.max_dead=2 must be a fraction"):
+        load_experiment(path)

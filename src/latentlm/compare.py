@@ -47,7 +47,7 @@ TOP_KEYS = {"name", "out_dir", "data", "base", "budget", "teacher", "sae", "labe
             "baseline", "report"}
 DATA_KEYS = {"path", "source", "tokenizer", "tokenizer_path", "vocab_size", "val_fraction", "limit"}
 SAE_KEYS = {"layer", "latents", "k", "steps", "lr", "batch_tokens", "eval_tokens", "aux_k", "aux_coef", "dead_tokens",
-            "path"}
+            "path", "max_dead"}
 EVAL_KEYS = {"tokens", "points", "tasks", "limit", "batch_size", "texts", "text_tokens"}
 RUN_KEYS = {"method", "config", "overrides", "seeds"}
 
@@ -96,6 +96,9 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
         _check_keys("sae", exp["sae"], SAE_KEYS)
         if "layer" not in exp["sae"]:
             raise LatentLMError("sae needs the teacher layer it reads, e.g. sae: {layer: 1}")
+        dead = exp["sae"].get("max_dead")
+        if dead is not None and (isinstance(dead, bool) or not isinstance(dead, (int, float)) or not 0 <= dead <= 1):
+            raise LatentLMError(f"sae.max_dead={short_repr(dead)} must be a fraction from 0 to 1 (e.g. 0.05)")
     if exp.get("teacher") is not None:
         _check_keys("teacher", exp["teacher"], {"path", "overrides"})
     labels = exp.get("labels", True)
@@ -256,6 +259,9 @@ class Comparison:
             if (sae.n_latents, sae.k, sae.meta.get("layer")) != asked:
                 raise LatentLMError(f"{out} has latents, k, layer {(sae.n_latents, sae.k, sae.meta.get('layer'))}, the "
                                     f"experiment asks for {asked}; delete {out} or use another out_dir")
+            metrics = out / "metrics.json"
+            if metrics.is_file():
+                self.check_sae_health(out, json.loads(metrics.read_text())["val"])
             return str(out)
         self.log(f"training an SAE on {teacher} block {s['layer']} -> {out}")
         path, m = train_sae_on_teacher(load_teacher(teacher), data, out, layer=s["layer"], latents=s.get("latents", 4096),
@@ -264,7 +270,16 @@ class Comparison:
                                        eval_tokens=s.get("eval_tokens", 50_000), progress=self.progress,
                                        **{k: s[k] for k in ("aux_k", "aux_coef", "dead_tokens") if k in s})
         self.log(f"  SAE val fvu {m['val']['fvu']:.3f}, dead {m['val']['dead_fraction']:.3f}")
+        self.check_sae_health(path, m["val"])
         return str(path)
+
+    def check_sae_health(self, path: Path, val: dict) -> None:
+        """With ``sae.max_dead``: stop before labels and students are built on an SAE with more dead latents."""
+        limit = self.exp["sae"].get("max_dead")
+        if limit is not None and val["dead_fraction"] > limit:
+            raise LatentLMError(f"SAE {path} has {100 * val['dead_fraction']:.1f}% dead latents (val FVU "
+                                f"{val['fvu']:.3f}), more than sae.max_dead {100 * limit:g}%; raise sae.steps or lower "
+                                f"sae.dead_tokens, delete {path} and rerun")
 
     def labels(self, teacher: str, sae: str, data: Path, cfg) -> str:
         out = self.out / "labels"
