@@ -9,7 +9,6 @@ run and a random-concept control (latentlm.concepts.steer_eval). Prints a markdo
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -138,7 +138,7 @@ def test_seeds_aggregates_paired_differences_texts_and_resume(tmp_path, byte_wik
 
     text = report.read_text()
     m = results["summary"]["pause"]["metrics"]["val loss"]
-    assert f"| pause | pause | 3 |" in text and f"{m['mean']:.4f} ± {m['std']:.4f}" in text
+    assert "| pause | pause | 3 |" in text and f"{m['mean']:.4f} ± {m['std']:.4f}" in text
     assert "## Paired differences to ntp" in text and "| pause | val loss | 3 |" in text
     assert f"| ntp | 1 | {evals['ntp', 1]['val']['loss']:.4f} |" in text
     assert (out / "loss_vs_tokens.png").read_bytes()[:4] == b"\x89PNG" or "matplotlib is not installed" in text

@@ -7,10 +7,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import pytest
 import yaml
 
-from latentlm.compare import Comparison, config_mismatch, load_experiment
+from latentlm.compare import Comparison, load_experiment
 from latentlm.config import config_differences
 
 ROOT = Path(__file__).resolve().parents[1]

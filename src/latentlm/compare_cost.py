@@ -34,8 +34,11 @@ from latentlm.compare import Comparison, _merge, load_experiment, plan, run_seed
 from latentlm.concepts.labels import build_label_cache
 from latentlm.concepts.sae import load_sae, train_sae_on_teacher
 from latentlm.concepts.teacher import load_teacher
+from latentlm.config import make_config
 from latentlm.data.loader import TokenSplit
 from latentlm.data.prepare import load_manifest, prepare, tokenizer_for
+from latentlm.data.sources import iter_documents
+from latentlm.data.tokenizers import load_tokenizer, train_bpe
 from latentlm.errors import LatentLMError
 from latentlm.eval.perplexity import evaluate_tokens
 from latentlm.loading import load_method
@@ -127,8 +130,6 @@ def calibrate(data: Path, scratch: Path, steps: int) -> dict[str, float]:
     """This machine's single-thread CPU rate of the :data:`QUIET_NTP` run on ``data`` (its tokenizer
     must have 8192 ids) and the factor from CPU seconds to quiet 2-core wall seconds (that rate over
     the quiet rate: a quiet second does the work of 1 / factor CPU seconds here)."""
-    from latentlm.config import make_config
-
     cfg = make_config(None, base={"model": QUIET_NTP["model"], "data": {"path": str(data), "seq_len": QUIET_NTP["seq_len"]},
                                   "train": {**QUIET_NTP["train"], "out_dir": str(scratch / "calibrate")}})
     _, cpu = _timed_train(cfg, steps, scratch / "calibrate")
@@ -275,9 +276,6 @@ def _vocab(data: Path) -> int:
 def _calibration_data(scratch: Path) -> Path:
     """Token shards with 8192 ids for :func:`calibrate` (ids only matter for the shapes): the wiki
     leads under a BPE of 8192 ids trained on them."""
-    from latentlm.data.sources import iter_documents
-    from latentlm.data.tokenizers import load_tokenizer, train_bpe
-
     out = scratch / "calibration-data"
     try:
         load_manifest(out)

@@ -105,11 +105,10 @@ def steered_mass(method: Method, prompts: torch.Tensor, targets: list[int], stee
         idx = torch.tensor(targets, device=device)
         mass = torch.zeros(b, dtype=torch.float64, device=device)
         for i in range(new_tokens):
-            if i:
-                logits = method.step(nxt[:, None], torch.full((b, 1), n + i - 1, device=device), ones, cache)[:, -1]
-            probs = logits.float().softmax(-1)
-            mass += probs[:, idx].sum(-1).double()
-            nxt = sample_next(logits, temperature=temperature, top_k=None, top_p=None, generator=gen)
+            mass += logits.float().softmax(-1)[:, idx].sum(-1).double()
+            if i + 1 < new_tokens:  # feed the sampled token: the next step's distribution
+                token = sample_next(logits, temperature=temperature, top_k=None, top_p=None, generator=gen)
+                logits = method.step(token[:, None], torch.full((b, 1), n + i, device=device), ones, cache)[:, -1]
         return (mass / new_tokens).cpu()
     finally:
         method.set_steering([], [])
