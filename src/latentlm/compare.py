@@ -211,7 +211,8 @@ class Comparison:
             pass
         else:  # reused (e.g. by another experiment sharing out_dir) only if it was prepared as asked
             asked = (d["source"], d.get("limit"), d.get("val_fraction", 0.01))
-            made = (m["source"].get("source"), m["source"].get("limit"), m.get("val_fraction"))
+            src = m.get("source") if isinstance(m.get("source"), dict) else {}
+            made = (src.get("source"), src.get("limit"), m.get("val_fraction"))
             if asked != made:
                 raise LatentLMError(f"{out} was prepared from source, limit, val_fraction {made}, the experiment asks "
                                     f"for {asked}; delete {out} or use another out_dir")

@@ -132,7 +132,7 @@ def calibrate(data: Path, scratch: Path, steps: int) -> dict[str, float]:
     the quiet rate: a quiet second does the work of 1 / factor CPU seconds here)."""
     cfg = make_config(None, base={"model": QUIET_NTP["model"], "data": {"path": str(data), "seq_len": QUIET_NTP["seq_len"]},
                                   "train": {**QUIET_NTP["train"], "out_dir": str(scratch / "calibrate")}})
-    _, cpu = _timed_train(cfg, steps, scratch / "calibrate")
+    _, cpu = _timed_train(cfg, max(steps, 10), scratch / "calibrate")  # cheap: more steps, less noise
     rate = QUIET_NTP["train"]["batch_size"] * QUIET_NTP["seq_len"] / cpu
     return {"ntp_cpu_tok_per_s": rate, "factor": rate / QUIET_NTP["tok_per_s"]}
 
