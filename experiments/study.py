@@ -138,10 +138,11 @@ def status(files: list[Path]) -> None:
 
 
 def estimate(files: list[Path], scratch: Path, steps: int) -> None:
-    estimates, calibration = [], None
-    for f in files:
-        e = estimate_cost(f, scratch / f.stem, steps=steps, calibration=calibration)
+    estimates, calibration, stand_ins = [], None, {}
+    for f in files:  # in order: a later experiment's teacher / SAE paths stand for an earlier one's slices
+        e = estimate_cost(f, scratch / f.stem, steps=steps, calibration=calibration, stand_ins=stand_ins)
         calibration = e["calibration"]
+        stand_ins.update(e["stand_ins"])
         estimates.append(e)
         print(format_estimate(e) + "\n", flush=True)
     write_json_atomic(scratch / "estimate.json", estimates)

@@ -141,8 +141,8 @@ def _stage(key: str, stage: str, what: str, wall: float, cpu: float, **extra: An
     return {"key": key, "stage": stage, "what": what, "wall_seconds": wall, "cpu_seconds": cpu, **extra}
 
 
-def estimate_cost(path: str | Path, scratch: str | Path, *, steps: int = 4, calibration: dict | None = None
-                  ) -> dict[str, Any]:
+def estimate_cost(path: str | Path, scratch: str | Path, *, steps: int = 4, calibration: dict | None = None,
+                  stand_ins: dict[str, str] | None = None) -> dict[str, Any]:
     """Measured cost of the experiment in ``path`` (see the module docstring): ``{"experiment",
     "load_average", "stages": [{"key", "stage", "what", "wall_seconds", "cpu_seconds", ...}],
     "wall_seconds", "cpu_seconds", "quiet_seconds"}`` (quiet: CPU seconds times the calibration
@@ -150,7 +150,9 @@ def estimate_cost(path: str | Path, scratch: str | Path, *, steps: int = 4, cali
 
     Each stage is timed over ``steps`` extra steps (by difference), single-threaded. ``scratch``
     holds the slices; the real experiment's outputs are never written, except its prepared data
-    (its first stage, done here for real)."""
+    (its first stage, done here for real). ``stand_ins`` maps a teacher or SAE path that another
+    experiment will make (not there yet) to the slice standing in for it: the ``"stand_ins"`` of
+    that experiment's estimate."""
     if steps < 1:
         raise LatentLMError(f"steps={steps}: time at least 1 step")
     exp = load_experiment(path)
@@ -159,12 +161,13 @@ def estimate_cost(path: str | Path, scratch: str | Path, *, steps: int = 4, cali
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _estimate(exp, path, scratch, steps, calibration)
+        return _estimate(exp, path, scratch, steps, calibration, stand_ins or {})
     finally:
         torch.set_num_threads(threads)
 
 
-def _estimate(exp: dict, path, scratch: Path, steps: int, calibration: dict | None) -> dict[str, Any]:
+def _estimate(exp: dict, path, scratch: Path, steps: int, calibration: dict | None, stand_ins: dict[str, str]
+              ) -> dict[str, Any]:
     c = Comparison(exp, progress=False)
     c.log = lambda msg: None
     stages: list[dict[str, Any]] = []
@@ -184,7 +187,7 @@ def _estimate(exp: dict, path, scratch: Path, steps: int, calibration: dict | No
     if exp.get("teacher") is not None and any(method_class(r["method"]).needs_teacher for r in runs.values()):
         t = exp["teacher"]
         if "path" in t:
-            teacher_path = t["path"]
+            teacher_path = stand_ins.get(str(t["path"]), t["path"])
         else:
             tcfg = c.config(_merge(t.get("overrides") or {}, {"data": {"path": str(small)}, "train": {
                 "method": BASELINE, "out_dir": str(scratch / "teacher"), "progress": False}}))
@@ -199,7 +202,7 @@ def _estimate(exp: dict, path, scratch: Path, steps: int, calibration: dict | No
         if s is not None:
             teacher = load_teacher(teacher_path)
             if "path" in s:
-                sae_dir = s["path"]
+                sae_dir = stand_ins.get(str(s["path"]), s["path"])
             else:
                 kw = dict(layer=s["layer"], latents=s.get("latents", 4096), k=s.get("k", 32), lr=s.get("lr", 4e-4),
                           batch_tokens=s.get("batch_tokens", 4096), seq_len=seq_len, eval_tokens=seq_len,
@@ -210,14 +213,19 @@ def _estimate(exp: dict, path, scratch: Path, steps: int, calibration: dict | No
                     shutil.rmtree(out, ignore_errors=True)
                     train_sae_on_teacher(teacher, small, out, steps=n, **kw)
 
-                wall, cpu = _by_difference(sae_run, steps)
+                # Both slices read their activations from one fill of the shuffle pool (8 batches), so
+                # the difference is the SAE's own work; the teacher's forward passes are timed apart.
+                wall, cpu = _by_difference(sae_run, min(steps, 6))
                 x = torch.as_tensor(TokenSplit(small, "train").get(0, 4 * seq_len).astype("int64")).view(4, seq_len)
-                with Clock() as h, torch.no_grad():
-                    teacher.hidden(x, s["layer"])
+                with torch.no_grad():
+                    teacher.hidden(x[:1], s["layer"])  # warm-up
+                    with Clock() as h:
+                        teacher.hidden(x, s["layer"])
                 n, ev_tokens = s.get("steps", 1000), s.get("eval_tokens", 50_000)
-                per = ev_tokens / (4 * seq_len)
+                per = (n * kw["batch_tokens"] + ev_tokens) / (4 * seq_len)  # teacher passes of 4 windows
                 stages.append(_stage(str(c.out / "sae"), "sae", f"{n} steps x {kw['batch_tokens']:,} tokens, val on "
-                                     f"{ev_tokens:,} tokens", n * wall + per * h.wall, n * cpu + per * h.cpu))
+                                     f"{ev_tokens:,} tokens", n * wall + per * h.wall, n * cpu + per * h.cpu,
+                                     teacher_cpu_tok_per_s=4 * seq_len / h.cpu))
                 sae_dir = str(scratch / "sae")
             shared["concepts"] = {"sae": sae_dir, "layer": s["layer"]}
             labelled = next(((n, r) for n, r in runs.items() if method_class(r["method"]).needs_concept_labels), None)
@@ -265,7 +273,9 @@ def _estimate(exp: dict, path, scratch: Path, steps: int, calibration: dict | No
     for st in stages:
         st["quiet_seconds"] = st["cpu_seconds"] * cal["factor"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    made = {str(c.out / "teacher"): str(scratch / "teacher"), str(c.out / "sae"): str(scratch / "sae")}
     return {"experiment": str(path), "load_average": load, "cpus": os.cpu_count(), "calibration": cal,
+            "stand_ins": {k: v for k, v in made.items() if Path(v).exists()},
             "stages": stages, **{k: sum(st[k] for st in stages) for k in ("wall_seconds", "cpu_seconds", "quiet_seconds")}}
 
 
