@@ -140,10 +140,9 @@ def status(files: list[Path]) -> None:
 
 
 def estimate(files: list[Path], scratch: Path, steps: int) -> None:
-    estimates, calibration, stand_ins = [], None, {}
+    estimates, stand_ins = [], {}
     for f in files:  # in order: a later experiment's teacher / SAE paths stand for an earlier one's slices
-        e = estimate_cost(f, scratch / f.stem, steps=steps, calibration=calibration, stand_ins=stand_ins)
-        calibration = e["calibration"]
+        e = estimate_cost(f, scratch / f.stem, steps=steps, stand_ins=stand_ins)  # each calibrated around itself
         stand_ins.update(e["stand_ins"])
         estimates.append(e)
         print(format_estimate(e) + "\n", flush=True)

@@ -324,3 +324,16 @@ def test_an_sae_with_too_many_dead_latents_stops_before_labels_and_students(tmp_
     path.write_text(yaml.safe_dump(exp))
     with pytest.raises(LatentLMError, match="sae.max_dead=2 must be a fraction"):
         load_experiment(path)
+
+
+def test_cost_estimate_calibrates_before_and_after(tmp_path, byte_wiki):
+    from latentlm.compare_cost import QUIET_NTP, estimate_cost
+
+    path = experiment(tmp_path, byte_wiki, budget={"tokens": 4 * 32 * 2}, seeds=[0], runs={"ntp": {"method": "ntp"}})
+    e = estimate_cost(path, tmp_path / "scratch", steps=1)
+    cal = e["calibration"]
+    assert cal["before"] > 0 and cal["after"] > 0
+    assert cal["ntp_cpu_tok_per_s"] == pytest.approx((cal["before"] + cal["after"]) / 2)
+    assert cal["factor"] == pytest.approx(cal["ntp_cpu_tok_per_s"] / QUIET_NTP["tok_per_s"])
+    run = e["stages"][-1]
+    assert run["quiet_seconds"] == pytest.approx(run["cpu_seconds"] * cal["factor"])

@@ -12,8 +12,9 @@ Shared stages are keyed by their output path, so estimates of several experiment
 ``out_dir`` count a shared teacher, SAE, label cache or identical run once (:func:`total_seconds`).
 Two clocks are kept. Wall time on a busy machine is an upper bound (the load average at the
 time is recorded). CPU time (the process's, timed single-threaded, so no thread spins on a busy
-core) is what the work itself takes: it changes much less with the load, and ``quiet`` converts it
-to a quiet machine's wall time with a calibration factor measured once (:data:`QUIET_NTP`).
+core) is what the work itself takes: it changes less with the load (still by up to 2x on the
+project's shared machine), and ``quiet`` converts it to a quiet machine's wall time with a
+calibration run of a known quiet speed (:data:`QUIET_NTP`) timed before and after the stages.
 Every stage is timed by difference (a slice of ``2 + steps`` steps minus one of 2), so model
 building, data loading and the final evaluation of a slice cancel out.
 """
@@ -146,7 +147,8 @@ def estimate_cost(path: str | Path, scratch: str | Path, *, steps: int = 4, cali
     """Measured cost of the experiment in ``path`` (see the module docstring): ``{"experiment",
     "load_average", "stages": [{"key", "stage", "what", "wall_seconds", "cpu_seconds", ...}],
     "wall_seconds", "cpu_seconds", "quiet_seconds"}`` (quiet: CPU seconds times the calibration
-    factor of :func:`calibrate`, measured here unless ``calibration`` is given).
+    factor of :func:`calibrate`, measured before and after the stages and averaged, because a busy
+    machine's speed drifts; or ``calibration`` if given).
 
     Each stage is timed over ``steps`` extra steps (by difference), single-threaded. ``scratch``
     holds the slices; the real experiment's outputs are never written, except its prepared data
@@ -179,6 +181,9 @@ def _estimate(exp: dict, path, scratch: Path, steps: int, calibration: dict | No
     batch = max(c.config(_merge(r.get("overrides") or {}, {"data": {"path": str(prepared)}})).train.batch_size
                 for r in exp["runs"].values())
     small = _small_data(c, prepared, scratch, windows=(2 + steps) * batch + 1, seq_len=seq_len)
+    if calibration is None:
+        cal_data = small if _vocab(small) == 8192 else _calibration_data(scratch)
+        before = calibrate(cal_data, scratch, steps)
     train_tokens = len(TokenSplit(prepared, "train"))
 
     # Shared artifacts: a teacher slice (or the given teacher), an SAE slice, a label-cache slice.
@@ -269,7 +274,13 @@ def _estimate(exp: dict, path, scratch: Path, steps: int, calibration: dict | No
                              f"{n} x ({tc.max_steps} steps, {tokens:,} tokens + {eval_tokens:,} eval tokens)",
                              n * (tc.max_steps * wall + eval_tokens / ewall), n * (tc.max_steps * cpu + eval_tokens / ecpu),
                              method=tc.method, seeds=n, cpu_tok_per_s=tokens / tc.max_steps / cpu))
-    cal = calibration or calibrate(small if _vocab(small) == 8192 else _calibration_data(scratch), scratch, steps)
+    if calibration is None:  # the busy machine's speed drifts: calibrate after the stages too, and average
+        after = calibrate(cal_data, scratch, steps)
+        rate = (before["ntp_cpu_tok_per_s"] + after["ntp_cpu_tok_per_s"]) / 2
+        cal = {"ntp_cpu_tok_per_s": rate, "factor": rate / QUIET_NTP["tok_per_s"],
+               "before": before["ntp_cpu_tok_per_s"], "after": after["ntp_cpu_tok_per_s"]}
+    else:
+        cal = calibration
     for st in stages:
         st["quiet_seconds"] = st["cpu_seconds"] * cal["factor"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -311,10 +322,11 @@ def total_seconds(estimates: list[dict[str, Any]], clock: str = "quiet_seconds")
 
 def format_estimate(e: dict[str, Any]) -> str:
     cal = e["calibration"]
+    drift = f" (before {cal['before']:,.0f}, after {cal['after']:,.0f})" if "before" in cal else ""
     lines = [f"{e['experiment']}: measured single-threaded on a machine with {e['cpus']} CPUs at load average "
              f"{e['load_average']:.1f}; wall = this busy machine (an upper bound), quiet = CPU seconds x "
              f"{cal['ntp_cpu_tok_per_s']:,.0f} / {QUIET_NTP['tok_per_s']:,.0f} (the demo NTP run's single-thread CPU "
-             "rate here over its measured quiet 2-core rate)",
+             f"rate here{drift} over its measured quiet 2-core rate)",
              "| stage | work | CPU tokens/s | wall s (busy) | CPU s | quiet s |", "|---|---|---:|---:|---:|---:|"]
     for s in e["stages"]:
         rate = f"{s['cpu_tok_per_s']:,.0f}" if "cpu_tok_per_s" in s else ""
