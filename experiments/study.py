@@ -76,8 +76,9 @@ def contexts_stage(exp: dict) -> Path:
     if load_contexts(sae_dir) is None:
         print(f"collecting top contexts of {sae_dir}", flush=True)
         sae = load_sae(sae_dir)
-        contexts = collect_top_contexts(load_teacher(exp["teacher"]["path"]), sae, exp["sae"]["layer"],
-                                        Path(exp["out_dir"]) / "data", split=CONTEXTS["split"],
+        teacher = exp["teacher"].get("path") or str(Path(exp["out_dir"]) / "teacher")  # given, or trained by compare
+        contexts = collect_top_contexts(load_teacher(teacher), sae, exp["sae"]["layer"],
+                                        exp["data"].get("path") or Path(exp["out_dir"]) / "data", split=CONTEXTS["split"],
                                         seq_len=CONTEXTS["seq_len"], max_tokens=CONTEXTS["max_tokens"],
                                         top_n=CONTEXTS["top_n"])
         save_contexts(contexts, sae_dir)

