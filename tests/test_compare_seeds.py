@@ -337,3 +337,17 @@ def test_cost_estimate_calibrates_before_and_after(tmp_path, byte_wiki):
     assert cal["factor"] == pytest.approx(cal["ntp_cpu_tok_per_s"] / QUIET_NTP["tok_per_s"])
     run = e["stages"][-1]
     assert run["quiet_seconds"] == pytest.approx(run["cpu_seconds"] * cal["factor"])
+
+
+def test_text_prefix_keeps_the_scored_tokens(bpe_path):
+    from latentlm.compare import text_prefix
+    from latentlm.data.sources import iter_documents
+    from latentlm.data.tokenizers import load_tokenizer
+
+    tok = load_tokenizer("bpe", bpe_path)
+    text = "\n\n".join(iter_documents("wiki", limit=60))
+    full = tok.encode(text)
+    for cap in (10, 300, 1000):
+        cut = text_prefix(tok, text, cap)
+        assert len(cut) < len(text) and tok.encode(cut)[:cap + 1] == full[:cap + 1]
+    assert text_prefix(tok, text, None) == text and text_prefix(tok, "short", 100) == "short"

@@ -420,9 +420,22 @@ class Comparison:
         """Held-out loss / bpb of each named text (e.g. out-of-domain), its first ``eval.text_tokens``
         tokens (default ``eval.tokens``) in windows of the run's seq_len."""
         cap = self.eval["text_tokens"] if self.eval["text_tokens"] is not None else self.eval["tokens"]
-        return {n: evaluate_text(method, tokenizer, self.text_file(n).read_text(encoding="utf-8"), seq_len=cfg.seq_len,
+        return {n: evaluate_text(method, tokenizer, text_prefix(tokenizer, self.text_file(n).read_text(encoding="utf-8"),
+                                                                cap), seq_len=cfg.seq_len,
                                  batch_size=self.eval["batch_size"], max_tokens=cap, progress=self.progress)
                 for n in names}
+
+
+def text_prefix(tokenizer, text: str, tokens: int | None) -> str:
+    """A prefix of ``text`` that still encodes to more than ``tokens`` tokens (all of it for None), so a
+    5 MB text is not tokenized whole to score its first tokens. The prefix is cut far (16 characters
+    per token, doubled until long enough) beyond the scored tokens, where the cut cannot change them."""
+    if tokens is None:
+        return text
+    n = 16 * (tokens + 2)
+    while n < len(text) and len(tokenizer.encode(text[:n])) < tokens + 2:
+        n *= 2
+    return text[:n]
 
 
 def run_compare(path: str | Path, *, progress: bool = True) -> Path:
