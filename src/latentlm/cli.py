@@ -8,6 +8,7 @@ with 128 + the signal number (130 / 143); see docs/RELIABILITY.md.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import sys
@@ -74,7 +75,9 @@ def cmd_eval(a: argparse.Namespace) -> None:
     if tasks:
         for r in results:
             mode = f" [{r['eval_mode']}]" if "eval_mode" in r else ""
-            print(f"{r['checkpoint']}{mode}: zero-shot, window {r['max_len']} tokens\n{format_table(r['tasks'])}")
+            auto = " (auto: as lm-eval's hf model)" if r["prefix_option"] == "auto" else ""
+            print(f"{r['checkpoint']}{mode}: zero-shot, window {r['max_len']} tokens, prefix {r['prefix']}{auto}\n"
+                  f"{format_table(r['tasks'])}")
         return
     for r in results:
         mode = f" [{r['eval_mode']}" + (f", n={r['jacobi_iters']}" if "jacobi_iters" in r else "") + "]" \
@@ -91,6 +94,9 @@ def _task_names(a: argparse.Namespace) -> list[str] | None:
     if not a.tasks:
         if a.limit is not None:
             raise LatentLMError("--limit applies to zero-shot tasks; add --tasks (or use --max-tokens for perplexity)")
+        if a.prefix is not None:
+            raise LatentLMError("--prefix applies to zero-shot tasks; add --tasks (perplexity always starts at "
+                                "end-of-text)")
         return None
     clash = [f for f, v in (("--text", a.text), ("--data", a.data), ("--stride", a.stride),
                             ("--max-tokens", a.max_tokens)) if v is not None]
@@ -102,13 +108,16 @@ def _task_names(a: argparse.Namespace) -> list[str] | None:
 
 
 def _eval_tasks(a: argparse.Namespace, method, tokenizer, tasks: list[str]) -> dict:
-    from latentlm.eval.zeroshot import evaluate_tasks, resolve_max_len
+    from latentlm.eval.zeroshot import evaluate_tasks, resolve_max_len, resolve_prefix
 
     max_len = resolve_max_len(method, a.seq_len)
+    option = a.prefix or "auto"
+    used, _ = resolve_prefix(tokenizer, option)
     r = evaluate_tasks(method, tokenizer, tasks, limit=a.limit, batch_size=a.batch_size, max_len=max_len,
-                       progress=not a.quiet)
+                       progress=not a.quiet, prefix=option)
     mode = {k: v for k, v in method.pop_eval_metrics().items() if k in ("eval_mode", "jacobi_iters")}
-    return {"checkpoint": str(a.checkpoint), "max_len": max_len, "limit": a.limit, **mode, "tasks": r}
+    return {"checkpoint": str(a.checkpoint), "max_len": max_len, "limit": a.limit, "prefix": used,
+            "prefix_option": option, **mode, "tasks": r}
 
 
 def _eval_once(a: argparse.Namespace, method, cfg, manifest: dict, tokenizer, kw: dict) -> dict:
@@ -343,6 +352,18 @@ def cmd_compare(a: argparse.Namespace) -> None:
     run_compare(a.experiment, progress=not a.quiet)
 
 
+def cmd_lm_eval(argv: list[str]) -> int:
+    """``latentlm lm-eval ARGS``: lm-evaluation-harness's command line with the ``latentlm`` model and
+    the offline tasks (docs/EVAL.md); every argument is the harness's."""
+    from latentlm.eval.lm_eval_tasks import LM_EVAL_PIP
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise LatentLMError(f"latentlm lm-eval runs lm-evaluation-harness, which is not installed; run `{LM_EVAL_PIP}`")
+    from latentlm.eval.lm_eval_adapter import run_cli
+
+    return run_cli(argv)
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
     from latentlm.demo import run_demo
 
@@ -420,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tasks", help="comma-separated zero-shot tasks instead of perplexity: hellaswag, piqa, siqa, "
                    "arc_easy, arc_challenge, winogrande, sciq, lambada (docs/EVAL.md)")
     s.add_argument("--limit", type=int, help="with --tasks: score the first N examples of each task")
+    s.add_argument("--prefix", choices=["auto", "eos", "bos", "none"],
+                   help="with --tasks: tokens before every request; auto (default) = what lm-eval's hf model adds "
+                   "for this tokenizer (nothing for gpt2/bpe/byte/SmolLM2, BOS for Llama-style); eos = end-of-text "
+                   "(the document start in training; what eval did before --prefix existed); docs/EVAL.md")
     s.add_argument("--json", action="store_true", help="print one JSON object (a list with --mode all)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_eval)
@@ -527,6 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(fn=cmd_compare)
 
+    add(sub, "lm-eval", add_help=False, help="lm-evaluation-harness's command line with the latentlm model and "
+        "offline tasks: latentlm lm-eval --model latentlm --model_args checkpoint=RUN --tasks offline_piqa "
+        "(every argument is the harness's; docs/EVAL.md)")
+
     s = add(sub, "demo", help="the embedded-default run: prepare, train, evaluate, sample")
     s.add_argument("--out", default="runs/demo")
     s.set_defaults(fn=cmd_demo)
@@ -536,9 +565,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
-    args, rest = parser.parse_known_args(argv)
+    command = next((i for i, x in enumerate(argv) if x != "--debug"), len(argv))
+    if argv[command:command + 1] == ["lm-eval"]:  # everything after it is the harness's, unparsed here
+        args, rest = argparse.Namespace(debug="--debug" in argv[:command], lm_eval=True), argv[command + 1:]
+    else:
+        args, rest = parser.parse_known_args(argv)
     debug = args.debug
     try:
+        if getattr(args, "lm_eval", False):
+            return cmd_lm_eval(rest)
         if getattr(args, "takes_overrides", False):
             args.fn(args, rest)
         else:

@@ -75,6 +75,17 @@ class Tokenizer(ABC):
         """JSON-able identity of this tokenizer, stored in data manifests and checkpoints."""
         return {"name": self.name, "vocab_size": self.vocab_size, "eot_id": self.eot_id, "fingerprint": self.fingerprint()}
 
+    @property
+    def bos_id(self) -> int | None:
+        """The beginning-of-sequence token of the Hugging Face form: ours have no BOS of their own and
+        their exported form (``latentlm export``) declares end-of-text as BOS."""
+        return self.eot_id
+
+    def default_prefix(self) -> list[int]:
+        """Tokens the Hugging Face form puts before a text when special tokens are added (what
+        lm-evaluation-harness's ``hf`` model scores after): none for ours."""
+        return []
+
 
 class ByteTokenizer(Tokenizer):
     """UTF-8 bytes as tokens: ids 0..255 are bytes, 256 is end-of-text."""
@@ -354,6 +365,15 @@ class HFTokenizer(Tokenizer):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "path": self.path}
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._tok.bos_token_id
+
+    def default_prefix(self) -> list[int]:
+        plain = self._tok("a", add_special_tokens=False)["input_ids"]
+        full = self._tok("a")["input_ids"]
+        return next((full[:i] for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), [])
 
 
 def require_hf(gguf: bool) -> None:

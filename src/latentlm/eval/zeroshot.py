@@ -2,10 +2,12 @@
 
 Every request is scored by the method's own ``eval_logits`` (what ``nll=True`` scores), so each method is evaluated the way it
 computes next-token probabilities (CoCoMix with its concept slots, PonderLM-2 with its latent
-thoughts in the current evaluation mode, ...). A request is the document-start token (EOT, as
-documents appear in training), the context, then the continuation; its log-likelihood is the
-sum over the continuation's tokens. Requests are batched with right padding: attention is
-causal, so padding after a row's last token cannot change the scores before it.
+thoughts in the current evaluation mode, ...). A request is a prefix (:func:`resolve_prefix`: by
+default what lm-evaluation-harness's ``hf`` model puts first for this tokenizer; ``eos`` puts
+the document-start token of the training shards), the context, then the continuation; its
+log-likelihood is the sum over the continuation's tokens. Requests are batched with right
+padding: attention is causal, so padding after a row's last token cannot change the scores
+before it.
 
 Metrics follow lm-evaluation-harness (definitions in docs/EVAL.md): acc and acc_norm (log-
 likelihood divided by the answer's length in characters) with the sample standard error of
@@ -27,10 +29,41 @@ from latentlm.eval.perplexity import TextTokenizer
 from latentlm.eval.tasks import TASKS, Example, check_tasks, load_task
 from latentlm.methods.base import Method, token_nll, unwrap
 
-__all__ = ["TASKS", "evaluate_tasks", "format_table", "lambada_metrics", "multiple_choice_metrics",
-           "resolve_max_len", "score_requests"]
+__all__ = ["PREFIXES", "TASKS", "evaluate_tasks", "format_table", "lambada_metrics", "multiple_choice_metrics",
+           "resolve_max_len", "resolve_prefix", "score_requests", "start_id"]
 
 PAD_ID = 0  # any real id: right padding is never seen by earlier positions and never scored
+PREFIXES = ("auto", "eos", "bos", "none")
+
+
+def resolve_prefix(tokenizer: TextTokenizer, prefix: str = "auto") -> tuple[str, list[int]]:
+    """The tokens put before every request's context, as ``(name, ids)``.
+
+    ``eos``: the end-of-text token, which starts every document of the training shards; ``bos``:
+    the tokenizer's beginning-of-sequence token (ours declare end-of-text as BOS); ``none``:
+    nothing, so the context's first token is only conditioned on; ``auto``: what
+    lm-evaluation-harness's ``hf`` model does with the tokenizer's Hugging Face form, i.e. the
+    tokens that tokenizer adds before a text (``bos`` for Llama-style tokenizers, ``none`` for
+    GPT-2, SmolLM2 and latentlm's gpt2 / bpe / byte tokenizers). With any choice an empty context
+    becomes the BOS token (end-of-text without one), as in the harness.
+    """
+    if prefix not in PREFIXES:
+        raise LatentLMError(f"prefix {prefix!r} is not one of {', '.join(PREFIXES)}")
+    bos = getattr(tokenizer, "bos_id", tokenizer.eot_id)
+    if prefix == "eos":
+        return "eos", [tokenizer.eot_id]
+    if prefix == "bos":
+        if bos is None:
+            raise LatentLMError("the tokenizer defines no beginning-of-sequence token; use prefix eos, none or auto")
+        return "bos", [bos]
+    ids = list(getattr(tokenizer, "default_prefix", list)()) if prefix == "auto" else []
+    return ("none" if not ids else "bos" if ids == [bos] else f"ids {ids}"), ids
+
+
+def start_id(tokenizer: TextTokenizer) -> int:
+    """The context of a request whose context is empty: BOS, else end-of-text (lm-eval's prefix token)."""
+    bos = getattr(tokenizer, "bos_id", None)
+    return tokenizer.eot_id if bos is None else bos
 
 
 def resolve_max_len(method: Method, max_len: int | None = None) -> int:
@@ -49,22 +82,28 @@ def resolve_max_len(method: Method, max_len: int | None = None) -> int:
     return n
 
 
-def _encode(tokenizer: TextTokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of EOT + context and of the continuation. Trailing whitespace of the context
-    moves to the continuation, so a word's leading space is tokenized with the word."""
+def _encode(tokenizer: TextTokenizer, context: str, continuation: str,
+            prefix: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Token ids of prefix + context (the start token if both are empty) and of the continuation.
+    Trailing whitespace of the context moves to the continuation, so a word's leading space is
+    tokenized with the word."""
     stripped = context.rstrip()
     continuation = context[len(stripped):] + continuation
     cont = tokenizer.encode(continuation)
     if not cont:
         raise LatentLMError(f"continuation {continuation!r} encodes to no tokens; nothing to score")
-    return [tokenizer.eot_id] + tokenizer.encode(stripped), cont
+    return list(prefix) + tokenizer.encode(stripped) or [start_id(tokenizer)], cont
 
 
 @torch.inference_mode()
 def score_requests(method: Method, tokenizer: TextTokenizer, requests: Sequence[tuple[str, str]], *,
                    batch_size: int = 16, max_len: int | None = None, greedy: bool = False,
-                   progress: bool = False, desc: str = "requests") -> list[tuple[float, bool]]:
+                   progress: bool = False, desc: str = "requests",
+                   prefix: Sequence[int] | None = None) -> list[tuple[float, bool]]:
     """``(log-likelihood, is_greedy)`` of each (context, continuation) request, in order.
+
+    ``prefix``: token ids put before every context (default: end-of-text, the document start of
+    the training shards; :func:`resolve_prefix` gives the named choices).
 
     Sequences longer than ``max_len + 1`` tokens (see :func:`resolve_max_len`) lose context
     from the left; a continuation longer than ``max_len`` keeps only its last ``max_len``
@@ -81,7 +120,7 @@ def score_requests(method: Method, tokenizer: TextTokenizer, requests: Sequence[
                             "use the tokenizer the model was trained with")
     seqs, n_scored = [], []
     for context, continuation in requests:
-        ctx, cont = _encode(tokenizer, context, continuation)
+        ctx, cont = _encode(tokenizer, context, continuation, [tokenizer.eot_id] if prefix is None else prefix)
         seqs.append((ctx + cont)[-(max_len + 1):])
         n_scored.append(min(len(cont), max_len))
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
@@ -152,12 +191,14 @@ def lambada_metrics(scores: Sequence[tuple[float, bool]]) -> dict[str, float]:
 
 
 def evaluate_tasks(method: Method, tokenizer: TextTokenizer, tasks: list[str], *, limit: int | None = None,
-                   batch_size: int = 16, max_len: int | None = None,
-                   progress: bool = True) -> dict[str, dict[str, float]]:
+                   batch_size: int = 16, max_len: int | None = None, progress: bool = True,
+                   prefix: str = "auto") -> dict[str, dict[str, float]]:
     """Zero-shot metrics of ``method`` on each task of ``tasks`` (names from :data:`TASKS`),
-    using the first ``limit`` examples of each. Multiple choice: acc, acc_stderr, acc_norm,
-    acc_norm_stderr, n; lambada: acc, acc_stderr, ppl, ppl_stderr, n."""
+    using the first ``limit`` examples of each, every request after ``prefix``
+    (:func:`resolve_prefix`). Multiple choice: acc, acc_stderr, acc_norm, acc_norm_stderr, n;
+    lambada: acc, acc_stderr, ppl, ppl_stderr, n."""
     check_tasks(list(tasks))
+    prefix_ids = resolve_prefix(tokenizer, prefix)[1]
     max_len = resolve_max_len(method, max_len)
     if batch_size < 1:
         raise LatentLMError(f"batch_size={batch_size} must be at least 1")
@@ -166,7 +207,7 @@ def evaluate_tasks(method: Method, tokenizer: TextTokenizer, tasks: list[str], *
         examples = load_task(name, limit)
         requests = [r for ex in examples for r in ex.requests]
         scores = score_requests(method, tokenizer, requests, batch_size=batch_size, max_len=max_len,
-                                greedy=name == "lambada", progress=progress, desc=name)
+                                greedy=name == "lambada", progress=progress, desc=name, prefix=prefix_ids)
         if name == "lambada":
             results[name] = lambada_metrics(scores)
             continue
