@@ -565,7 +565,8 @@ def test_device_defaults_to_auto(argv):
 def test_rope_generates_past_block_size(world, capsys):
     """RoPE has no position table: generation may run past block_size (only learned positions refuse)."""
     capsys.readouterr()
-    assert main(["generate", str(world.llama), "--max-new-tokens", "100", "--temperature", "0", "--no-stop"]) == 0
+    assert main(["generate", str(world.llama), "--max-new-tokens", "100", "--temperature", "0", "--no-stop",
+                 "--quiet"]) == 0
     assert capsys.readouterr().err == ""
 
 

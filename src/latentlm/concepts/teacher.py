@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,10 @@ import torch.nn.functional as F
 
 from latentlm.checkpoint_files import load_core, resolve_checkpoint, saved_config
 from latentlm.data.prepare import tokenizer_for
-from latentlm.data.tokenizers import HFTokenizer, Tokenizer, require_hf, smollm2_gguf
+from latentlm.data.tokenizers import HFTokenizer, Tokenizer, gguf_path, require_hf, smollm2_gguf
 from latentlm.errors import LatentLMError
 from latentlm.fileio import sha256_file
+from latentlm.gguf_cache import convert_gguf
 from latentlm.model.config import ModelConfig
 from latentlm.presets import config_path
 from latentlm.model.hf import hf_model_config
@@ -206,7 +208,9 @@ class HFTeacher(Teacher):
     kind = "hf"
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 gguf_file: str | None = None):
+                 gguf_file: str | None = None, converted_from: tuple[Path, str] | None = None):
+        """``converted_from``: ``(GGUF file, its sha256)`` when ``path`` is that file's cached conversion;
+        the teacher then describes itself as the GGUF (same path, tokenizer and fingerprint)."""
         require_hf(gguf_file is not None)
         import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -218,6 +222,8 @@ class HFTeacher(Teacher):
             raise LatentLMError(f"teacher directory {path} does not exist")
         self.gguf_file = gguf_file
         self.path = str(directory / gguf_file) if gguf_file else str(directory)
+        if converted_from is not None:
+            self.path, self.__dict__["fingerprint"] = str(converted_from[0]), converted_from[1]
         # transformers >= 4.56 calls the argument `dtype`; older releases `torch_dtype`.
         major, minor = (int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
         dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
@@ -279,17 +285,26 @@ class HFTeacher(Teacher):
         return captured[0].detach().float(), g.float()
 
 
-def load_teacher(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Teacher:
-    """A frozen teacher from ``spec``: ``smollm2``, a ``.gguf`` file, a Hugging Face model
-    directory (has config.json), or a latentlm run / checkpoint directory."""
-    if spec == "smollm2":
-        f = smollm2_gguf()
+def _gguf_teacher(f: Path, device: str | torch.device, dtype: torch.dtype | None) -> HFTeacher:
+    """A GGUF teacher read from its cached conversion (converted on first use); with a cache that
+    cannot be written, dequantized in memory as transformers does on every load."""
+    require_hf(True)
+    try:
+        directory, sha = convert_gguf(f)
+    except LatentLMError as e:
+        print(f"warning: {e}; loading {f.name} without the cache (slow)", file=sys.stderr, flush=True)
         return HFTeacher(f.parent, device, dtype, gguf_file=f.name)
+    return HFTeacher(directory, device, dtype, converted_from=(f, sha))
+
+
+def load_teacher(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Teacher:
+    """A frozen teacher from ``spec``: ``smollm2``, a ``.gguf`` file (both through latentlm's cache
+    of converted GGUFs, :mod:`latentlm.gguf_cache`), a Hugging Face model directory (has
+    config.json), or a latentlm run / checkpoint directory."""
+    f = gguf_path(spec)
+    if f is not None:
+        return _gguf_teacher(f, device, dtype)
     p = Path(spec)
-    if p.suffix == ".gguf":
-        if not p.is_file():
-            raise LatentLMError(f"GGUF file {spec} does not exist")
-        return HFTeacher(p.parent, device, dtype, gguf_file=p.name)
     if (p / "manifest.json").is_file() or (p / "checkpoints").is_dir():
         return LatentLMTeacher(p, device, dtype)
     if (p / "config.json").is_file():
