@@ -140,6 +140,7 @@ def pickle_in_checkpoint(name: str) -> Callable[[World, Path], list[str]]:
     """A resume whose optimizer or RNG file unpickles into code execution (manifest resealed)."""
     def case(w: World, t: Path) -> list[str]:
         ck = copy_run(w.run, t / "out")
+        (t / "out" / "final.json").unlink()  # unfinished (a complete run's --resume loads nothing): it loads all
         torch.save({"state": Evil(t / "pwned")}, ck / name)
         reseal(ck)
         # the saved config as it is: a resume refuses changed settings (train.max_steps too) before loading

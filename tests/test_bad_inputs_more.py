@@ -205,6 +205,7 @@ def resume_with_state(edit: Callable[[bytes], bytes]) -> Build:
     """train --resume from a copy of the run whose trainer_state.json is edited (manifest resealed)."""
     def case(w: World, t: Path, env: Env) -> list[str]:
         ck = copy_run(w.run, t / "out")
+        (t / "out" / "final.json").unlink()  # unfinished (a complete run's --resume loads nothing): it loads all
         (ck / "trainer_state.json").write_bytes(edit((ck / "trainer_state.json").read_bytes()))
         reseal(ck)
         return ["train", "--config", str(ck / "config.yaml"), "--train.out_dir", str(t / "out"), "--resume"]

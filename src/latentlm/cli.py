@@ -8,10 +8,12 @@ with 128 + the signal number (130 / 143); see docs/RELIABILITY.md.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import math
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import NoReturn
@@ -54,7 +56,24 @@ def cmd_train(a: argparse.Namespace, overrides: list[str]) -> None:
         cfg = make_config(a.config, [*overrides, "--train.init_from", a.init_from], base=base)
     else:
         cfg = make_config(a.config, overrides)
-    train(cfg, resume=a.resume)
+    train(cfg, resume=a.resume, quiet=a.quiet)
+
+
+def cmd_configs(a: argparse.Namespace) -> None:
+    from latentlm.presets import PRESET_DIR, preset_names, preset_summary
+
+    names = preset_names()
+    width = max(map(len, names))
+    for name in names:
+        print(f"{name:<{width}}  {preset_summary(name)}")
+    print(f"\n{len(names)} presets in {PRESET_DIR}; use one with --config NAME, see it resolved with "
+          "`latentlm config show --config NAME`")
+
+
+def cmd_config_show(a: argparse.Namespace, overrides: list[str]) -> None:
+    from latentlm.config import make_config, show_config
+
+    print(show_config(make_config(a.config, overrides)), end="")
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
@@ -397,6 +416,7 @@ def cmd_flops(a: argparse.Namespace, overrides: list[str]) -> None:
     from latentlm.methods import BASELINE, flops_report, methods
 
     cfg = make_config(a.config, overrides)
+    vocab_note = cfg.derived.get("model.vocab_size", "")
     if a.context is not None and a.context < 1:
         raise LatentLMError(f"--context {a.context} must be at least 1 token")
     names = list(methods()) if a.methods == "all" else (a.methods.split(",") if a.methods else
@@ -418,6 +438,8 @@ def cmd_flops(a: argparse.Namespace, overrides: list[str]) -> None:
         rel = (lambda k: f"{r[k] / ntp[k]:>8.2f}") if ntp else (lambda k: f"{'':>8}")
         print(f"{r['method']:<{w}}{r['params'] / 1e6:>9.2f}M{r['train_student'] / 1e9:>10.3f}{r['teacher'] / 1e9:>11.3f}"
               f"{r['train_total'] / 1e9:>10.3f}{rel('train_total')}{r['infer'] / 1e9:>12.3f}{rel('infer')}")
+    if vocab_note:
+        print(f"model.vocab_size {cfg.model.vocab_size}: {vocab_note}")
 
 
 def cmd_export(a: argparse.Namespace) -> None:
@@ -460,12 +482,69 @@ def cmd_demo(a: argparse.Namespace) -> None:
     run_demo(a.out)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Descriptions and epilogs: indented lines (examples, the config reference) are kept as they are,
+    the others wrapped. Every option with a default worth saying shows it, unless its help already
+    speaks of its default."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(line if not line or line[0] == " " else
+                         textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+                         for line in text.splitlines())
+
+    def _format_action(self, action: argparse.Action) -> str:
+        default = action.default
+        shown = not (default is None or default is False or default == argparse.SUPPRESS or default == []
+                     or isinstance(action, (argparse._HelpAction, argparse._VersionAction))
+                     or "default" in (action.help or "") or not action.option_strings)
+        if shown:
+            action = copy.copy(action)
+            action.help = f"{action.help or ''} (default: %(default)s)".lstrip()
+        return super()._format_action(action)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with the CLI's one-line errors (the usage is one --help away); subcommand parsers
-    inherit the class."""
+    """argparse with the CLI's one-line errors (the usage is one --help away), defaults in the help, and
+    epilogs built when help is asked for (``epilog_fn``: the config reference imports torch); subcommand
+    parsers inherit the class."""
+
+    def __init__(self, *args, epilog_fn=None, **kw):
+        kw.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kw)
+        self.epilog_fn = epilog_fn
+
+    def format_help(self) -> str:
+        if self.epilog_fn is not None:
+            self.epilog = self.epilog_fn()
+        return super().format_help()
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _examples(*lines: str, note: str = "") -> str:
+    """An epilog of example command lines (tests/test_help_examples.py runs every one of them)."""
+    head = "examples:" if len(lines) > 1 else "example:"
+    return "\n".join([head, *(f"  {line}" for line in lines), *([note] if note else [])])
+
+
+def _config_epilog(examples: str):
+    """The epilog of a command taking config overrides: its examples, then every config key."""
+    def make() -> str:
+        from latentlm.config import config_reference
+
+        return f"{examples}\n\n{config_reference()}"
+    return make
+
+
+QUICKSTART = _examples(
+    "latentlm prepare --tokenizer byte --out data/wiki-byte",
+    "latentlm train --config ponder/tiny --data.path data/wiki-byte --train.out_dir runs/ponder-tiny",
+    "latentlm eval runs/ponder-tiny",
+    "latentlm generate runs/ponder-tiny --prompt 'The capital of France'",
+    "latentlm configs",
+    note="prepare tokenizes the embedded Wikipedia sample; train sizes the vocabulary from the data. "
+         "`latentlm COMMAND --help` lists each command's options and defaults.")
 
 
 def _device_option(parser: argparse.ArgumentParser) -> None:
@@ -477,7 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     p = _Parser(prog="latentlm", parents=[common],
-                                description="Pretrain language models that think in continuous space.")
+                                description="Pretrain language models that think in continuous space.",
+                epilog=QUICKSTART)
+    p.add_argument("--version", action="version", version=f"latentlm {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(parent, name: str, **kw) -> argparse.ArgumentParser:
@@ -511,12 +592,37 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_tokenizer_train)
 
     s = add(sub, "train", help="train a model; any config key can be overridden as --section.key VALUE",
-                       epilog="example: latentlm train --config tiny --train.max_steps 200")
+            description="Train a model. Settings: defaults <- --config <- --section.key VALUE overrides "
+                        "(every key is listed below).",
+            epilog_fn=_config_epilog(_examples(
+                "latentlm train --config ponder/tiny --data.path data/wiki-byte --train.out_dir runs/ponder-tiny",
+                "latentlm train --config ponder/tiny --data.path data/wiki-byte --train.out_dir runs/ponder-tiny "
+                "--resume",
+                "latentlm train --config ponder/tiny --data.path data/wiki-byte --train.method pause "
+                "--pause.n_pauses 1 --train.out_dir runs/pause-tiny")))
     s.add_argument("--config", help="a YAML file or a preset name (`latentlm configs` lists them)")
-    s.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    s.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint "
+                   "(a complete run: nothing to do)")
+    s.add_argument("--quiet", action="store_true", help="no start block, progress bar or periodic validation lines")
     s.add_argument("--init-from", metavar="CKPT", help="fine-tune: start from this checkpoint's weights (run, step_* "
                    "or imported directory) and, unless --config is given, its model config (docs/TRAINING.md)")
     s.set_defaults(fn=cmd_train, takes_overrides=True)
+
+    s = add(sub, "configs", help="list the shipped presets (--config NAME)",
+            epilog=_examples("latentlm configs"))
+    s.set_defaults(fn=cmd_configs)
+
+    s = add(sub, "config", help="config tools")
+    csub = s.add_subparsers(dest="configcmd", required=True)
+    t = add(csub, "show", help="print the resolved config of --config and overrides as YAML",
+            description="Print the config `latentlm train` would run with the same arguments, as YAML usable "
+                        "as a --config file; a header says which values are derived (the vocabulary from the "
+                        "data, a method's sizes from its SAE) and what is left to train time.",
+            epilog_fn=_config_epilog(_examples(
+                "latentlm config show --config ponder/tiny --data.path data/wiki-byte",
+                "latentlm config show --config cocomix/tiny --cocomix.insert_layer 2")))
+    t.add_argument("--config", help="a YAML file or a preset name (`latentlm configs` lists them)")
+    t.set_defaults(fn=cmd_config_show, takes_overrides=True)
 
     s = add(sub, "eval", help="perplexity and bits per byte of a checkpoint, or zero-shot tasks (--tasks)")
     s.add_argument("checkpoint", help="run directory (latest checkpoint) or checkpoints/step_* directory")
@@ -633,7 +739,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_concepts_inspect)
 
     s = add(sub, "flops", help="training and generation FLOPs per token of methods on a config",
-            epilog="example: latentlm flops --config ponder/pythia-70m --methods ntp,ponder,pause")
+            epilog_fn=_config_epilog(_examples("latentlm flops --config ponder/pythia-70m --methods ntp,ponder,pause",
+                                               "latentlm flops --config ponder/tiny --data.path data/wiki-byte "
+                                               "--methods all")))
     s.add_argument("--config", help="a YAML file or a preset name (`latentlm configs`); --section.key VALUE overrides as for train")
     s.add_argument("--methods", help="comma-separated methods, or 'all' (default: ntp and the config's method)")
     s.add_argument("--context", type=int, help="tokens in the KV cache when generating (default: seq_len)")
@@ -658,7 +766,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_import)
 
     s = add(sub, "compare", help="train and evaluate several methods at equal tokens or FLOPs; write report.md",
-            epilog="example: latentlm compare configs/compare/tiny.yaml (docs/COMPARE.md); rerun to resume")
+            epilog=_examples("latentlm compare runs/demo/experiment.yaml",
+                             note="`latentlm demo` writes that experiment file; the format is in docs/COMPARE.md. "
+                                  "Rerun the same command to resume an interrupted comparison."))
     s.add_argument("experiment", help="experiment YAML file")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(fn=cmd_compare)
@@ -671,6 +781,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/demo")
     s.set_defaults(fn=cmd_demo)
     return p
+
+
+def _version() -> str:
+    from latentlm import __version__
+
+    return __version__
 
 
 def main(argv: list[str] | None = None) -> int:

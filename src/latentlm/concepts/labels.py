@@ -28,7 +28,7 @@ from latentlm.data.prepare import check_tokenizer, load_manifest
 from latentlm.data.tokenizers import smollm2_gguf
 from latentlm.errors import LatentLMError
 from latentlm.fileio import ManifestFormat, publishing, sha256_file, write_delay
-from latentlm.settings import Settings
+from latentlm.settings import Settings, setting
 
 if TYPE_CHECKING:
     from latentlm.config import Config
@@ -40,12 +40,13 @@ class ConceptSettings(Settings):
     and an optional label cache) and how they are selected. A reusable block: every method that
     trains on concept labels declares this section (docs/METHODS.md §2.1)."""
 
-    sae: str = ""  # SAE directory written by `latentlm sae train`
-    layer: int = 5  # the teacher block whose output the SAE reads (0-based)
-    labels: str = ""  # label cache from `latentlm concepts label`; empty = compute on the fly
-    k_attr: int = 4  # concept labels per token
-    acts: Literal["post", "pre"] = "post"  # attribution x post-TopK latents (official) or pre-activations
-    select: Literal["attribution", "activation"] = "attribution"  # activation = the ablation
+    sae: str = setting("", "SAE directory written by `latentlm sae train`")
+    layer: int = setting(5, "the teacher block whose output the SAE reads (0-based)")
+    labels: str = setting("", "label cache from `latentlm concepts label`; empty = compute on the fly")
+    k_attr: int = setting(4, "concept labels per token")
+    acts: Literal["post", "pre"] = setting("post", "attribution x post-TopK latents (official) or pre-activations")
+    select: Literal["attribution", "activation"] = setting("attribution", "rank latents by attribution, or by "
+                                                           "activation (the ablation)")
     section, positive_fields, non_negative_fields = "concepts", ("k_attr",), ("layer",)
 
 

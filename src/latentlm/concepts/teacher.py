@@ -37,7 +37,7 @@ from latentlm.model.config import ModelConfig
 from latentlm.presets import config_path
 from latentlm.model.hf import hf_model_config
 from latentlm.model.transformer import Transformer
-from latentlm.settings import Settings, build, load_yaml
+from latentlm.settings import Settings, build, load_yaml, setting
 
 
 
@@ -47,7 +47,8 @@ class TeacherSettings(Settings):
     (KD and CoCoMix among the built-ins), so methods never borrow each other's sections."""
 
     section = "teacher"
-    path: str = ""  # a latentlm run/checkpoint of a plain LM, a Hugging Face dir, a .gguf file, or "smollm2"
+    path: str = setting("", "the frozen teacher: a latentlm run/checkpoint of a plain LM, a Hugging Face dir, "
+                            "a .gguf file, or smollm2")
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:

@@ -33,7 +33,7 @@ from latentlm.methods.base import Method, token_nll, token_positions
 from latentlm.methods.concept_head import ConceptHead, label_norm
 from latentlm.model.flops import forward_flops_per_slot
 from latentlm.model.transformer import KVCache, Transformer
-from latentlm.settings import Settings
+from latentlm.settings import Settings, setting
 
 if TYPE_CHECKING:
     from latentlm.config import Config
@@ -43,13 +43,14 @@ if TYPE_CHECKING:
 class CocomixSettings(Settings):
     """The ``cocomix:`` section: the student's concept head and how its vector is mixed in."""
 
-    insert_layer: int = 3  # the student block whose input receives the continuous concepts
-    n_concepts: int = 0  # C: taken from the SAE (0); stored so checkpoints load without the SAE
-    k_concepts: int = 0  # TopK of the predicted concepts: the SAE's k (0)
-    concept_weight: float = 0.1  # lambda of the concept loss
-    mix: Literal["interleave", "add", "none"] = "interleave"  # none = concept loss only
-    concept_loss: bool = True  # false = insertion only
-    concept_chunk: int = 2048  # tokens per chunk of the C-way concept cross-entropy
+    insert_layer: int = setting(3, "the student block whose input receives the continuous concepts")
+    n_concepts: int = setting(0, "C: 0 = the SAE's (stored so checkpoints load without the SAE)")
+    k_concepts: int = setting(0, "TopK of the predicted concepts: 0 = the SAE's k")
+    concept_weight: float = setting(0.1, "lambda of the concept loss")
+    mix: Literal["interleave", "add", "none"] = setting("interleave", "how the concept vector enters the stream; "
+                                                        "none = concept loss only")
+    concept_loss: bool = setting(True, "train the concept head on the labels; false = insertion only")
+    concept_chunk: int = setting(2048, "tokens per chunk of the C-way concept cross-entropy (memory)")
     section, positive_fields = "cocomix", ("concept_chunk",)
     non_negative_fields = ("insert_layer", "n_concepts", "k_concepts", "concept_weight")
 
@@ -65,7 +66,7 @@ class PauseInsertSettings(Settings):
     """The ``pause_insert:`` section (CoCoMix's pause baselines)."""
 
     section, non_negative_fields = "pause_insert", ("insert_layer",)
-    insert_layer: int = 3  # the student block whose input receives the pause vector (match cocomix's)
+    insert_layer: int = setting(3, "the student block whose input receives the pause vector (match cocomix's)")
 
 
 def check_insert_layer(model: Transformer, section: str, layer: int) -> int:

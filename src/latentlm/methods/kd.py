@@ -25,7 +25,7 @@ from latentlm.methods.base import Method, token_nll, token_positions
 from latentlm.methods.cocomix import PauseInsert
 from latentlm.model.flops import forward_flops_per_slot
 from latentlm.model.transformer import Transformer
-from latentlm.settings import Settings
+from latentlm.settings import Settings, setting
 
 if TYPE_CHECKING:
     from latentlm.config import Config
@@ -36,8 +36,8 @@ class KDSettings(Settings):
     """The ``kd:`` section: the distillation loss (the teacher is the shared ``teacher:`` block)."""
 
     section, positive_fields, non_negative_fields = "kd", ("temperature",), ("weight",)
-    weight: float = 0.1  # lambda_KD
-    temperature: float = 1.0
+    weight: float = setting(0.1, "lambda_KD: weight of KL(teacher || student) added to the CE")
+    temperature: float = setting(1.0, "softmax temperature of both distributions (tau^2 scales the KL)")
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from latentlm.methods.base import LogitsMethod
 from latentlm.model.flops import forward_flops_per_slot
 from latentlm.model.transformer import KVCache
-from latentlm.settings import Settings
+from latentlm.settings import Settings, setting
 
 
 @dataclass
@@ -24,7 +24,7 @@ class LoopSettings(Settings):
     """The ``loop:`` section."""
 
     section, positive_fields = "loop", ("n_loops",)
-    n_loops: int = 1  # K extra passes of the block stack (K + 1 in all; match ponder.n_thoughts)
+    n_loops: int = setting(1, "K extra passes of the block stack (K + 1 in all; match ponder.n_thoughts)")
 
 
 class Loop(LogitsMethod):

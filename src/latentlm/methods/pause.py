@@ -21,7 +21,7 @@ import torch.nn as nn
 from latentlm.methods.base import LogitsMethod
 from latentlm.model.flops import forward_flops_per_slot
 from latentlm.model.transformer import KVCache, Transformer
-from latentlm.settings import Settings
+from latentlm.settings import Settings, setting
 
 if TYPE_CHECKING:
     from latentlm.config import Config
@@ -32,7 +32,7 @@ class PauseSettings(Settings):
     """The ``pause:`` section."""
 
     section, positive_fields = "pause", ("n_pauses",)
-    n_pauses: int = 1  # K pause slots after every token (match ponder.n_thoughts for equal slots)
+    n_pauses: int = setting(1, "K pause slots after every token (match ponder.n_thoughts for equal slots)")
 
 
 class Pause(LogitsMethod):

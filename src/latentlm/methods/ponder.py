@@ -28,7 +28,7 @@ from latentlm.errors import LatentLMError
 from latentlm.methods.base import Method, token_nll, token_positions
 from latentlm.model.flops import forward_flops_per_slot
 from latentlm.model.transformer import KVCache, Transformer
-from latentlm.settings import Settings
+from latentlm.settings import Settings, setting
 
 if TYPE_CHECKING:
     from latentlm.config import Config
@@ -47,17 +47,18 @@ class PonderSettings(Settings):
     """The ``ponder:`` section (docs/PONDER.md). The paper's embedding scaling is not set here:
     pass ``--model.embed_scale`` (sqrt(2.5 d)) to ponder runs and their vanilla controls alike."""
 
-    n_thoughts: int = 1  # K: latent thoughts per token before it predicts the next one
-    train_iters_min: int = 2  # Jacobi iterations per optimizer step: uniform in [min, max]
-    train_iters_max: int = 3
-    eval_iters: int = 3  # Jacobi iterations in evaluation (eval_mode jacobi)
-    eval_mode: Literal["jacobi", "exact"] = "jacobi"  # exact: sequential thoughts via the KV cache
-    # Activation checkpointing: pass = keep each pass's inputs, block = each block's inputs; recompute in backward.
-    checkpoint: Literal["none", "pass", "block"] = "none"
-    # How generation fills the cache for a prompt: exact = sequential; jacobi = eval_iters parallel
-    # Jacobi iterations over the whole prompt, faster for long prompts, exact for the first
-    # 1 + floor(eval_iters / K) prompt positions.
-    prefill: Literal["exact", "jacobi"] = "exact"
+    n_thoughts: int = setting(1, "K: latent thoughts per token before it predicts the next one")
+    train_iters_min: int = setting(2, "fewest Jacobi iterations per optimizer step (n uniform in [min, max])")
+    train_iters_max: int = setting(3, "most Jacobi iterations per optimizer step")
+    eval_iters: int = setting(3, "Jacobi iterations in evaluation (eval_mode jacobi)")
+    eval_mode: Literal["jacobi", "exact"] = setting("jacobi", "evaluation: eval_iters Jacobi iterations as the "
+                                                    "paper, or exact = sequential thoughts via the KV cache")
+    checkpoint: Literal["none", "pass", "block"] = setting("none", "activation checkpointing: keep each pass's "
+                                                           "(pass) or each block's (block) inputs, recompute in backward")
+    prefill: Literal["exact", "jacobi"] = setting("exact", "how generation fills the cache for a prompt: exact = "
+                                                  "sequential; jacobi = eval_iters parallel iterations (faster for "
+                                                  "long prompts, exact for the first 1 + floor(eval_iters / K) "
+                                                  "positions)")
     section, positive_fields = "ponder", ("n_thoughts", "train_iters_min", "eval_iters")
 
     def validate(self) -> None:

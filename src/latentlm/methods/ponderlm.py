@@ -22,7 +22,7 @@ import torch
 from latentlm.methods.base import LogitsMethod
 from latentlm.model.flops import forward_flops_per_slot
 from latentlm.model.transformer import KVCache
-from latentlm.settings import Settings
+from latentlm.settings import Settings, setting
 
 
 @dataclass
@@ -30,7 +30,7 @@ class PonderLMSettings(Settings):
     """The ``ponderlm:`` section."""
 
     section, positive_fields = "ponderlm", ("n_steps",)
-    n_steps: int = 1  # K pondering steps (K + 1 passes; match ponder.n_thoughts)
+    n_steps: int = setting(1, "K pondering steps (K + 1 passes; match ponder.n_thoughts)")
 
 
 class PonderLM(LogitsMethod):
