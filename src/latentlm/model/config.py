@@ -34,6 +34,13 @@ class ModelConfig:
     rope_theta: float = 10000.0
     dropout: float = 0.0
     embed_scale: float = 1.0  # multiplies token embeddings (PonderLM-2 uses sqrt(2.5 d))
+    # Weight init of the core (and of a method's embedding-like parameters, e.g. pause tokens), one
+    # scheme for every method (docs/METHODS.md §0): normal = Normal(0, init_std), residual output
+    # projections init_std / sqrt(2 L) (GPT-2); trunc_normal = the PonderLM-2 authors' truncated normal,
+    # std sqrt(2 / (5 d)) cut at +-3 std, residual outputs std / sqrt(2 L) (init_std unused by the core);
+    # hf_normal = Normal(0, init_std) for every weight, no depth scaling (Hugging Face's Llama default:
+    # the authors' vanilla control).
+    init: Literal["normal", "trunc_normal", "hf_normal"] = "normal"
     init_std: float = 0.02
     vocab_multiple: int = 64  # pad the embedding/head rows to a multiple of this for speed
 
@@ -50,6 +57,21 @@ class ModelConfig:
         if c.ffn_hidden is None:
             c.ffn_hidden = 4 * c.n_embd if c.mlp == "gelu" else 64 * math.ceil(8 * c.n_embd / 3 / 64)
         return c
+
+    @property
+    def trunc_normal_std(self) -> float:
+        """The std of ``init: trunc_normal``: sqrt(2 / (5 d)), so a token embedding scaled by
+        sqrt(2.5 d) has unit std per coordinate."""
+        return math.sqrt(2.0 / (5.0 * self.n_embd))
+
+    def init_description(self) -> str:
+        """One line naming the init scheme and its stds (reports say which init a run used)."""
+        if self.init == "trunc_normal":
+            return (f"trunc_normal: std sqrt(2/(5d)) = {self.trunc_normal_std:.4g} cut at +-3 std, "
+                    f"residual outputs / sqrt(2L)")
+        if self.init == "hf_normal":
+            return f"hf_normal: Normal(0, {self.init_std:g}) for every weight, no depth scaling"
+        return f"normal: Normal(0, {self.init_std:g}), residual outputs / sqrt(2L)"
 
     @property
     def padded_vocab_size(self) -> int:
