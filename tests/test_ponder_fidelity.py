@@ -424,3 +424,22 @@ def test_compare_report_names_the_init(tmp_path):
     assert "token embeddings times 2." in text
     differs = write_report(exp, [row("a", "trunc_normal", 2.0), row("b", "hf_normal", 1.0)], tmp_path, 1.0).read_text()
     assert "Initialisation differs between runs" in differs and "b: hf_normal: Normal(0, 0.02)" in differs
+
+
+def test_fidelity_benchmark_runs(tmp_path):
+    """benchmarks/ponder_fidelity.py (the table of docs/PONDER.md) runs end to end at 2 steps: a row
+    with a logit gap, one with the emulated padded vocabulary, and the prefill row."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "ponder_fidelity.py"
+    p = subprocess.run([sys.executable, str(script), "--steps", "2", "--only", "ponderlm_update,padded_vocab,prefill"],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in p.stdout.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 3
+    assert float(rows[0][1]) > 0.05 and all(math.isfinite(float(c)) for c in rows[0][2:])
+    assert rows[1][1] == "-" and math.isfinite(float(rows[1][4]))
+    assert "prefill" in rows[2][0] and "/" in rows[2][1]
