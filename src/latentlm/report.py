@@ -25,7 +25,8 @@ def run_summary(name: str, cfg, flops_row: dict, ev: dict, curve_tokens: int | N
     tokens = max((r.get("tokens", 0) for r in records), default=0)
     per_token = flops_row["train_total"]
     curve = [(r["tokens"], r["tokens"] * per_token, r["val_loss"]) for r in records if "val_loss" in r]
-    return {"name": name, "method": cfg.train.method, "params": flops_row["params"], "tokens": tokens,
+    return {"name": name, "method": cfg.train.method, "init": cfg.model.init_description(),
+            "embed_scale": cfg.model.embed_scale, "params": flops_row["params"], "tokens": tokens,
             "steps": cfg.train.max_steps, "flops_per_token": per_token, "teacher_flops_per_token": flops_row["teacher"],
             "train_flops": tokens * per_token, "infer_flops_per_token": flops_row["infer"],
             # the median logging window: robust to the first window's warm-up and to evaluation pauses
@@ -57,6 +58,22 @@ def results_table(rows: list[dict]) -> str:
         lines.append(f"| {r['name']} | {r['method']} | {r['params'] / 1e6:.2f}M | {r['tokens']:,} | {_si(r['train_flops'])} | "
                      f"{rel} | {gen} | {r['tok_per_s']:,.0f} | {_fmt(v['loss'])} | {_fmt(v['ppl'], 2)} | {_fmt(v['bpb'])} |")
     return "\n".join(lines)
+
+
+def init_note(rows: list[dict]) -> str:
+    """Which initialisation and token-embedding scale the runs used (``model.init``,
+    ``model.embed_scale``): one sentence when they share them, a per-run list when they differ (then
+    the comparison is confounded by the init, as the authors' vanilla control was)."""
+    def of(r: dict) -> tuple[str, str]:
+        scale = r.get("embed_scale")
+        return r.get("init", "not recorded"), "not recorded" if scale is None else f"{scale:g}"
+
+    inits = {of(r) for r in rows}
+    if len(inits) == 1:
+        init, scale = next(iter(inits))
+        return f"Initialisation (model.init), the same for every run: {init}; token embeddings times {scale}."
+    listed = "; ".join(f"{r['name']}: {of(r)[0]}, embeddings times {of(r)[1]}" for r in rows)
+    return f"Initialisation differs between runs (a confound: set model.init and model.embed_scale alike): {listed}."
 
 
 def zeroshot_table(rows: list[dict]) -> str:
@@ -154,11 +171,12 @@ def write_report(exp: dict, rows: list[dict], out: Path, wall_seconds: float) ->
     budget = exp["budget"]
     what = (f"equal training tokens ({budget['tokens']:,})" if "tokens" in budget
             else f"equal training FLOPs ({_si(budget['flops'])}, teacher included)")
-    held = {r["val"].get("tokens") for r in rows}
+    held = {r["val"].get("tokens") for r in rows} - {None}
     parts = [f"# {exp.get('name', 'Comparison')}", "",
              f"Budget: {what}. Every run sees the same data order (same seed and batch shape). Held-out "
              f"numbers score the same {'first ' + format(held.pop(), ',') + ' ' if len(held) == 1 else ''}"
-             "validation tokens with each method's own forward pass.", "", results_table(rows), ""]
+             "validation tokens with each method's own forward pass.", "", results_table(rows), "",
+             init_note(rows), ""]
     zs = zeroshot_table(rows)
     if zs:
         parts += ["## Zero-shot", "", zs, ""]

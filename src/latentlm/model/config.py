@@ -61,6 +61,9 @@ class ModelConfig:
     rope_theta: float = setting(10000.0, "RoPE base")
     dropout: float = setting(0.0, "dropout probability (attention, residual, embedding)")
     embed_scale: float = setting(1.0, "multiplies token embeddings (PonderLM-2 uses sqrt(2.5 d))")
+    init: Literal["normal", "trunc_normal", "hf_normal"] = setting("normal", "weight init (docs/METHODS.md §0): "
+        "normal = Normal(0, init_std), residual outputs / sqrt(2L) (GPT-2); trunc_normal = the PonderLM-2 authors' "
+        "std sqrt(2/(5d)) cut at +-3 std, residual outputs / sqrt(2L); hf_normal = Normal(0, init_std) everywhere")
     init_std: float = setting(0.02, "standard deviation of the initial weights")
     vocab_multiple: int = setting(64, "embedding / head rows are padded to a multiple of this (speed)")
 
@@ -80,6 +83,21 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         """How many leading dims of each head RoPE rotates (Hugging Face GPTNeoX's rounding)."""
         return int(self.n_embd // self.n_head * self.resolved().rotary_pct)
+
+    @property
+    def trunc_normal_std(self) -> float:
+        """The std of ``init: trunc_normal``: sqrt(2 / (5 d)), so a token embedding scaled by
+        sqrt(2.5 d) has unit std per coordinate."""
+        return math.sqrt(2.0 / (5.0 * self.n_embd))
+
+    def init_description(self) -> str:
+        """One line naming the init scheme and its stds (reports say which init a run used)."""
+        if self.init == "trunc_normal":
+            return (f"trunc_normal: std sqrt(2/(5d)) = {self.trunc_normal_std:.4g} cut at +-3 std, "
+                    f"residual outputs / sqrt(2L)")
+        if self.init == "hf_normal":
+            return f"hf_normal: Normal(0, {self.init_std:g}) for every weight, no depth scaling"
+        return f"normal: Normal(0, {self.init_std:g}), residual outputs / sqrt(2L)"
 
     @property
     def padded_vocab_size(self) -> int:

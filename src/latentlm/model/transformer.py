@@ -222,21 +222,49 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights, zero biases; residual output projections are scaled
-        by 1/sqrt(2 n_layer) (GPT-2) so the residual stream's variance does not grow with depth."""
-        std = self.cfg.init_std
+        """The ``model.init`` scheme (one for every method, docs/METHODS.md §0), in module order:
+
+        - ``normal``: Normal(0, init_std) weights, the residual output projections (``o_proj``,
+          ``mlp.down``) at init_std / sqrt(2 n_layer) (GPT-2) so the residual stream's variance does
+          not grow with depth;
+        - ``trunc_normal`` (the PonderLM-2 authors' models): a normal of std s = sqrt(2 / (5 d))
+          truncated at +-3 s for every linear and embedding weight, the residual output projections
+          at s / sqrt(2 n_layer), truncated at 3 of their std;
+        - ``hf_normal``: Normal(0, init_std) for every linear and embedding weight (no depth scaling).
+
+        Biases are zero and norm gains one in all three.
+        """
+        scheme = self.cfg.init
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                s = std / math.sqrt(2 * self.cfg.n_layer) if getattr(m, "is_residual_out", False) else std
-                nn.init.normal_(m.weight, 0.0, s)
+                residual = getattr(m, "is_residual_out", False) and scheme != "hf_normal"
+                self._init_weight(m.weight, residual)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, 0.0, std)
+                self._init_weight(m.weight)
             elif isinstance(m, (nn.LayerNorm, RMSNorm)):
                 nn.init.ones_(m.weight)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
+
+    def _init_weight(self, weight: torch.Tensor, residual: bool = False) -> None:
+        """Draw ``weight`` in place from the scheme's distribution (``residual``: std / sqrt(2 n_layer))."""
+        trunc = self.cfg.init == "trunc_normal"
+        std = self.cfg.trunc_normal_std if trunc else self.cfg.init_std
+        if residual:
+            std = std / math.sqrt(2 * self.cfg.n_layer)
+        if trunc:
+            nn.init.trunc_normal_(weight, 0.0, std, a=-3.0 * std, b=3.0 * std)
+        else:
+            nn.init.normal_(weight, 0.0, std)
+
+    def init_embedding_(self, weight: torch.Tensor) -> torch.Tensor:
+        """Draw a method's own embedding-like parameter (e.g. pause tokens) in place as the token
+        embeddings are drawn, so it follows ``model.init`` too; returns ``weight``."""
+        with torch.no_grad():
+            self._init_weight(weight)
+        return weight
 
     # --- pieces ---------------------------------------------------------------------------
 
