@@ -40,6 +40,9 @@ class DataConfig:
     path: str = "data/wiki-gpt2"
     seq_len: int | None = None  # training window in tokens; None = model.block_size
     verify: Literal["sha256", "size"] = "sha256"  # shard check at start; size is instant on huge corpora
+    # Shift every training window by a random offset in [0, seq_len] each epoch (the CoCoMix authors'
+    # loader); false = fixed windows (what a concept-label cache indexes).
+    shift_windows: bool = False
 
     def validate(self) -> None:
         if self.seq_len is not None and self.seq_len <= 0:
@@ -60,6 +63,9 @@ class TrainConfig:
     min_lr: float = 6e-5
     warmup_steps: int = 100
     weight_decay: float = 0.1
+    # Which parameters decay: matrices (dim >= 2: linears, embeddings; biases and norm gains do not) or
+    # all (every parameter, as the CoCoMix authors' AdamW).
+    weight_decay_params: Literal["matrices", "all"] = "matrices"
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
