@@ -3,7 +3,9 @@
 0.1 kept every method's settings in two shared sections: ``ponder.thoughts`` was K for ponder,
 pause, loop and ponderlm alike, and ``cocomix`` held the teacher, the concept labels, the student
 and KD's knobs. :func:`upgrade_config` moves each key to the section that owns it now;
-:func:`renamed_keys` names them for a user's own (hand-written) config.
+:func:`renamed_keys` names them for a user's own (hand-written) config. It also gives a saved
+config the old value of every setting whose default changed since (:data:`CHANGED_DEFAULTS`), so a
+run saved before the change loads and behaves as it did.
 """
 
 from __future__ import annotations
@@ -27,6 +29,13 @@ MOVED: dict[str, tuple[str, ...]] = {
 }
 
 
+# "section.key" -> the behaviour a saved config without the key had. Applied only when the saved config
+# has the section (its method read it), and only on load (config_from_dict): a user's YAML gets today's
+# default. teacher.dtype: the teacher ran in bfloat16 on CUDA and float32 elsewhere until the setting
+# came (its default is float32 now).
+CHANGED_DEFAULTS: dict[str, Any] = {"teacher.dtype": "auto"}
+
+
 def _present(data: dict[str, Any], dotted: str) -> bool:
     section, key = dotted.split(".")
     return isinstance(data.get(section), dict) and key in data[section]
@@ -38,16 +47,22 @@ def renamed_keys(data: dict[str, Any]) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
-    """A copy of the saved config ``data`` with every 0.1 key in its section(s) now (unchanged if
-    ``data`` is not from 0.1)."""
-    if not renamed_keys(data):
+    """A copy of the saved config ``data`` with every 0.1 key in its section(s) now and the old value
+    of every changed default it lacks (``data`` itself when neither applies)."""
+    from_01 = bool(renamed_keys(data))
+    stale = [d for d in CHANGED_DEFAULTS if isinstance(data.get(d.split(".")[0]), dict) and not _present(data, d)]
+    if not from_01 and not stale:
         return data
     out = copy.deepcopy(data)
     for old, new in MOVED.items():
-        if _present(data, old):
+        if from_01 and _present(data, old):
             section, key = old.split(".")
             value = out[section][key] if old in new else out[section].pop(key)
             for place in new:
                 s, k = place.split(".")
                 out.setdefault(s, {})[k] = value
+    for dotted, value in CHANGED_DEFAULTS.items():
+        section, key = dotted.split(".")
+        if isinstance(out.get(section), dict) and key not in out[section]:
+            out[section][key] = value
     return out
