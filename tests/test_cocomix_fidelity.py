@@ -349,6 +349,12 @@ def test_a_student_passes_its_concept_norm_and_the_extra_token():
     x, y = torch.randint(0, 61, (2, 6)), torch.randint(0, 61, (2, 6))
     extra = method.batch_inputs(x, y, windows=None, step=0)
     assert captured["y"] is y and extra["label_norm"] == 24.0  # 2 x 6 positions x k_attr 2
+    with torch.no_grad():
+        _, metrics = method(x, y, **extra)
+        z = method.concept_logits(x)
+    labels, keep = extra["labels"], extra["labels"] >= 0
+    hits = (z.topk(2).indices[..., None, :] == labels[..., None]).any(-1) & keep
+    torch.testing.assert_close(metrics["concept_acc"], hits.sum() / keep.sum())  # still per unmasked label
 
 
 # --- 6. the sign of the attribution -----------------------------------------------------------------

@@ -265,7 +265,9 @@ class Cocomix(Method):
         if labels is None:
             raise LatentLMError("cocomix training needs concept labels (loss(..., labels=...) from "
                                 "batch_inputs), or --cocomix.concept_loss false")
-        concept, acc = self.concept_head.loss(z, labels, c.concept_chunk, label_norm)
+        # concept_acc stays the fraction of unmasked labels found, whatever divides the loss
+        acc_norm = None if c.concept_norm == "label" else (labels >= 0).sum().clamp(min=1)
+        concept, acc = self.concept_head.loss(z, labels, c.concept_chunk, label_norm, acc_norm)
         return ntp + c.concept_weight * concept, {"ntp_loss": ntp.detach(), "concept_loss": concept.detach(),
                                                   "concept_acc": acc}
 

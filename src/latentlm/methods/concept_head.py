@@ -92,12 +92,13 @@ class ConceptHead(nn.Module):
                                 mode="sum").view(*z.shape[:-1], -1)
         return (mixed + self.compress_bias + self.b) * s + mu
 
-    def loss(self, z: torch.Tensor, labels: torch.Tensor, chunk: int,
-             norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, z: torch.Tensor, labels: torch.Tensor, chunk: int, norm: torch.Tensor | None = None,
+             acc_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean CE over unmasked labels [..., k_attr] (-1 = masked) and the fraction of them among the
         top-k_attr logits (chance ~ k_attr / C), in chunks of ``chunk`` rows (each chunk's softmax
         recomputed in backward, never all kept). Both sums are divided by ``norm``, by default this
-        batch's unmasked labels; data-parallel training passes :func:`label_norm`'s."""
+        batch's unmasked labels; data-parallel training passes :func:`label_norm`'s. ``acc_norm``
+        divides the hits instead when ``norm`` does not count labels (``label_norm(per="position")``)."""
         flat, lab = z.flatten(0, -2), labels.flatten(0, -2)
         total = flat.new_zeros((), dtype=torch.float32)
         recompute = torch.is_grad_enabled() and flat.requires_grad
@@ -110,7 +111,7 @@ class ConceptHead(nn.Module):
         with torch.no_grad():
             top = flat.topk(min(lab.shape[-1], self.n_concepts), dim=-1).indices
             hits = ((top[:, None, :] == lab[:, :, None]).any(-1) & keep).sum()
-        return total / count, hits / count
+        return total / count, hits / (count if acc_norm is None else acc_norm)
 
     def flops_per_token(self) -> float:
         """2 d C for W_pred, and 2 k d for the gathered W_comp when compressing (norms, TopK ignored)."""
