@@ -309,7 +309,7 @@ CASES: list[tuple[str, Callable[[World, Path], list[str]], str]] = [
      "data was prepared with a different tokenizer"),
     ("sae-missing-teacher", lambda w, t: ["sae", "train", "--teacher", str(t / "nobody"), "--layer", "0",
                                           "--data", str(w.data), "--out", str(t / "out")], "cannot load teacher"),
-    ("label-sae-pickle", pickle_as_sae, "does not record k"),
+    ("label-sae-pickle", pickle_as_sae, "cannot read SAE file"),
     ("label-sae-other-layer", lambda w, t: ["concepts", "label", "--teacher", str(w.run), "--sae", str(w.sae),
                                             "--layer", "1", "--data", str(w.small), "--out", str(t / "out"),
                                             "--seq-len", "32"], "SAE was trained on teacher layer 0, not 1"),

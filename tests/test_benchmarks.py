@@ -90,3 +90,16 @@ def test_generate_throughput_smoke(tmp_path):
     for r in rows:
         assert all(_positive(c) for c in r[1:]), r
     assert {r[7] for r in rows[:2]} == {"1.00"}
+
+
+def test_cocomix_fidelity_smoke(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cocomix_fidelity.py"), "--steps", "2",
+                        "--teacher-steps", "2", "--docs", "60", "--windows", "4", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    assert p.returncode == 0, p.stderr
+    tables = [line for line in p.stdout.splitlines() if line.startswith("| ")]
+    labels = [r for r in tables if "%" in r]
+    assert len(labels) == 5 and all(float(r.split("|")[3]) <= 1 for r in labels)
+    runs = {r.split("|")[1].strip(): r.split("|")[3].strip() for r in tables if r.count("|") == 4 and "%" not in r
+            and not r.startswith("| student") and not r.startswith("| labels")}
+    assert runs["ours (defaults)"] == "+0.0000" and len(runs) == 14

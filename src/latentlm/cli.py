@@ -302,7 +302,7 @@ def _teacher_and_data(a: argparse.Namespace):
     from latentlm.model.config import ModelConfig
 
     manifest = load_manifest(a.data)
-    teacher = load_teacher(a.teacher, device=a.device)
+    teacher = load_teacher(a.teacher, device=a.device, dtype=a.teacher_dtype)
     check_tokenizer(manifest, teacher.tokenizer)
     train, val = TokenSplit(a.data, "train"), TokenSplit(a.data, "val")
     try:
@@ -355,10 +355,11 @@ def cmd_concepts_label(a: argparse.Namespace) -> None:
     sae, layer, teacher = _sae_layer_teacher(a)
     with output_lock(a.out, OTHER_OUT):
         m = build_label_cache(a.data, teacher, sae, a.out, seq_len=a.seq_len, layer=layer, k_attr=a.k_attr,
-                              acts=a.acts, select=a.select, batch_size=a.batch_size,
-                              limit_windows=a.limit_windows, progress=not a.quiet)
+                              acts=a.acts, select=a.select, score=a.score, last_position=a.last_position,
+                              batch_size=a.batch_size, limit_windows=a.limit_windows, progress=not a.quiet)
     n, t, k = m["labels"]["shape"]
-    print(f"wrote {a.out}: labels of {n:,} windows x {t} tokens x {k} (layer {layer}, {a.acts}, {a.select})")
+    print(f"wrote {a.out}: labels of {n:,} windows x {t} tokens x {k} (layer {layer}, {a.acts}, {a.select}, "
+          f"{a.score}, last position {a.last_position}, {teacher.dtype_name} teacher)")
 
 
 def cmd_concepts_contexts(a: argparse.Namespace) -> None:
@@ -547,6 +548,12 @@ QUICKSTART = _examples(
          "`latentlm COMMAND --help` lists each command's options and defaults.")
 
 
+def _teacher_dtype_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher-dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                        help="the teacher's compute dtype (the run's teacher.dtype; float32, the default, as the "
+                        "CoCoMix authors; auto = bfloat16 on CUDA, float32 elsewhere)")
+
+
 def _device_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU; the default), cpu, "
                         "cuda or cuda:N")
@@ -696,6 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-tokens", type=int, default=100_000, help="validation tokens for the final metrics")
     t.add_argument("--seed", type=int, default=0)
     _device_option(t)
+    _teacher_dtype_option(t)
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(fn=cmd_sae_train)
 
@@ -710,10 +718,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--k-attr", type=int, default=4, help="labels per token")
     t.add_argument("--acts", default="post", choices=["post", "pre"])
     t.add_argument("--select", default="attribution", choices=["attribution", "activation"])
+    t.add_argument("--score", default="official", choices=["official", "eq1"],
+                   help="attribution gradient: the authors' code (official) or the paper's Eq. (1)")
+    t.add_argument("--last-position", default="mask", choices=["mask", "extra_token"],
+                   help="mask the last position, or label it with the window's extra token as its target")
     t.add_argument("--layer", type=int, help="teacher layer (default: the SAE's)")
     t.add_argument("--batch-size", type=int, default=8, help="windows per teacher pass")
     t.add_argument("--limit-windows", type=int, help="only the first N windows (tests, dry runs)")
     _device_option(t)
+    _teacher_dtype_option(t)
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(fn=cmd_concepts_label)
     t = add(csub, "contexts", help="top activating corpus snippets of every SAE latent (concept descriptions)")
@@ -727,6 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seq-len", type=int, default=64, help="teacher window length in tokens")
     t.add_argument("--batch-size", type=int, default=8, help="windows per teacher pass")
     _device_option(t)
+    _teacher_dtype_option(t)
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(fn=cmd_concepts_contexts)
     t = add(csub, "inspect", help="the concepts a cocomix checkpoint predicts at each token of a text")

@@ -211,9 +211,9 @@ class Comparison:
             return str(out)
         c = cfg.concepts
         self.log(f"labelling every training window with {teacher} + its SAE -> {out}")
-        build_label_cache(data, load_teacher(teacher), load_sae(sae), out, seq_len=cfg.seq_len, layer=c.layer,
-                          k_attr=c.k_attr, acts=c.acts, select=c.select, batch_size=cfg.train.batch_size,
-                          progress=self.progress)
+        build_label_cache(data, load_teacher(teacher, dtype=cfg.teacher.dtype), load_sae(sae), out, seq_len=cfg.seq_len,
+                          layer=c.layer, k_attr=c.k_attr, acts=c.acts, select=c.select, score=c.score,
+                          last_position=c.last_position, batch_size=cfg.train.batch_size, progress=self.progress)
         return str(out)
 
     # --- runs ----------------------------------------------------------------------------------

@@ -44,6 +44,8 @@ class DataConfig:
     path: str = setting("data/wiki-gpt2", "prepared data directory (`latentlm prepare --out`)")
     seq_len: int | None = setting(None, "training window in tokens; null = model.block_size")
     verify: Literal["sha256", "size"] = setting("sha256", "shard check at start; size is instant on huge corpora")
+    shift_windows: bool = setting(False, "shift every training window by a random offset in [0, seq_len] each epoch "
+                                         "(the CoCoMix authors' loader); false = fixed windows (a label cache needs them)")
 
     def validate(self) -> None:
         if self.seq_len is not None and self.seq_len <= 0:
@@ -64,6 +66,8 @@ class TrainConfig:
     min_lr: float = setting(6e-5, "learning rate at max_steps (cosine decay from lr)")
     warmup_steps: int = setting(100, "linear warm-up steps")
     weight_decay: float = setting(0.1, "AdamW weight decay (matrices only)")
+    weight_decay_params: Literal["matrices", "all"] = setting("matrices", "which parameters decay: matrices (dim >= 2) "
+                                                              "or all (every parameter, as the CoCoMix authors' AdamW)")
     beta1: float = setting(0.9, "AdamW beta1")
     beta2: float = setting(0.95, "AdamW beta2")
     eps: float = setting(1e-8, "AdamW epsilon")

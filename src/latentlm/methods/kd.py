@@ -112,7 +112,7 @@ class TeacherDistillation:
         spec = self.cfg.teacher.path
         if not spec:
             raise LatentLMError(f"train.method {self.cfg.train.method} needs a teacher: set --teacher.path")
-        teacher = load_teacher(spec, device=device)
+        teacher = load_teacher(spec, device=device, dtype=self.cfg.teacher.dtype)
         if teacher.tokenizer.vocab_size != self.cfg.model.vocab_size:
             raise LatentLMError(f"KD teacher {spec} has a vocabulary of {teacher.tokenizer.vocab_size} tokens, the "
                                 f"student {self.cfg.model.vocab_size}; teacher and student must share a tokenizer")

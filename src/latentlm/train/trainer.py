@@ -178,7 +178,8 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
     check_tokenizer(data_manifest, tokenizer, vocab_size=cfg.model.vocab_size)
     seq_len = cfg.seq_len
     loader = WindowLoader(TokenSplit(cfg.data.path, "train"), seq_len, tc.batch_size, seed=tc.seed,
-                          rank=info.rank, world_size=info.world_size, pin_memory=device.type == "cuda")
+                          rank=info.rank, world_size=info.world_size, pin_memory=device.type == "cuda",
+                          shift=cfg.data.shift_windows)
     val_split = TokenSplit(cfg.data.path, "val")
 
     existing = ckpt_io.latest_checkpoint(run_dir)
