@@ -62,8 +62,9 @@ def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
             for place in new:
                 s, k = place.split(".")
                 out.setdefault(s, {})[k] = value
+    changed = bool(renamed_keys(data))
     for dotted, value in OLD_DEFAULTS.items():  # in the sections the 0.1 move created too
         section, key = dotted.split(".")
         if isinstance(out.get(section), dict) and key not in out[section]:
-            out[section][key] = value
-    return data if out == data else out
+            out[section][key], changed = value, True
+    return out if changed else data  # no deep comparison: a hostile config may refer to itself
