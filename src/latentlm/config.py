@@ -22,7 +22,7 @@ from latentlm.devices import check_device_name
 from latentlm.errors import LatentLMError
 from latentlm.fileio import write_text_atomic
 from latentlm.methods import method_class, section_types
-from latentlm.methods.legacy import renamed_keys, upgrade_config
+from latentlm.methods.legacy import renamed_keys, saved_defaults, upgrade_config
 from latentlm.model.config import ModelConfig
 from latentlm.presets import config_path
 from latentlm.settings import build, check_seed, load_yaml, merge, non_negative, parse_overrides, positive
@@ -73,6 +73,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA
     compile: bool = False
+    # Head losses (and CoCoMix's concept cross-entropy) in chunks, gradients formed in the forward, no
+    # [N, V] logits kept (model/losses.py); the same values as the plain computation, float rounding
+    # aside. A config saved before this key existed loads with false: the old computation, bit for bit.
+    fused_loss: bool = True
     dist: Literal["none", "ddp", "fsdp2"] = "none"
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 = look it up (GPUs we know)
     tensorboard: bool = False
@@ -191,7 +195,7 @@ def make_config(path: str | Path | None = None, overrides: list[str] | dict | No
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a config saved with :meth:`Config.to_dict` (e.g. from a checkpoint; 0.1 layouts are
     upgraded to today's sections)."""
-    return _from_dict(upgrade_config(data) if isinstance(data, dict) else data)
+    return _from_dict(saved_defaults(upgrade_config(data)) if isinstance(data, dict) else data)
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -1,9 +1,10 @@
-"""Configs saved by latentlm 0.1 (checkpoints, run directories), read by today's sections.
+"""Configs saved by earlier versions (checkpoints, run directories), read by today's sections.
 
 0.1 kept every method's settings in two shared sections: ``ponder.thoughts`` was K for ponder,
 pause, loop and ponderlm alike, and ``cocomix`` held the teacher, the concept labels, the student
 and KD's knobs. :func:`upgrade_config` moves each key to the section that owns it now;
-:func:`renamed_keys` names them for a user's own (hand-written) config.
+:func:`renamed_keys` names them for a user's own (hand-written) config. :func:`saved_defaults` gives a
+saved config that predates a key (:data:`ADDED`) the value that keeps its old behaviour.
 """
 
 from __future__ import annotations
@@ -50,4 +51,26 @@ def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
             for place in new:
                 s, k = place.split(".")
                 out.setdefault(s, {})[k] = value
+    return out
+
+
+# Keys added after configs were already being saved, whose new default changes what is computed: a
+# saved config without the key gets the value that reproduces the old behaviour ("section.key" -> value).
+ADDED: dict[str, Any] = {
+    "train.fused_loss": False,  # chunked head losses: same math, different float rounding
+}
+
+
+def saved_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the saved config ``data`` with every :data:`ADDED` key it lacks set to its old value
+    (``data`` itself when it lacks none)."""
+    missing = [k for k in ADDED if not _present(data, k)]
+    if not missing:
+        return data
+    out = copy.deepcopy(data)
+    for dotted in missing:
+        section, key = dotted.split(".")
+        if not isinstance(out.get(section), dict):
+            out[section] = {}
+        out[section][key] = ADDED[dotted]
     return out

@@ -41,22 +41,23 @@ class PonderLM(LogitsMethod):
     def n_steps(self) -> int:
         return self.cfg.ponderlm.n_steps
 
-    def logits(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor | None = None,
+               cache: KVCache | None = None) -> torch.Tensor:
         """K+1 passes on ``idx`` [B, T], each pondering on the previous pass's prediction; pass
-        p keeps its keys and values at cache layers ``p * n_layer ...``. Logits [B, T, V]."""
+        p keeps its keys and values at cache layers ``p * n_layer ...``. The last pass's output
+        [B, T, d] (its head gives the logits)."""
         m = self.model
         e0 = m.embed(idx)
         # Mixed embeddings are scaled by sqrt(d), independent of model.embed_scale (docs/METHODS.md §3.4).
         w = m.wte.weight[: m.cfg.vocab_size] * math.sqrt(m.cfg.n_embd)
         e = e0
         for p in range(self.n_steps + 1):
-            logits = m.head(m.run_blocks(m.add_positions(e, position_ids), position_ids, cache=cache,
-                                         valid=valid, cache_offset=p * m.cfg.n_layer))
+            h = m.run_blocks(m.add_positions(e, position_ids), position_ids, cache=cache,
+                             valid=valid, cache_offset=p * m.cfg.n_layer)
             if p < self.n_steps:
-                probs = logits.float().softmax(-1)
+                probs = m.head(h).float().softmax(-1)
                 e = e0 + probs.to(w.dtype) @ w
-        return logits
+        return h
 
     def forward_flops_per_token(self, seq_len: int) -> float:
         """K+1 passes of the blocks over a T context and K+1 heads, plus K mixtures p @ W_E
