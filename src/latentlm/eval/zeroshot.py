@@ -111,6 +111,8 @@ def score_tokens(method: Method, seqs: Sequence[Sequence[int]], n_scored: Sequen
     ``seqs[i]`` given the tokens before them (at least one), in order. ``shared_context`` (default:
     where the method can, :attr:`Method.cached_eval`) runs each distinct context once, its
     continuations through a copy of its KV cache; otherwise every sequence runs whole."""
+    if batch_size < 1:
+        raise LatentLMError(f"batch_size={batch_size} must be at least 1")
     m = unwrap(method)
     for s, n in zip(seqs, n_scored, strict=True):
         if not 1 <= n < len(s):
