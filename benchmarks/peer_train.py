@@ -232,7 +232,7 @@ def main() -> None:
             gc.collect()
     load.append(os.getloadavg()[0])
     print(f"\nload average {load[0]:.2f} -> {load[1]:.2f}. latentlm's parameter count includes the vocabulary rows "
-          "padded to a multiple of 64 (never multiplied); the gpt2-style litgpt model has no position table.")
+          "padded to a multiple of 64 (they never score); the gpt2-style litgpt model has no position table.")
     if a.json:
         emit_json(a.json, {"device": a.device, "dtype": a.dtype, "compile": a.compile, "torch": torch.__version__,
                            "shape": {"n_layer": a.n_layer, "n_embd": a.n_embd, "n_head": a.n_head,
