@@ -164,20 +164,29 @@ def _score_whole(m: Method, seqs, n_scored, rows: list[int], greedy: bool) -> li
 
 
 def _shared_batches(seqs: Sequence[Sequence[int]], n_scored: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Requests grouped by their context (the tokens before the scored ones), longest context first,
-    packed into batches of at most ``batch_size`` continuations (a larger group is a batch of its own);
-    each batch lists its requests group by group."""
+    """Requests grouped by their context (the tokens before the scored ones) and packed into batches of
+    at most ``batch_size`` continuations (a larger group is a batch of its own), each batch listing its
+    requests group by group. Groups are ordered by context length, by continuation length or by both
+    summed, whichever pads least (tokens run: each batch's contexts padded to its longest, its
+    continuations to theirs): long contexts (HellaSwag) favour the first, long answers (PIQA) the second."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (s, n) in enumerate(zip(seqs, n_scored)):
         groups.setdefault(tuple(s[:len(s) - n]), []).append(i)
-    order = sorted(groups.items(), key=lambda kv: (-len(kv[0]), -max(n_scored[i] for i in kv[1])))
-    batches: list[list[int]] = []
-    for _, members in order:
-        if batches and len(batches[-1]) + len(members) <= batch_size:
-            batches[-1].extend(members)
-        else:
-            batches.append(list(members))
-    return batches
+    items = [(len(ctx), max(n_scored[i] for i in members), members) for ctx, members in groups.items()]
+
+    def pack(order) -> tuple[int, list[list[int]]]:
+        batches: list[list[tuple[int, int, list[int]]]] = []
+        for item in order:
+            if batches and sum(len(g[2]) for g in batches[-1]) + len(item[2]) <= batch_size:
+                batches[-1].append(item)
+            else:
+                batches.append([item])
+        cost = sum(len(b) * max(g[0] for g in b) + sum(len(g[2]) for g in b) * max(g[1] for g in b) for b in batches)
+        return cost, [[i for g in b for i in g[2]] for b in batches]
+
+    orders = (sorted(items, key=lambda g: (-g[0], -g[1])), sorted(items, key=lambda g: (-g[1], -g[0])),
+              sorted(items, key=lambda g: (-g[0] - g[1], -g[0])))
+    return min((pack(o) for o in orders), key=lambda cb: cb[0])[1]
 
 
 # Scored positions whose logits are formed at once: bounds the [n, V] float32 block of a batch.
