@@ -81,6 +81,8 @@ class TrainConfig:
     device: str = setting("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16"] = setting("auto", "auto = bf16 autocast on CUDA, float32 on CPU")
     compile: bool = setting(False, "wrap the method in torch.compile")
+    fused_loss: bool = setting(True, "head losses (and CoCoMix's concept CE) in chunks with gradients formed in the "
+                               "forward, no [N, V] logits kept (model/losses.py); false = the plain computation")
     dist: Literal["none", "ddp", "fsdp2"] = setting("none", "data parallelism under torchrun")
     peak_flops: float = setting(0.0, "device peak FLOP/s for MFU; 0 = look it up (GPUs we know)")
     tensorboard: bool = setting(False, "also log to TensorBoard (RUN/tensorboard)")

@@ -38,6 +38,7 @@ from latentlm.errors import LatentLMError
 from latentlm.methods.base import Method, token_nll, token_positions
 from latentlm.methods.concept_head import ConceptHead, HiddenHead, label_norm
 from latentlm.model.flops import forward_flops_per_slot
+from latentlm.model.losses import head_cross_entropy
 from latentlm.model.transformer import KVCache, Transformer
 from latentlm.settings import Settings, setting
 
@@ -106,11 +107,16 @@ def interleaved_logits(model: Transformer, h: torch.Tensor, inserted: torch.Tens
                        valid: torch.Tensor | None, cache: KVCache | None, start: int) -> torch.Tensor:
     """Run ``blocks[start:]`` on ``h_1, e_1, h_2, e_2, ...`` (each inserted slot sharing its token's
     position id and validity); logits [B, T, V] from the inserted slots."""
+    return model.head(interleaved_hidden(model, h, inserted, position_ids, valid, cache, start))
+
+
+def interleaved_hidden(model: Transformer, h: torch.Tensor, inserted: torch.Tensor, position_ids: torch.Tensor,
+                       valid: torch.Tensor | None, cache: KVCache | None, start: int) -> torch.Tensor:
+    """:func:`interleaved_logits` before the head: the inserted slots' outputs [B, T, d]."""
     seq = torch.stack((h, inserted.to(h.dtype).expand_as(h)), dim=2).flatten(1, 2)
     pos = position_ids.repeat_interleave(2, dim=1)
     ok = None if valid is None else valid.repeat_interleave(2, dim=1)
-    out = model.run_blocks(seq, pos, start, cache=cache, valid=ok)
-    return model.head(out[:, 1::2])
+    return model.run_blocks(seq, pos, start, cache=cache, valid=ok)[:, 1::2]
 
 
 def insert_flops_per_token(cfg, insert_layer: int, slots: int, seq_len: int) -> float:
@@ -222,22 +228,24 @@ class Cocomix(Method):
 
     def run(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor | None = None,
             cache: KVCache | None = None, need_concepts: bool = True,
-            steer_prefill: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits [B, T, V] and concept logits z [B, T, C] (None when not needed: ``mix=none``
-        without ``need_concepts``). ``steer_prefill`` (set by :meth:`step`) applies steering."""
+            steer_prefill: bool | None = None, lm_head: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [B, T, V] (with ``lm_head=False`` the stream [B, T, d] the head reads) and concept
+        logits z [B, T, C] (None when not needed: ``mix=none`` without ``need_concepts``).
+        ``steer_prefill`` (set by :meth:`step`) applies steering."""
         m, mix, head = self.model, self.cfg.cocomix.mix, self.concept_head
+        out_head = m.head if lm_head else (lambda out: out)
         h = lower_stream(m, idx, position_ids, valid, cache, self.insert_layer)
         z = mu = s = None
         if mix != "none" or need_concepts:
             z, mu, s = head.logits(h)
         if mix == "none":
             out = m.run_blocks(h, position_ids, self.insert_layer, cache=cache, valid=valid)
-            return m.head(out), z
+            return out_head(out), z
         c_hat = head.compress(z if steer_prefill is None else head.steer(z, steer_prefill), mu, s)
         if mix == "add":
             out = m.run_blocks(h + c_hat.to(h.dtype), position_ids, self.insert_layer, cache=cache, valid=valid)
-            return m.head(out), z
-        return interleaved_logits(m, h, c_hat, position_ids, valid, cache, self.insert_layer), z
+            return out_head(out), z
+        return out_head(interleaved_hidden(m, h, c_hat, position_ids, valid, cache, self.insert_layer)), z
 
     def concept_logits(self, idx: torch.Tensor) -> torch.Tensor:
         """Concept logits z [B, T, C] the student predicts at every token of ``idx`` (inspection)."""
@@ -246,14 +254,19 @@ class Cocomix(Method):
     def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x, token_positions(x), need_concepts=False)[0]
 
+    cached_eval = True
+
+    def eval_hidden(self, idx, position_ids, valid, cache):
+        return self.run(idx, position_ids, valid, cache, need_concepts=False, lm_head=False)[0]  # never steered
+
     def loss(self, x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor | None = None,
              label_norm: torch.Tensor | None = None, hidden_target: torch.Tensor | None = None):
         """NTP + lambda x the concept CE; ``label_norm`` (from :meth:`batch_inputs`) divides the
         concept sums, by default this batch's own count of valid labels. With a hidden-state target,
         NTP + lambda x its l1 / l2 / cosine loss against ``hidden_target``."""
         c = self.cfg.cocomix
-        logits, z = self.run(x, token_positions(x), need_concepts=True)
-        ntp = token_nll(logits, y).mean()
+        hidden, z = self.run(x, token_positions(x), need_concepts=True, lm_head=False)
+        ntp = head_cross_entropy(self.model, hidden, y, fused=self.cfg.train.fused_loss)
         if not c.concept_loss:
             return ntp, {"ntp_loss": ntp.detach()}
         if c.hidden_loss:
@@ -267,7 +280,8 @@ class Cocomix(Method):
                                 "batch_inputs), or --cocomix.concept_loss false")
         # concept_acc stays the fraction of unmasked labels found, whatever divides the loss
         acc_norm = None if c.concept_norm == "label" else (labels >= 0).sum().clamp(min=1)
-        concept, acc = self.concept_head.loss(z, labels, c.concept_chunk, label_norm, acc_norm)
+        concept, acc = self.concept_head.loss(z, labels, c.concept_chunk, label_norm, acc_norm,
+                                              fused=self.cfg.train.fused_loss)
         return ntp + c.concept_weight * concept, {"ntp_loss": ntp.detach(), "concept_loss": concept.detach(),
                                                   "concept_acc": acc}
 
@@ -323,14 +337,25 @@ class PauseInsert(Method):
     def logits(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor | None = None,
                cache: KVCache | None = None) -> torch.Tensor:
         """Logits [B, T, V] read at the pause slot after each token."""
+        return self.model.head(self.hidden(idx, position_ids, valid, cache))
+
+    def hidden(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor | None = None,
+               cache: KVCache | None = None) -> torch.Tensor:
+        """:meth:`logits` before the head: the pause slots' outputs [B, T, d]."""
         h = lower_stream(self.model, idx, position_ids, valid, cache, self.insert_layer)
-        return interleaved_logits(self.model, h, self.pause, position_ids, valid, cache, self.insert_layer)
+        return interleaved_hidden(self.model, h, self.pause, position_ids, valid, cache, self.insert_layer)
 
     def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits(x, token_positions(x))
 
+    cached_eval = True
+
+    def eval_hidden(self, idx, position_ids, valid, cache):
+        return self.hidden(idx, position_ids, valid, cache)
+
     def loss(self, x: torch.Tensor, y: torch.Tensor):
-        loss = token_nll(self.eval_logits(x), y).mean()
+        loss = head_cross_entropy(self.model, self.hidden(x, token_positions(x)), y,
+                                  fused=self.cfg.train.fused_loss)
         return loss, {"ntp_loss": loss.detach()}
 
     def forward_flops_per_token(self, seq_len: int) -> float:

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from latentlm.concepts.sae import TopKSAE
 from latentlm.errors import LatentLMError
+from latentlm.model import losses
 
 
 def _masked_ce_sum(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -33,6 +34,39 @@ def _masked_ce_sum(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     keep = labels >= 0
     picked = z.gather(-1, labels.clamp(min=0))
     return ((torch.logsumexp(z, dim=-1, keepdim=True) - picked) * keep).sum()
+
+
+class _ConceptCE(torch.autograd.Function):
+    """``sum_rows sum_k keep_k (logsumexp(z_row) - z_row[label_k])`` over ``z`` [N, C] in chunks of
+    ``rows``: forward keeps only the float32 log-partitions [N]; backward writes the gradient
+    ``n_keep * softmax(z) - sum_k keep_k onehot(label_k)`` chunk by chunk into one [N, C] tensor
+    (no per-chunk zero-padded slice gradients, no recomputed autograd graph)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, labels: torch.Tensor, rows: int) -> torch.Tensor:
+        total = z.new_zeros((), dtype=torch.float32)
+        lse = []
+        for i in range(0, z.shape[0], rows):
+            part, lab = z[i:i + rows].float(), labels[i:i + rows]
+            m = torch.logsumexp(part, dim=-1)
+            lse.append(m)
+            total = total + ((m[:, None] - part.gather(-1, lab.clamp(min=0))) * (lab >= 0)).sum()
+        ctx.rows = rows
+        ctx.save_for_backward(z, labels, torch.cat(lse))
+        return total
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        z, labels, lse = ctx.saved_tensors
+        rows = ctx.rows
+        grad = torch.empty_like(z)
+        for i in range(0, z.shape[0], rows):
+            lab = labels[i:i + rows]
+            keep = (lab >= 0).float()
+            p = (z[i:i + rows].float() - lse[i:i + rows, None]).exp_().mul_(keep.sum(-1, keepdim=True))
+            p.scatter_add_(-1, lab.clamp(min=0), -keep)
+            grad[i:i + rows] = p.mul_(g)
+        return grad, None, None
 
 
 def label_norm(labels: torch.Tensor, per: str = "label") -> torch.Tensor:
@@ -93,19 +127,25 @@ class ConceptHead(nn.Module):
         return (mixed + self.compress_bias + self.b) * s + mu
 
     def loss(self, z: torch.Tensor, labels: torch.Tensor, chunk: int, norm: torch.Tensor | None = None,
-             acc_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             acc_norm: torch.Tensor | None = None, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean CE over unmasked labels [..., k_attr] (-1 = masked) and the fraction of them among the
-        top-k_attr logits (chance ~ k_attr / C), in chunks of ``chunk`` rows (each chunk's softmax
-        recomputed in backward, never all kept). Both sums are divided by ``norm``, by default this
-        batch's unmasked labels; data-parallel training passes :func:`label_norm`'s. ``acc_norm``
-        divides the hits instead when ``norm`` does not count labels (``label_norm(per="position")``)."""
+        top-k_attr logits (chance ~ k_attr / C), in chunks of ``chunk`` rows (only the rows'
+        log-partitions are kept; backward recomputes each chunk's softmax straight into the
+        gradient). Both sums are divided by ``norm``, by default this batch's unmasked labels;
+        data-parallel training passes :func:`label_norm`'s. ``acc_norm`` divides the hits instead
+        when ``norm`` does not count labels (``label_norm(per="position")``). ``fused=False`` (a
+        run's ``train.fused_loss``) checkpoints each chunk instead, the computation before the
+        fused one."""
         flat, lab = z.flatten(0, -2), labels.flatten(0, -2)
-        total = flat.new_zeros((), dtype=torch.float32)
-        recompute = torch.is_grad_enabled() and flat.requires_grad
-        for i in range(0, flat.shape[0], chunk):
-            part = (flat[i:i + chunk], lab[i:i + chunk])
-            total = total + (checkpoint(_masked_ce_sum, *part, use_reentrant=False) if recompute
-                             else _masked_ce_sum(*part))
+        grad = torch.is_grad_enabled() and flat.requires_grad
+        if grad and fused and losses.FUSED:
+            total = _ConceptCE.apply(flat, lab, chunk)
+        else:  # no gradient; or the plain way (losses.fused_head(False)): autograd recomputing each chunk
+            total = flat.new_zeros((), dtype=torch.float32)
+            for i in range(0, flat.shape[0], chunk):
+                part = (flat[i:i + chunk], lab[i:i + chunk])
+                total = total + (checkpoint(_masked_ce_sum, *part, use_reentrant=False) if grad
+                                 else _masked_ce_sum(*part))
         keep = lab >= 0
         count = keep.sum().clamp(min=1) if norm is None else norm
         with torch.no_grad():

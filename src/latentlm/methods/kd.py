@@ -24,6 +24,8 @@ from latentlm.errors import LatentLMError
 from latentlm.methods.base import Method, token_nll, token_positions
 from latentlm.methods.cocomix import PauseInsert
 from latentlm.model.flops import forward_flops_per_slot
+from latentlm.model import losses
+from latentlm.model.losses import head_distill
 from latentlm.model.transformer import Transformer
 from latentlm.settings import Settings, setting
 
@@ -143,16 +145,33 @@ class TeacherDistillation:
         kd = kd_loss(logits, teacher_logits, c.temperature)
         return ntp + c.weight * kd, {"ntp_loss": ntp.detach(), "kd_loss": kd.detach()}
 
+    def distill_hidden(self, h: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None):
+        """:meth:`distill` of the logits ``self.model.head(h)``, computed without materialising them
+        (:func:`~latentlm.model.losses.head_distill`: one pass over each block of student and teacher
+        logits, any ``kd.temperature``)."""
+        if not (self.cfg.train.fused_loss and losses.FUSED):  # the computation before the fused one, op for op
+            return self.distill(self.model.head(h), y, teacher_logits)
+        if teacher_logits is None:
+            raise LatentLMError("KD training batches need teacher_logits (the trainer gets them from batch_inputs)")
+        c = self.cfg.kd
+        loss, ntp, kd = head_distill(self.model, h, y, teacher_logits, c.weight, c.temperature)
+        return loss, {"ntp_loss": ntp, "kd_loss": kd}
+
 
 class KD(TeacherDistillation, Method):
     name = "kd"
     plain_lm = True  # KD changes only the loss: the checkpoint is a plain next-token LM
 
+    cached_eval = True
+
     def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def eval_hidden(self, idx, position_ids, valid, cache):
+        return self.model.hidden(idx, position_ids=position_ids, cache=cache, valid=valid)
+
     def loss(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None = None):
-        return self.distill(self.model(x), y, teacher_logits)
+        return self.distill_hidden(self.model.hidden(x), y, teacher_logits)
 
     def step(self, idx, position_ids, valid, cache):
         return self.model(idx, position_ids=position_ids, cache=cache, valid=valid)
@@ -167,4 +186,4 @@ class KDPause(TeacherDistillation, PauseInsert):
     sections = {**TeacherDistillation.sections, **PauseInsert.sections}
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None = None):
-        return self.distill(self.logits(x, token_positions(x)), y, teacher_logits)
+        return self.distill_hidden(self.hidden(x, token_positions(x)), y, teacher_logits)

@@ -37,7 +37,8 @@ OLD_DEFAULTS: dict[str, Any] = {
     "ponderlm.update": "from_e0",  # each step added its mixture to e(0), not to the previous input
     "ponderlm.mix_scale": "sqrt_d",  # mixtures were scaled by sqrt(d), not by model.embed_scale
     "pause.shared": False,  # K distinct pause vectors [K, d], not one repeated token
-    "teacher.dtype": "auto",  # the teacher ran in bfloat16 on CUDA and float32 elsewhere (default now float32)
+    "teacher.dtype": "auto",
+    "train.fused_loss": False,  # the plain head losses (same math, other float rounding)  # the teacher ran in bfloat16 on CUDA and float32 elsewhere (default now float32)
 }
 
 

@@ -51,10 +51,10 @@ class Pause(LogitsMethod):
         rows = 1 if cfg.pause.shared else self.n_pauses
         self.pause = nn.Parameter(model.init_embedding_(torch.empty(rows, model.cfg.n_embd)))
 
-    def logits(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """Run tokens ``idx`` [B, T] each followed by the K pauses; logits [B, T, V] from the
-        last pause slot of each token. Positions and validity are repeated per slot."""
+    def hidden(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor | None = None,
+               cache: KVCache | None = None) -> torch.Tensor:
+        """Run tokens ``idx`` [B, T] each followed by the K pauses; the output [B, T, d] of the last
+        pause slot of each token (the head reads it). Positions and validity are repeated per slot."""
         b, t = idx.shape
         emb = self.model.embed(idx)
         pauses = (self.pause * self.model.cfg.embed_scale).to(emb.dtype)  # [1 or K, d]
@@ -63,7 +63,7 @@ class Pause(LogitsMethod):
         pos = position_ids.repeat_interleave(self.n_pauses + 1, dim=1)
         ok = None if valid is None else valid.repeat_interleave(self.n_pauses + 1, dim=1)
         h = self.model.run_blocks(self.model.add_positions(slots, pos), pos, cache=cache, valid=ok)
-        return self.model.head(h.view(b, t, self.n_pauses + 1, -1)[:, :, self.n_pauses])
+        return h.view(b, t, self.n_pauses + 1, -1)[:, :, self.n_pauses]
 
     def forward_flops_per_token(self, seq_len: int) -> float:
         """K+1 slots per token through the blocks over a (K+1)T context, the head once."""

@@ -27,7 +27,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from latentlm.errors import LatentLMError
-from latentlm.methods.base import Method, token_nll, token_positions
+from latentlm.methods.base import Method, token_positions
+from latentlm.model.losses import head_cross_entropy
 from latentlm.model.flops import forward_flops_per_slot
 from latentlm.model.transformer import KVCache, Transformer
 from latentlm.settings import Settings, setting
@@ -201,9 +202,13 @@ class Ponder(Method):
     def jacobi_logits(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token logits [B, T, V] after K init passes and ``n`` >= 1 Jacobi iterations, and
         the Jacobi residual: mean |change| of the thoughts in the last iteration."""
-        pos = torch.arange(x.shape[1], device=x.device)
-        h, residual = jacobi_thoughts(self._run, self.to_thought, self.model.embed(x), self.n_thoughts, n, pos)
+        h, residual = self.jacobi_hidden(x, n)
         return self.model.head(h), residual
+
+    def jacobi_hidden(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`jacobi_logits` before the head: the last thoughts' outputs [B, T, d] and the residual."""
+        pos = torch.arange(x.shape[1], device=x.device)
+        return jacobi_thoughts(self._run, self.to_thought, self.model.embed(x), self.n_thoughts, n, pos)
 
     def exact_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, V] of the sequential model: thoughts produced token by token."""
@@ -229,8 +234,8 @@ class Ponder(Method):
     def loss(self, x: torch.Tensor, y: torch.Tensor, iters: int | None = None):
         """``iters`` is n from :meth:`batch_inputs`; a direct call without it uses ``train_iters_max``."""
         n = self.cfg.ponder.train_iters_max if iters is None else iters
-        logits, residual = self.jacobi_logits(x, n)
-        loss = token_nll(logits, y).mean()
+        h, residual = self.jacobi_hidden(x, n)
+        loss = head_cross_entropy(self.model, h, y, fused=self.cfg.train.fused_loss)
         return loss, {"ponder_loss": loss.detach(), "jacobi_residual": residual, "jacobi_iters": float(n)}
 
     def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,6 +249,15 @@ class Ponder(Method):
     def set_eval_mode(self, mode: str) -> None:
         super().set_eval_mode(mode)
         self.cfg.ponder.eval_mode = mode
+
+    @property
+    def cached_eval(self) -> bool:  # Jacobi evaluation iterates over the whole sequence at once
+        return self.cfg.ponder.eval_mode == "exact"
+
+    def eval_hidden(self, idx, position_ids, valid, cache):
+        """The exact (sequential) model's last-thought outputs, what ``exact`` evaluation's head reads."""
+        return sequential_thoughts(self._run, self.to_thought, self.model.embed(idx), self.n_thoughts,
+                                   position_ids, valid, cache)
 
     def pop_eval_metrics(self) -> dict[str, float]:
         p = self.cfg.ponder

@@ -58,10 +58,11 @@ class PonderLM(LogitsMethod):
         scale = math.sqrt(m.cfg.n_embd) if self.cfg.ponderlm.mix_scale == "sqrt_d" else m.cfg.embed_scale
         return m.wte.weight[: m.cfg.vocab_size] * scale
 
-    def logits(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor | None = None,
+               cache: KVCache | None = None) -> torch.Tensor:
         """K+1 passes on ``idx`` [B, T], each pondering on the previous pass's prediction; pass
-        p keeps its keys and values at cache layers ``p * n_layer ...``. Logits [B, T, V]."""
+        p keeps its keys and values at cache layers ``p * n_layer ...``. The last pass's output
+        [B, T, d] (its head gives the logits)."""
         m, s = self.model, self.cfg.ponderlm
         e0 = m.embed(idx)
         if s.multiply_start:
@@ -69,12 +70,12 @@ class PonderLM(LogitsMethod):
         w = self.mix_weight()
         e = e0
         for p in range(self.n_steps + 1):
-            logits = m.head(m.run_blocks(m.add_positions(e, position_ids), position_ids, cache=cache,
-                                         valid=valid, cache_offset=p * m.cfg.n_layer))
+            h = m.run_blocks(m.add_positions(e, position_ids), position_ids, cache=cache,
+                             valid=valid, cache_offset=p * m.cfg.n_layer)
             if p < self.n_steps:
-                mixed = logits.float().softmax(-1).to(w.dtype) @ w
+                mixed = m.head(h).float().softmax(-1).to(w.dtype) @ w
                 e = (e if s.update == "cumulative" else e0) + mixed
-        return logits
+        return h
 
     def forward_flops_per_token(self, seq_len: int) -> float:
         """K+1 passes of the blocks over a T context and K+1 heads, plus K mixtures p @ W_E

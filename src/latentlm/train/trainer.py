@@ -41,7 +41,7 @@ class NonFiniteLossError(LatentLMError):
 SAFE_ON_RESUME = ("train.out_dir", "train.progress", "train.log_every", "train.eval_every", "train.eval_batches",
                   "train.ckpt_every", "train.keep_last", "train.tensorboard", "train.wandb", "train.wandb_project",
                   "train.device", "train.compile", "train.dist", "train.max_bad_steps", "train.peak_flops",
-                  "train.init_from", "data.verify")
+                  "train.init_from", "data.verify", "train.fused_loss")
 
 
 def _same_data(old: str, new: str) -> bool:
