@@ -112,7 +112,7 @@ def measure(method: Method, prompt: torch.Tensor, new_tokens: int, reps: int,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "cocomix" / "tiny.yaml"))
+    ap.add_argument("--config", default="cocomix/tiny")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--contexts", default="128,512,1024")
     ap.add_argument("--batch-sizes", default="1,8")

@@ -47,6 +47,7 @@ from latentlm.concepts.sae import TopKSAE
 from latentlm.concepts.teacher import LatentLMTeacher
 from latentlm.config import Config, make_config, parse_overrides, save_yaml
 from latentlm.methods import build_method
+from latentlm.model import losses
 from latentlm.model.flops import device_peak_flops
 from latentlm.model.transformer import Transformer
 from latentlm.perf import emit_json, matmul_flops_ceiling, saved_activation_bytes, synchronize
@@ -298,7 +299,7 @@ def pct(v: float | None) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "cocomix" / "tiny.yaml"))
+    ap.add_argument("--config", default="cocomix/tiny")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per method (median reported)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per method first (compilation, caches)")
@@ -311,8 +312,13 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     ap.add_argument("--rss", action="store_true", help="CPU: also measure each method's peak RSS growth in a child")
     ap.add_argument("--json", default="", help="also write the rows as JSON to this file ('-' for stdout)")
+    ap.add_argument("--plain-head", action="store_true",
+                    help="compute head losses the plain way (full logits; latentlm.model.losses.fused_head(False)), "
+                         "for before/after comparisons")
     ap.add_argument("--rss-of", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.plain_head:
+        losses.FUSED = False  # this process only (the --rss children get the flag too)
     if args.rss_of:
         return rss_child(args)
     keys = [k.strip() for k in args.methods.split(",") if k.strip()]
@@ -364,6 +370,8 @@ def main() -> None:
             for flag, v in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--dtype", args.dtype)):
                 if v:
                     cmd += [flag, str(v)]
+            if args.plain_head:
+                cmd.append("--plain-head")
             for s in args.set:
                 cmd += ["--set", s]
             # Tensors of 64 KiB and more get their own mappings, returned to the OS when freed, so
@@ -396,7 +404,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"{Path(args.config).name}: {m.arch} {m.n_layer} x {m.n_embd}, vocab {m.vocab_size}, batch "
           f"{cfg.train.batch_size} x {cfg.seq_len}, {name}, dtype {'bf16 autocast' if bf16 else 'fp32'}"
-          f"{', compiled' if args.compile else ''}, median of {args.steps} round-robin steps; "
+          f"{', compiled' if args.compile else ''}{', plain head losses' if args.plain_head else ''}, median of {args.steps} round-robin steps; "
           f"torch {torch.__version__}; "
           f"matmul ceiling {ceiling / 1e12:.3f} TFLOP/s; peak {fmt(peak and peak / 1e12, '.0f')} TFLOP/s; "
           f"load {load_before:.2f} -> {load_after:.2f}; memory = {mem_kind}\n")

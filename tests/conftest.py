@@ -9,6 +9,19 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def gguf_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """latentlm's cache of converted GGUF models (latentlm.gguf_cache) in a session directory, so tests
+    never write to ~/.cache; a LATENTLM_CACHE_DIR set by the caller is kept (a warm cache for reruns)."""
+    import os
+
+    from latentlm.gguf_cache import CACHE_ENV
+
+    if not os.environ.get(CACHE_ENV):
+        os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("latentlm-cache"))
+    return Path(os.environ[CACHE_ENV])
+
+
 @pytest.fixture(scope="session")
 def bpe_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tokenizer.json of a small byte-level BPE (512 ids) trained on 300 wiki documents."""
@@ -156,3 +169,38 @@ def random_sae_for(teacher_run, out, latents: int = 64, k: int = 4, layer: int =
     torch.manual_seed(0)
     meta = {"teacher": teacher.describe(), "layer": layer, "tokenizer_fingerprint": teacher.tokenizer.fingerprint()}
     return save_sae(TopKSAE(teacher.d_model, latents, k, meta), out)
+
+
+# A ChatML template in the style of SmolLM2-Instruct's (a default system turn; bos_token used as
+# a variable, so rendering must pass the special tokens as transformers does).
+CHATML_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                   "{{ bos_token + 'system\\nYou are a tiny test model.<|im_end|>\\n' }}{% endif %}"
+                   "{{ bos_token + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+                   "{% endfor %}{% if add_generation_prompt %}{{ bos_token + 'assistant\\n' }}{% endif %}")
+HF_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2 as in SmolLM2; bytes are 3..258
+
+
+def tiny_hf_tokenizer(directory: Path, chat_template: str | None = CHATML_TEMPLATE) -> Path:
+    """A Hugging Face tokenizer directory built with ``tokenizers`` only (no transformers): byte-level
+    BPE without merges (byte b is id 3 + b) and SmolLM2's special-token layout, <|endoftext|> 0 (the
+    document separator), bos <|im_start|> 1, eos and pad <|im_end|> 2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from latentlm.data.tokenizers import _gpt2_byte_to_unicode
+
+    vocab = {t: i for i, t in enumerate(HF_SPECIALS)}
+    vocab.update({ch: 3 + b for b, ch in _gpt2_byte_to_unicode().items()})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(HF_SPECIALS))
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>",
+              "eos_token": {"__type": "AddedToken", "content": "<|im_end|>", "lstrip": False, "normalized": False,
+                            "rstrip": False, "single_word": False, "special": True}, "pad_token": "<|im_end|>",
+              "unk_token": "<|endoftext|>", "model_max_length": 64, "clean_up_tokenization_spaces": False}
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return directory

@@ -140,6 +140,7 @@ def pickle_in_checkpoint(name: str) -> Callable[[World, Path], list[str]]:
     """A resume whose optimizer or RNG file unpickles into code execution (manifest resealed)."""
     def case(w: World, t: Path) -> list[str]:
         ck = copy_run(w.run, t / "out")
+        (t / "out" / "final.json").unlink()  # unfinished (a complete run's --resume loads nothing): it loads all
         torch.save({"state": Evil(t / "pwned")}, ck / name)
         reseal(ck)
         # the saved config as it is: a resume refuses changed settings (train.max_steps too) before loading
@@ -308,7 +309,7 @@ CASES: list[tuple[str, Callable[[World, Path], list[str]], str]] = [
      "data was prepared with a different tokenizer"),
     ("sae-missing-teacher", lambda w, t: ["sae", "train", "--teacher", str(t / "nobody"), "--layer", "0",
                                           "--data", str(w.data), "--out", str(t / "out")], "cannot load teacher"),
-    ("label-sae-pickle", pickle_as_sae, "does not record k"),
+    ("label-sae-pickle", pickle_as_sae, "cannot read SAE file"),
     ("label-sae-other-layer", lambda w, t: ["concepts", "label", "--teacher", str(w.run), "--sae", str(w.sae),
                                             "--layer", "1", "--data", str(w.small), "--out", str(t / "out"),
                                             "--seq-len", "32"], "SAE was trained on teacher layer 0, not 1"),

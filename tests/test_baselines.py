@@ -30,14 +30,14 @@ BASELINES = ["pause", "loop", "ponderlm"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny(method: str, arch: str = "gpt2", k: int = 1, seed: int = 0) -> Method:
+def tiny(method: str, arch: str = "gpt2", k: int = 1, *extra: str, seed: int = 0) -> Method:
     """2 layers, d 32, the paper's embedding scale, a wide init (outputs far from uniform)."""
     torch.manual_seed(seed)
     cfg = make_config(overrides=["--train.method", method, "--model.arch", arch, "--model.n_layer", "2",
                                  "--model.n_embd", "32", "--model.n_head", "2", "--model.block_size", "32",
                                  "--model.vocab_size", str(VOCAB), "--model.init_std", "0.1",
                                  "--model.embed_scale", str(paper_embed_scale(32)),
-                                 *k_override(method, k)])
+                                 *k_override(method, k), *extra])
     return build_method(cfg).eval()
 
 
@@ -58,15 +58,18 @@ def assert_nll_matches(method: Method, x: torch.Tensor, logits: torch.Tensor) ->
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 @pytest.mark.parametrize("k", [1, 2])
-def test_pause_is_an_interleaved_sequence_with_shared_positions(arch, k):
-    """Built by hand: each token followed by the K scaled pause embeddings, position ids
-    0,0,..,1,1,.. ((K+1)T slots), logits read at each token's last pause slot."""
-    method = tiny("pause", arch, k)
+@pytest.mark.parametrize("shared", [True, False])
+def test_pause_is_an_interleaved_sequence_with_shared_positions(arch, k, shared):
+    """Built by hand: each token followed by K scaled pause embeddings (one token repeated K times,
+    or K distinct vectors with ``pause.shared false``), position ids 0,0,..,1,1,.. ((K+1)T slots),
+    logits read at each token's last pause slot."""
+    method = tiny("pause", arch, k, "--pause.shared", str(shared).lower())
     m, x = method.model, tokens()
-    assert method.pause.shape == (k, 32)
+    assert method.pause.shape == (1 if shared else k, 32)
     slots, pos = [], []
     for t in range(T):
-        slots += [m.embed(x[:, t])] + [method.pause[j].expand(2, -1) * m.cfg.embed_scale for j in range(k)]
+        slots += [m.embed(x[:, t])] + [method.pause[0 if shared else j].expand(2, -1) * m.cfg.embed_scale
+                                       for j in range(k)]
         pos += [t] * (k + 1)
     inputs, pos = torch.stack(slots, dim=1), torch.tensor(pos)
     assert inputs.shape[1] == (k + 1) * T
@@ -102,19 +105,24 @@ def test_loop_applies_the_stack_k_plus_one_times(arch, k):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 @pytest.mark.parametrize("k", [1, 2])
-def test_ponderlm_follows_the_recursion(arch, k):
-    """e(0) = embed(x); e(k) = e(0) + softmax(logits of the pass on e(k-1)) @ W_E[:V] sqrt(d);
-    logits from the pass on e(K) (each pass is the plain model on input embeddings)."""
-    method = tiny("ponderlm", arch, k)
+@pytest.mark.parametrize("update, multiply, mix_scale", [("cumulative", False, "embed"), ("cumulative", True, "embed"),
+                                                         ("from_e0", False, "sqrt_d")])
+def test_ponderlm_follows_the_recursion(arch, k, update, multiply, mix_scale):
+    """e(0) = embed(x) (times K with multiply_start); e(k) = e(k-1) (cumulative) or e(0) (from_e0)
+    + softmax(logits of the pass on e(k-1)) @ W_E[:V] s, s = embed_scale (or sqrt(d)); logits from
+    the pass on e(K) (each pass is the plain model on input embeddings)."""
+    method = tiny("ponderlm", arch, k, "--ponderlm.update", update, "--ponderlm.multiply_start", str(multiply).lower(),
+                  "--ponderlm.mix_scale", mix_scale)
     m, x = method.model, tokens()
     assert m.wte.weight.shape[0] > VOCAB
+    s = math.sqrt(32) if mix_scale == "sqrt_d" else paper_embed_scale(32)
     with torch.no_grad():
-        e0 = m.wte(x) * m.cfg.embed_scale
+        e0 = m.wte(x) * m.cfg.embed_scale * (k if multiply else 1)
         e = e0
         for _ in range(k):
             probs = torch.softmax(m(inputs_embeds=e).float(), dim=-1)
             assert probs.shape[-1] == VOCAB
-            e = e0 + probs @ m.wte.weight[:VOCAB] * math.sqrt(32)
+            e = (e if update == "cumulative" else e0) + probs @ m.wte.weight[:VOCAB] * s
         manual = m(inputs_embeds=e)
         logits = method.logits(x, positions(x))
         torch.testing.assert_close(logits, manual, atol=1e-5, rtol=0)

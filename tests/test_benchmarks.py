@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -90,3 +92,78 @@ def test_generate_throughput_smoke(tmp_path):
     for r in rows:
         assert all(_positive(c) for c in r[1:]), r
     assert {r[7] for r in rows[:2]} == {"1.00"}
+
+
+def test_cocomix_fidelity_smoke(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cocomix_fidelity.py"), "--steps", "2",
+                        "--teacher-steps", "2", "--docs", "60", "--windows", "4", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    assert p.returncode == 0, p.stderr
+    tables = [line for line in p.stdout.splitlines() if line.startswith("| ")]
+    labels = [r for r in tables if "%" in r]
+    assert len(labels) == 5 and all(float(r.split("|")[3]) <= 1 for r in labels)
+    runs = {r.split("|")[1].strip(): r.split("|")[3].strip() for r in tables if r.count("|") == 4 and "%" not in r
+            and not r.startswith("| student") and not r.startswith("| labels")}
+    assert runs["ours (defaults)"] == "+0.0000" and len(runs) == 14
+
+
+def test_peer_train_smoke(tmp_path):
+    """One row per arch x vocab x threads with latentlm's time; a peer is timed, or its column says why not."""
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peer_train.py"), "--n-layer", "1", "--n-embd", "32",
+                        "--n-head", "2", "--seq-len", "16", "--batch-size", "2", "--vocabs", "300,64", "--threads", "1",
+                        "--rounds", "1", "--warmup", "0", "--ab", "--json", str(tmp_path / "p.json")],
+                       capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert p.returncode == 0, p.stderr
+    rows = _table(p.stdout)
+    assert [(r[0], r[1]) for r in rows] == [("gpt2", "300"), ("gpt2", "64"), ("llama", "300"), ("llama", "64")]
+    for r in rows:
+        assert _positive(r[4]) and _positive(r[5])  # latentlm, and latentlm with the plain head loss
+        assert all(c.startswith("- (") or _positive(c) for c in r[6:8]), r
+    doc = json.loads((tmp_path / "p.json").read_text())
+    assert {row["vocab"] for row in doc["rows"]} == {300, 64}
+
+
+def test_peer_decode_smoke(tmp_path):
+    """latentlm eager and compiled (static cache, CPU backend) on a random core: the same tokens."""
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peer_decode.py"), "--model", "random",
+                        "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--vocab", "300", "--no-peer",
+                        "--compile", "--compile-backend", "aot_eager", "--batch-sizes", "1,2", "--prompt", "4",
+                        "--new-tokens", "3", "--reps", "1", "--json", str(tmp_path / "d.json")],
+                       capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert p.returncode == 0, p.stderr
+    rows = _table(p.stdout)
+    assert [r[0] for r in rows] == ["1", "2"] and all(_positive(c) for r in rows for c in r[1:])
+    doc = json.loads((tmp_path / "d.json").read_text())
+    assert all(r["compiled_same_tokens"] for r in doc["rows"])
+
+
+def test_peer_zeroshot_smoke(tmp_path):
+    """Needs lm-eval and transformers (the hf / lm-eval extras): identical results, exit code 0."""
+    from importlib.util import find_spec
+
+    if find_spec("lm_eval") is None or find_spec("transformers") is None:
+        pytest.skip("needs lm-eval and transformers (pip install 'latentlm[hf,lm-eval]')")
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peer_zeroshot.py"), "--model", "random",
+                        "--tasks", "piqa,winogrande", "--limit", "3", "--batch-size", "4"],
+                       capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "results identical (log-likelihoods within 0.001, greedy flags, acc, acc_norm): True" in p.stdout
+    assert [r[0] for r in _table(p.stdout)] == ["piqa", "winogrande", "all"]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu_check.sh at tiny shapes on the CPU: every stage runs and the table has its rows."""
+    env = {**os.environ, "GPU_CHECK_DRY": "1", "GPU_CHECK_OUT": str(tmp_path), "PYTHON": sys.executable}
+    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                       timeout=900, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert table.startswith("# GPU check: CPU dry run")
+    rows = _table(table)
+    checks = [r[0] for r in rows]
+    assert checks[:2] == ["environment", "CUDA tests (pytest -m cuda)"]
+    assert {"train: ntp", "train: kd", "train: ponder (K=1)", "decode, batch 1", "FSDP2 train, 1 rank (torchrun)"} \
+        <= set(checks)
+    assert any(c.startswith("KV cache: ") for c in checks)
+    assert all(r[1] == "ok" for r in rows if r[0] != "environment"), [r for r in rows if r[1] != "ok"]

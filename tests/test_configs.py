@@ -17,6 +17,17 @@ def test_preset_loads(path):
     assert cfg.train.method and cfg.model.n_embd % cfg.model.n_head == 0
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=[f"{p.parent.name}/{p.stem}" for p in CONFIGS])
+def test_preset_takes_its_vocabulary_from_the_data(path, byte_wiki):
+    """No preset fixes model.vocab_size: byte data (257 ids) gets a 257-row model without an override,
+    and with no data to read the vocabulary is GPT-2's."""
+    import yaml
+
+    assert yaml.safe_load(path.read_text())["model"]["vocab_size"] is None
+    assert make_config(path, ["--data.path", str(byte_wiki)]).model.vocab_size == 257
+    assert make_config(path, ["--data.path", "/nonexistent/data"]).model.vocab_size == 50257
+
+
 def test_gpt2_124m_has_124m_parameters():
     import torch
 
@@ -92,7 +103,9 @@ def test_cocomix_tiny_preset_builds_for_every_baseline(tmp_path):
     sae = save_sae(TopKSAE(128, 4096, 32), tmp_path / "sae")
     for method in ("cocomix", "ntp", "pause_insert", "kd", "kd_pause"):
         extra = ["--concepts.sae", str(sae)] if method == "cocomix" else []
-        built = build_method(make_config(path, overrides=["--train.method", method, *extra]))
+        # vocab_size is left to the data; on the demo's 8k BPE data it is 8192
+        built = build_method(make_config(path, overrides=["--train.method", method, "--model.vocab_size", "8192",
+                                                          *extra]))
         assert built.name == method and built.model.cfg.vocab_size == 8192
         if method == "cocomix":
             assert (built.n_concepts, built.concept_head.k_concepts) == (4096, 32)

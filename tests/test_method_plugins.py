@@ -25,6 +25,7 @@ from latentlm.cli import main
 from latentlm.errors import LatentLMError
 from latentlm.methods import Method, method_class, register_method, unregister_method
 from latentlm.methods.kd import TeacherDistillation
+from latentlm.settings import setting
 
 from conftest import TINY_MODEL
 
@@ -36,7 +37,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 class ZLossSettings:
     """The ``zkd:`` section."""
 
-    z_weight: float = 1e-3  # weight of mean(logsumexp(logits)^2)
+    z_weight: float = setting(1e-3, "weight of mean(logsumexp(logits)^2)")
 
     def validate(self) -> None:
         if not 0 <= self.z_weight < float("inf"):
@@ -91,6 +92,17 @@ def setup(registered, byte_wiki, tmp_path_factory):
     teacher = root / "teacher"
     assert main(["train", "--config", str(cfg), "--train.out_dir", str(teacher)]) == 0
     return root, cfg, teacher
+
+
+def test_train_help_lists_the_plugin_section_with_its_doc(registered, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "\nzkd: (methods zkd, zkd_opaque)\n" in out
+    assert " ".join("--zkd.z_weight FLOAT 0.001 weight of mean(logsumexp(logits)^2)".split()) in " ".join(out.split())
+    teacher = next(line for line in out.splitlines() if line.startswith("teacher: (methods "))
+    assert {"kd", "cocomix", "zkd", "zkd_opaque"} <= set(teacher[len("teacher: (methods "):-1].split(", "))
 
 
 def test_registration_checks_what_latentlm_relies_on(registered):

@@ -20,7 +20,7 @@ from latentlm.errors import LatentLMError
 from latentlm.eval import zeroshot
 from latentlm.eval.tasks import TASKS, Example, load_task
 from latentlm.eval.zeroshot import (evaluate_tasks, format_table, lambada_metrics, multiple_choice_metrics,
-                                    resolve_max_len, score_requests)
+                                    resolve_max_len, resolve_prefix, score_requests)
 from latentlm.methods import build_method
 
 from conftest import TINY_MODEL, k_override
@@ -65,10 +65,10 @@ def text(ids: list[int]) -> str:
     return " ".join(map(str, ids))
 
 
-def logprob_by_hand(method, ctx: list[int], cont: list[int], max_len: int = 10**9) -> float:
-    """Sum of log P(continuation token) from one full forward of the core on EOT + context +
-    continuation (cut to the last max_len + 1 tokens), with log_softmax in float64."""
-    ids = ([0] + ctx + cont)[-(max_len + 1):]
+def logprob_by_hand(method, ctx: list[int], cont: list[int], max_len: int = 10**9, prefix: tuple = (0,)) -> float:
+    """Sum of log P(continuation token) from one full forward of the core on prefix (EOT by default) +
+    context + continuation (cut to the last max_len + 1 tokens), with log_softmax in float64."""
+    ids = (list(prefix) + ctx + cont)[-(max_len + 1):]
     with torch.no_grad():
         logp = F.log_softmax(method.model(torch.tensor([ids[:-1]]))[0].double(), dim=-1)
     n = min(len(cont), max_len)
@@ -106,13 +106,13 @@ def test_multiple_choice_metrics_match_hand_computation(monkeypatch):
     flat = [lp for row in lls for lp in row]
     assert [lp for lp, _ in scores] == pytest.approx(flat, abs=1e-5)
     monkeypatch.setattr(zeroshot, "load_task", lambda name, limit: examples[:limit])
-    r = evaluate_tasks(method, TOK, ["piqa"], batch_size=3, progress=False)["piqa"]
+    r = evaluate_tasks(method, TOK, ["piqa"], batch_size=3, progress=False, prefix="eos")["piqa"]
     assert r["n"] == 3 and r["acc"] == pytest.approx(2 / 3)
     assert r["acc_stderr"] == pytest.approx(statistics.stdev(acc) / math.sqrt(3))
     assert r["acc_norm"] == pytest.approx(sum(acc_norm) / 3)
     assert r["acc_norm_stderr"] == pytest.approx(statistics.stdev(acc_norm) / math.sqrt(3))
     assert multiple_choice_metrics(examples, lls) == r
-    one = evaluate_tasks(method, TOK, ["piqa"], limit=1, progress=False)["piqa"]
+    one = evaluate_tasks(method, TOK, ["piqa"], limit=1, progress=False, prefix="eos")["piqa"]
     assert one["acc"] == 1.0 and math.isnan(one["acc_stderr"])  # a stderr needs 2 examples
 
 
@@ -132,6 +132,75 @@ def test_lambada_greedy_accuracy_and_perplexity_by_hand():
     assert r["ppl"] == pytest.approx(ppl, rel=1e-6)
     assert r["ppl_stderr"] == pytest.approx(ppl * statistics.stdev(lls) / math.sqrt(2), rel=1e-6)
     assert "ppl" in format_table({"lambada": r}) and f"{r['ppl']:.5g}" in format_table({"lambada": r})
+
+
+class BosTokenizer(NumberTokenizer):
+    """A tokenizer whose Hugging Face form puts its BOS (id 299) before every text, as Llama's does."""
+
+    bos_id = 299
+
+    def default_prefix(self) -> list[int]:
+        return [299]
+
+
+class NoBosTokenizer(NumberTokenizer):
+    bos_id = None
+
+
+@pytest.mark.parametrize("tok, choice, name, ids", [
+    (TOK, "eos", "eos", [0]), (TOK, "none", "none", []), (TOK, "auto", "none", []), (TOK, "bos", "bos", [0]),
+    (BosTokenizer(), "auto", "bos", [299]), (BosTokenizer(), "bos", "bos", [299]), (BosTokenizer(), "eos", "eos", [0]),
+    (BosTokenizer(), "none", "none", []), (NoBosTokenizer(), "auto", "none", []),
+], ids=["eos", "none", "auto", "bos", "bos-tokenizer-auto", "bos-tokenizer-bos", "bos-tokenizer-eos",
+        "bos-tokenizer-none", "no-bos-auto"])
+def test_every_prefix_scores_after_its_tokens(monkeypatch, tok, choice, name, ids):
+    """What each --prefix puts before a request, by hand: nothing for none (the context's first token is only
+    read); an empty context gets the BOS token (end-of-text without one), as lm-evaluation-harness does."""
+    method = tiny()
+    assert resolve_prefix(tok, choice) == (name, ids)
+    ctx, cont = [5, 17, 33, 2], [8, 9]
+    start = ids or [0 if getattr(tok, "bos_id", 0) is None else getattr(tok, "bos_id", 0)]
+    requests = [(text(ctx), " " + text(cont)), ("", " " + text(cont))]
+    expected = [logprob_by_hand(method, ctx, cont, prefix=ids), logprob_by_hand(method, [], cont, prefix=start)]
+    assert [lp for lp, _ in score_requests(method, tok, requests, prefix=ids)] == pytest.approx(expected, abs=1e-5)
+    contexts = [ctx, [40, 41, 7]]
+    examples = [Example(tuple((text(c), " " + text(a)) for a in (cont, cont[::-1], [77])), g, (2, 2, 1))
+                for c, g in zip(contexts, (0, 1))]
+    monkeypatch.setattr(zeroshot, "load_task", lambda name, limit: examples)
+    lls = [[logprob_by_hand(method, c, a, prefix=ids) for a in (cont, cont[::-1], [77])] for c in contexts]
+    r = evaluate_tasks(method, tok, ["piqa"], prefix=choice, progress=False)["piqa"]
+    assert r == multiple_choice_metrics(examples, lls)
+
+
+def test_prefix_of_our_tokenizers_and_bad_choices():
+    from latentlm.data.tokenizers import ByteTokenizer
+
+    byte = ByteTokenizer()  # ours add nothing in their Hugging Face form, whose BOS is end-of-text
+    assert resolve_prefix(byte, "auto") == ("none", []) and resolve_prefix(byte, "bos") == ("bos", [256])
+    with pytest.raises(LatentLMError, match="prefix 'start' is not one of auto, eos, bos, none"):
+        resolve_prefix(byte, "start")
+    with pytest.raises(LatentLMError, match="defines no beginning-of-sequence token; use prefix eos, none or auto"):
+        resolve_prefix(NoBosTokenizer(), "bos")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+def test_auto_prefix_of_hugging_face_tokenizers_is_what_they_add():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from latentlm.data.tokenizers import HFTokenizer
+
+    def hf(template: bool) -> HFTokenizer:
+        raw = Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "[UNK]": 2, "a": 3, "b": 4}, unk_token="[UNK]"))
+        raw.pre_tokenizer = pre_tokenizers.Whitespace()
+        if template:
+            raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+        return HFTokenizer(PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>",
+                                                   unk_token="[UNK]"), "memory")
+
+    assert resolve_prefix(hf(True), "auto") == ("bos", [0])  # Llama-style: BOS first
+    assert resolve_prefix(hf(False), "auto") == ("none", [])  # GPT-2-style: nothing
+    assert resolve_prefix(hf(False), "eos") == ("eos", [1]) and resolve_prefix(hf(False), "bos") == ("bos", [0])
 
 
 def test_context_is_cut_from_the_left_and_whitespace_moves_to_the_continuation():
@@ -253,6 +322,7 @@ def test_cli_eval_tasks_end_to_end(ponder_run, capsys):
                  "--json", "--quiet"]) == 0
     jacobi, exact = json.loads(capsys.readouterr().out)
     assert (jacobi["eval_mode"], exact["eval_mode"]) == ("jacobi", "exact") and jacobi["max_len"] == 64
+    assert (jacobi["prefix"], jacobi["prefix_option"]) == ("none", "auto")  # the byte tokenizer adds nothing
     piqa, lambada = jacobi["tasks"]["piqa"], jacobi["tasks"]["lambada"]
     assert piqa["n"] == lambada["n"] == 4 and piqa["acc"] in (0, 0.25, 0.5, 0.75, 1)
     assert set(lambada) == {"acc", "acc_stderr", "ppl", "ppl_stderr", "n"} and lambada["ppl"] > 1
@@ -263,7 +333,15 @@ def test_cli_eval_tasks_end_to_end(ponder_run, capsys):
         assert r == pytest.approx(jacobi["tasks"][name], rel=1e-6)
     assert main(["eval", str(ponder_run), "--tasks", "piqa", "--limit", "2", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "[jacobi]: zero-shot, window 64 tokens" in out and "acc_norm" in out and "\npiqa " in out
+    assert "[jacobi]: zero-shot, window 64 tokens, prefix none (auto" in out and "acc_norm" in out and "\npiqa " in out
+    assert main(["eval", str(ponder_run), "--tasks", "piqa,lambada", "--limit", "4", "--prefix", "eos", "--json",
+                 "--quiet"]) == 0
+    eos = json.loads(capsys.readouterr().out)
+    assert (eos["prefix"], eos["prefix_option"]) == ("eos", "eos")
+    direct = evaluate_tasks(method, checkpoint_tokenizer(ponder_run, manifest), ["piqa", "lambada"], limit=4,
+                            progress=False, prefix="eos")
+    for name, r in direct.items():
+        assert r == pytest.approx(eos["tasks"][name], rel=1e-6)
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -271,6 +349,7 @@ def test_cli_eval_tasks_end_to_end(ponder_run, capsys):
                                "winogrande, sciq, lambada"),
     (["--tasks", "piqa", "--text", "x.txt"], "--text apply to perplexity"),
     (["--limit", "3"], "--limit applies to zero-shot tasks"),
+    (["--prefix", "eos"], "--prefix applies to zero-shot tasks"),
     (["--tasks", "piqa", "--seq-len", "65"], "exceeds the model's block_size=64"),
 ])
 def test_cli_bad_task_arguments_are_one_line_errors(ponder_run, capsys, args, needle):
@@ -339,12 +418,15 @@ def test_lm_eval_adapter_scores_rolls_and_generates():
     from latentlm.generate import generate
 
     method = tiny()
-    lm = LatentLMEvalModel(method=method, tokenizer=TOK, batch_size=2)
+    lm = LatentLMEvalModel(method=method, tokenizer=TOK, batch_size=2, prefix="eos")
     ctx = [4, 8, 15, 16]
     greedy = greedy_by_hand(method, ctx, 2)
     [(lp0, greedy0), (lp1, greedy1)] = lm.loglikelihood(
         instances("loglikelihood", [(text(ctx), " " + text(greedy)), ("", " 23 42")]), disable_tqdm=True)
     assert lp0 == pytest.approx(logprob_by_hand(method, ctx, greedy), abs=1e-5) and greedy0 is True
+    auto = LatentLMEvalModel(method=method, tokenizer=TOK)  # the default: nothing before a context here
+    [(lp_auto, _)] = auto.loglikelihood(instances("loglikelihood", [(text(ctx), " 7")]), disable_tqdm=True)
+    assert auto.prefix == "none" and lp_auto == pytest.approx(logprob_by_hand(method, ctx, [7], prefix=()), abs=1e-5)
     assert lp1 == pytest.approx(logprob_by_hand(method, [], [23, 42]), abs=1e-5)  # empty context: after EOT
     assert greedy1 == (greedy_by_hand(method, [], 2) == [23, 42])
 

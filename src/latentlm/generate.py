@@ -8,6 +8,7 @@ prefill call, then one cached step per new token, sampling, and stopping at end-
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -79,18 +80,43 @@ def _check_request(method: Method, prompts: list[list[int]], max_new_tokens: int
                             "prompt or lower --max-new-tokens")
 
 
+def _compiled_decode(method: Method, batch: int, n_tokens: int, compile: bool | dict, device: torch.device):
+    """A static cache for ``batch`` x ``n_tokens`` and the compiled step, kept on the method and reused
+    (emptied in place) while the shape and options stay the same: the same buffers and the same graph
+    (a CUDA graph replays fixed addresses)."""
+    options = dict(compile) if isinstance(compile, dict) else \
+        ({"mode": "reduce-overhead"} if device.type == "cuda" else {})
+    key = (batch, n_tokens, repr(sorted(options.items())))
+    kept = method.__dict__.get("_compiled_decode")
+    if kept is not None and kept[0] == key:
+        return kept[1].reset(), kept[2]
+    cache = method.new_cache(batch, n_tokens).make_static()
+    step = torch.compile(method.step, dynamic=False, **options)
+    method.__dict__["_compiled_decode"] = (key, cache, step)
+    return cache, step
+
+
 @torch.inference_mode()
 def generate(method: Method, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, eot_id: int | None = None,
-             stop_at_eot: bool = True, seed: int | None = None) -> list[list[int]]:
+             top_k: int | None = None, top_p: float | None = None, eot_id: int | Sequence[int] | None = None,
+             stop_at_eot: bool = True, seed: int | None = None,
+             on_token: Callable[[list[int]], None] | None = None,
+             compile: bool | dict = False) -> list[list[int]]:
     """Continue each prompt by up to ``max_new_tokens`` tokens; return only the new tokens.
 
     Prompts of unequal length are left-padded into one batch: pads are marked invalid (never
     attended to) and position ids count real tokens only, so every row gives the same tokens
-    as it would alone. With ``stop_at_eot`` and an ``eot_id``, a row ends at its first
-    end-of-text token (not included in the output) and the loop ends once all rows have;
-    finished rows are still fed but their samples are discarded. ``seed`` makes sampling
-    reproducible on a given device.
+    as it would alone. With ``stop_at_eot`` and an ``eot_id`` (one id, or several: e.g. the
+    tokenizer's end-of-sequence token and the document separator), a row ends at its first
+    such token (not included in the output) and the loop ends once all rows have; finished
+    rows are still fed but their samples are discarded. ``seed`` makes sampling reproducible on
+    a given device. ``on_token``, for streaming, gets each step's sampled ids (one per row) as
+    they are drawn.
+
+    ``compile`` (True, or a dict of ``torch.compile`` options) runs the decode steps compiled, over a
+    static-shape cache (:meth:`~latentlm.model.transformer.KVCache.make_static`), so one graph serves
+    every step (CUDA: ``mode="reduce-overhead"`` by default, i.e. CUDA graphs); the prefill runs
+    eagerly. Same tokens as without it.
     """
     _check_request(method, prompts, max_new_tokens)
     check_sampling(temperature, top_k, top_p)  # before the prefill, not at the first sample
@@ -103,10 +129,16 @@ def generate(method: Method, prompts: list[list[int]], *, max_new_tokens: int, t
     slot = torch.arange(width, device=device)[None] - (width - lengths)[:, None]  # <0 on pads
     valid, positions = slot >= 0, slot.clamp(min=0)
     # The last sampled token is never fed back, so the cache needs one slot less.
-    cache = method.new_cache(batch, width + max_new_tokens - 1)
+    decode = method.step
+    if compile:
+        cache, decode = _compiled_decode(method, batch, width + max_new_tokens - 1, compile, device)
+    else:
+        cache = method.new_cache(batch, width + max_new_tokens - 1)
     cache.padded = any(len(p) != width for p in prompts)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    stop = stop_at_eot and eot_id is not None
+    stops = [] if eot_id is None else [eot_id] if isinstance(eot_id, int) else list(eot_id)
+    stop = stop_at_eot and bool(stops)
+    stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     step_valid = torch.ones(batch, 1, dtype=torch.bool, device=device)
 
@@ -117,15 +149,23 @@ def generate(method: Method, prompts: list[list[int]], *, max_new_tokens: int, t
         new: list[torch.Tensor] = []
         for i in range(max_new_tokens):
             if i:
-                logits = method.step(new[-1][:, None], (lengths + i - 1)[:, None], step_valid, cache)[:, -1]
+                logits = decode(new[-1][:, None], (lengths + i - 1)[:, None], step_valid, cache)[:, -1]
             new.append(sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                                    generator=generator))
+            if on_token is not None:
+                on_token(new[-1].tolist())
             if stop:
-                done |= new[-1] == eot_id
+                done |= torch.isin(new[-1], stop_ids)
                 if done.all():
                     break
     finally:
         method.train(was_training)
 
     rows = torch.stack(new, dim=1).tolist()
-    return [row[:row.index(eot_id)] if stop and eot_id in row else row for row in rows]
+    return [_cut(row, stops) if stop else row for row in rows]
+
+
+def _cut(row: list[int], stops: list[int]) -> list[int]:
+    """``row`` up to (without) its first stop id."""
+    ends = [row.index(s) for s in stops if s in row]
+    return row[:min(ends)] if ends else row

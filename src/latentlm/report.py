@@ -15,21 +15,24 @@ from latentlm.fileio import atomic_file, write_json_atomic, write_text_atomic
 from latentlm.train.metrics import read_metrics
 
 
-def run_summary(name: str, cfg, flops_row: dict, ev: dict) -> dict[str, Any]:
+def run_summary(name: str, cfg, flops_row: dict, ev: dict, curve_tokens: int | None = None) -> dict[str, Any]:
     """One run's row: size, budget actually trained, throughput, held-out and zero-shot scores, and
-    its validation curve (tokens, FLOPs, loss) from the trainer's periodic evaluations."""
+    its validation curve (tokens, FLOPs, loss) from the trainer's periodic evaluations, each of which
+    scored ``curve_tokens`` validation tokens (None: not known)."""
     run = Path(cfg.train.out_dir)
     records = read_metrics(run / "metrics.jsonl")
     speeds = [r["tok_per_s"] for r in records if "tok_per_s" in r]
     tokens = max((r.get("tokens", 0) for r in records), default=0)
     per_token = flops_row["train_total"]
     curve = [(r["tokens"], r["tokens"] * per_token, r["val_loss"]) for r in records if "val_loss" in r]
-    return {"name": name, "method": cfg.train.method, "params": flops_row["params"], "tokens": tokens,
+    return {"name": name, "method": cfg.train.method, "init": cfg.model.init_description(),
+            "embed_scale": cfg.model.embed_scale, "params": flops_row["params"], "tokens": tokens,
             "steps": cfg.train.max_steps, "flops_per_token": per_token, "teacher_flops_per_token": flops_row["teacher"],
             "train_flops": tokens * per_token, "infer_flops_per_token": flops_row["infer"],
             # the median logging window: robust to the first window's warm-up and to evaluation pauses
             "tok_per_s": statistics.median(speeds) if speeds else float("nan"),
-            "val": ev["val"], "zeroshot": ev.get("zeroshot", {}), "curve": curve}
+            "val": ev["val"], "zeroshot": ev.get("zeroshot", {}), "zeroshot_prefix": ev.get("zeroshot_prefix"),
+            "curve": curve, "curve_tokens": curve_tokens}
 
 
 def _fmt(x: float, digits: int = 4) -> str:
@@ -57,6 +60,22 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def init_note(rows: list[dict]) -> str:
+    """Which initialisation and token-embedding scale the runs used (``model.init``,
+    ``model.embed_scale``): one sentence when they share them, a per-run list when they differ (then
+    the comparison is confounded by the init, as the authors' vanilla control was)."""
+    def of(r: dict) -> tuple[str, str]:
+        scale = r.get("embed_scale")
+        return r.get("init", "not recorded"), "not recorded" if scale is None else f"{scale:g}"
+
+    inits = {of(r) for r in rows}
+    if len(inits) == 1:
+        init, scale = next(iter(inits))
+        return f"Initialisation (model.init), the same for every run: {init}; token embeddings times {scale}."
+    listed = "; ".join(f"{r['name']}: {of(r)[0]}, embeddings times {of(r)[1]}" for r in rows)
+    return f"Initialisation differs between runs (a confound: set model.init and model.embed_scale alike): {listed}."
+
+
 def zeroshot_table(rows: list[dict]) -> str:
     """Accuracy per task (acc_norm where the task has it, LAMBADA last-word accuracy) +- standard error."""
     tasks = list(dict.fromkeys(t for r in rows for t in r["zeroshot"]))
@@ -77,8 +96,10 @@ def zeroshot_table(rows: list[dict]) -> str:
         lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {mean} |")
     n = {t: next(r["zeroshot"][t].get("n") for r in rows if t in r["zeroshot"]) for t in tasks}
     lines.append("")
+    prefixes = sorted({r.get("zeroshot_prefix") or "eos" for r in rows if r["zeroshot"]})
     lines.append("Examples per task: " + ", ".join(f"{t} {n[t]}" for t in tasks) + ". Accuracy in %: acc_norm "
-                 "(length-normalised) for multiple choice, last-word accuracy for LAMBADA (docs/EVAL.md).")
+                 "(length-normalised) for multiple choice, last-word accuracy for LAMBADA (docs/EVAL.md). Request "
+                 f"prefix: {', '.join(prefixes)} (eval.prefix; docs/EVAL.md).")
     return "\n".join(lines)
 
 
@@ -116,29 +137,43 @@ def draw_runs(ax, rows: list[dict], axis: int) -> None:
                             alpha=0.2, linewidth=0)
 
 
-def plot_curves(rows: list[dict], out: Path) -> list[Path] | str:
+def loss_figure(rows: list[dict], axis: int, title: str):
+    """The matplotlib figure of validation loss against training tokens (``axis`` 0) or FLOPs (1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    draw_runs(ax, rows, axis)
+    ax.set_title(title)
+    ax.set_xlabel("training tokens" if axis == 0 else "training FLOPs (teacher included)")
+    ax.set_ylabel("validation loss (nats/token)")
+    xs = [p[axis] for r in rows for p in r["curve"] if p[axis] > 0]
+    # FLOPs over a decade or more on a log axis, labelled at 1-2-5 (or only decades over 2+); a narrower range
+    # (equal-FLOP budgets end together) on a linear one, where a log axis would label one tick or none.
+    if axis == 1 and xs and math.log10(max(xs) / min(xs)) >= 1:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0,) if math.log10(max(xs) / min(xs)) >= 2
+                                              else (1.0, 2.0, 5.0)))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 300M, 1.5G, 2T
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(rows: list[dict], out: Path, title: str = "") -> list[Path] | str:
     """loss_vs_tokens.png and loss_vs_flops.png, or the reason they could not be drawn."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        import matplotlib.ticker
     except ImportError:
         return "plots skipped: matplotlib is not installed (pip install 'latentlm[plots]')"
     paths = []
-    for axis, label, fname in ((0, "training tokens", "loss_vs_tokens.png"), (1, "training FLOPs (teacher included)",
-                                                                               "loss_vs_flops.png")):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-        draw_runs(ax, rows, axis)
-        ax.set_xlabel(label)
-        ax.set_ylabel("validation loss (nats/token)")
-        if axis == 1:
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
+    for axis, fname in ((0, "loss_vs_tokens.png"), (1, "loss_vs_flops.png")):
+        fig = loss_figure(rows, axis, title)
         path = out / fname
         with atomic_file(path) as tmp:
             fig.savefig(tmp, format="png")
@@ -147,18 +182,33 @@ def plot_curves(rows: list[dict], out: Path) -> list[Path] | str:
     return paths
 
 
+def curves_note(rows: list[dict]) -> str:
+    """Which validation tokens the curves scored, next to the table's."""
+    same = [r["name"] for r in rows if r.get("curve_tokens") == r["val"].get("tokens")]
+    note = ("Each point is one of the trainer's periodic evaluations (on its device, in its precision); the last "
+            "is at the end of training. ")
+    if len(same) == len(rows):
+        return note + "Every point scores the table's validation tokens, so each curve ends at its run's val loss."
+    other = ", ".join(f"{r['name']} {r['curve_tokens']:,}" if r.get("curve_tokens") else f"{r['name']} unknown"
+                      for r in rows if r["name"] not in same)
+    return note + (f"Validation tokens per point ({other}) differ from the table's, so these curves do not end at "
+                   "the table's val loss: make eval.tokens a multiple of batch_size x seq_len (docs/COMPARE.md), or "
+                   "retrain runs trained before compare matched the two.")
+
+
 def write_report(exp: dict, rows: list[dict], out: Path, wall_seconds: float) -> Path:
     """results.json, the plots and report.md under ``out``; returns report.md's path."""
     write_json_atomic(out / "results.json", {"experiment": exp, "runs": rows})
-    plots = plot_curves(rows, out)
+    plots = plot_curves(rows, out, exp.get("name", "Comparison"))
     budget = exp["budget"]
     what = (f"equal training tokens ({budget['tokens']:,})" if "tokens" in budget
             else f"equal training FLOPs ({_si(budget['flops'])}, teacher included)")
-    ev = exp.get("eval") or {}
+    held = {r["val"].get("tokens") for r in rows} - {None}
     parts = [f"# {exp.get('name', 'Comparison')}", "",
              f"Budget: {what}. Every run sees the same data order (same seed and batch shape). Held-out "
-             f"numbers score the same {'first ' + format(ev['tokens'], ',') + ' ' if ev.get('tokens') else ''}"
-             "validation tokens with each method's own forward pass.", "", results_table(rows), ""]
+             f"numbers score the same {'first ' + format(held.pop(), ',') + ' ' if len(held) == 1 else ''}"
+             "validation tokens with each method's own forward pass.", "", results_table(rows), "",
+             init_note(rows), ""]
     zs = zeroshot_table(rows)
     if zs:
         parts += ["## Zero-shot", "", zs, ""]
@@ -168,6 +218,7 @@ def write_report(exp: dict, rows: list[dict], out: Path, wall_seconds: float) ->
     else:
         parts += [f"![validation loss vs tokens]({plots[0].name})", "",
                   f"![validation loss vs FLOPs]({plots[1].name})"]
+    parts += ["", curves_note(rows)]
     parts += ["", f"Params count every trained parameter (CoCoMix includes its concept head). FLOPs follow "
               "docs/PONDER.md / docs/COCOMIX.md (PaLM convention); generation FLOPs are per token at a full "
               f"context. This invocation took {wall_seconds:.0f} s (stages already complete were skipped).", ""]

@@ -18,7 +18,7 @@ from typing import Any
 
 from latentlm.fileio import write_json_atomic, write_text_atomic
 from latentlm.methods import BASELINE
-from latentlm.report import _si, plot_curves
+from latentlm.report import _si, curves_note, init_note, plot_curves
 
 # Two-sided 95% quantiles t_{0.975, df} of Student's t for df = 1..30 (beyond: the normal 1.960).
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -214,7 +214,7 @@ def write_seeded_report(exp: dict, rows: list[dict], out: Path, wall_seconds: fl
     diffs = paired_differences(rows, baseline) if baseline else {}
     write_json_atomic(out / "results.json", {"experiment": exp, "runs": rows, "summary": summary,
                                              "baseline": baseline, "paired": diffs})
-    plots = plot_curves(rows, out)
+    plots = plot_curves(rows, out, exp.get("name", "Comparison"))
     budget = exp["budget"]
     what = (f"equal training tokens ({budget['tokens']:,})" if "tokens" in budget
             else f"equal training FLOPs ({_si(budget['flops'])}, teacher included)")
@@ -230,7 +230,7 @@ def write_seeded_report(exp: dict, rows: list[dict], out: Path, wall_seconds: fl
              f"Budget: {what}. Seeds {', '.join(map(str, seeds))}: a seed (train.seed) draws the initial weights "
              "and the order of the training windows, and runs of the same seed share both. Numbers are mean ± "
              f"sample std over a run's seeds. Every run scores {scored} with its own forward pass.", "",
-             summary_table(summary), ""]
+             summary_table(summary), "", init_note([rs[0] for rs in group_runs(rows).values()]), ""]
     parts += [f"## Paired differences to {baseline}" if baseline else "## Paired differences", ""]
     if baseline:
         parts += [f"Per seed, run minus {baseline} at the same seed (same init and data order); mean ± sample "
@@ -249,6 +249,7 @@ def write_seeded_report(exp: dict, rows: list[dict], out: Path, wall_seconds: fl
     else:
         parts += ["Mean over seeds; the band is ± one sample std.", "",
                   f"![validation loss vs tokens]({plots[0].name})", "", f"![validation loss vs FLOPs]({plots[1].name})"]
+    parts += ["", curves_note(rows)]
     parts += ["", "Params count every trained parameter (CoCoMix includes its concept head). FLOPs follow "
               "docs/PONDER.md / docs/COCOMIX.md (PaLM convention); generation FLOPs are per token at a full "
               f"context. tokens/s is the mean over seeds of each run's median logging window. This invocation "

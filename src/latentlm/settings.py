@@ -56,6 +56,50 @@ def non_negative(obj: Any, section: str, *names: str) -> None:
             raise LatentLMError(f"{section}.{n}={v} must be >= 0 and finite")
 
 
+def setting(default: Any, doc: str) -> Any:
+    """A settings field with its default and a one-line ``doc`` (what ``--help`` and ``latentlm config
+    show`` print for the key): ``n_thoughts: int = setting(1, "K: latent thoughts per token")``.
+    Defaults are scalars (a settings value is a YAML scalar), so no ``default_factory`` is needed."""
+    if not (isinstance(doc, str) and doc.strip()) or "\n" in doc:
+        raise TypeError(f"setting(doc=...) must be one non-empty line, got {doc!r}")
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+def field_doc(f: dataclasses.Field) -> str:
+    """The one-line doc of a settings field declared with :func:`setting` ('' for a plain field)."""
+    return f.metadata.get("doc", "")
+
+
+def type_label(tp: Any) -> str:
+    """A short spelling of a settings type for help text: ``INT``, ``FLOAT|null``, ``{gpt2,llama}``."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "{" + ",".join(str(a) for a in get_args(tp)) + "}"
+    if origin in (typing.Union, types.UnionType):
+        return "|".join(type_label(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    return {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}.get(tp, getattr(tp, "__name__", str(tp)).upper())
+
+
+def yaml_scalar(value: Any) -> str:
+    """``value`` as it is written in YAML and on the command line (``null``, ``true``, ``3e-4``, ``''``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value if value else "''"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def describe_fields(cls: type) -> list[tuple[str, str, Any, str]]:
+    """``(name, type label, default, doc)`` of every field of the settings dataclass ``cls``, in order."""
+    hints = get_type_hints(cls)
+    return [(f.name, type_label(hints[f.name]), f.default, field_doc(f)) for f in dataclasses.fields(cls)
+            if f.init]
+
+
 class Settings:
     """Base of a settings dataclass (one config section). ``validate`` checks that the fields named in
     :attr:`positive_fields` are > 0 and those in :attr:`non_negative_fields` >= 0 (finite, both); a

@@ -22,13 +22,13 @@ from tqdm import tqdm
 from latentlm.checkpoint_files import resolve_checkpoint
 from latentlm.concepts.attribution import concept_labels
 from latentlm.concepts.sae import PARAM_NAMES, TopKSAE, check_sae_matches, load_sae
-from latentlm.concepts.teacher import Teacher, load_teacher
+from latentlm.concepts.teacher import Teacher, dtype_name, load_teacher, teacher_dtype
 from latentlm.data.loader import TokenSplit, iter_eval_windows
 from latentlm.data.prepare import check_tokenizer, load_manifest
 from latentlm.data.tokenizers import smollm2_gguf
 from latentlm.errors import LatentLMError
 from latentlm.fileio import ManifestFormat, publishing, sha256_file, write_delay
-from latentlm.settings import Settings
+from latentlm.settings import Settings, setting
 
 if TYPE_CHECKING:
     from latentlm.config import Config
@@ -40,12 +40,19 @@ class ConceptSettings(Settings):
     and an optional label cache) and how they are selected. A reusable block: every method that
     trains on concept labels declares this section (docs/METHODS.md §2.1)."""
 
-    sae: str = ""  # SAE directory written by `latentlm sae train`
-    layer: int = 5  # the teacher block whose output the SAE reads (0-based)
-    labels: str = ""  # label cache from `latentlm concepts label`; empty = compute on the fly
-    k_attr: int = 4  # concept labels per token
-    acts: Literal["post", "pre"] = "post"  # attribution x post-TopK latents (official) or pre-activations
-    select: Literal["attribution", "activation"] = "attribution"  # activation = the ablation
+    sae: str = setting("", "SAE directory written by `latentlm sae train`")
+    layer: int = setting(5, "the teacher block whose output the SAE reads (0-based)")
+    labels: str = setting("", "label cache from `latentlm concepts label`; empty = compute on the fly")
+    k_attr: int = setting(4, "concept labels per token")
+    acts: Literal["post", "pre"] = setting("post", "attribution x post-TopK latents (official) or pre-activations")
+    select: Literal["attribution", "activation"] = setting("attribution", "rank latents by attribution, or by "
+                                                           "activation (the ablation)")
+    score: Literal["official", "eq1"] = setting("official", "attribution gradient: official = the authors' code "
+                                                "(summed all-position loss at the teacher's hidden state); eq1 = the "
+                                                "paper's Eq. (1) (each position's own next-token loss at the SAE "
+                                                "reconstruction; the paper's full form is eq1 with acts=pre)")
+    last_position: Literal["mask", "extra_token"] = setting("mask", "the last position: mask = no labels; extra_token "
+                                                            "= its next token is the loader's extra one (real labels)")
     section, positive_fields, non_negative_fields = "concepts", ("k_attr",), ("layer",)
 
 
@@ -53,7 +60,7 @@ class LabelSource(Protocol):
     n_latents: int  # C and k of the SAE the labels index
     k: int
 
-    def labels(self, x: torch.Tensor, windows: np.ndarray) -> torch.Tensor: ...
+    def labels(self, x: torch.Tensor, windows: np.ndarray, y: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class OnTheFlyLabels:
@@ -64,7 +71,7 @@ class OnTheFlyLabels:
         if not cfg.teacher.path or not c.sae:
             raise LatentLMError(f"train.method {cfg.train.method} needs --teacher.path and --concepts.sae "
                                 "(or a --concepts.labels cache)")
-        self.teacher = load_teacher(cfg.teacher.path, device=device)
+        self.teacher = load_teacher(cfg.teacher.path, device=device, dtype=cfg.teacher.dtype)
         # The teacher reads the training tokens as they are: its tokenizer must be the data's.
         check_tokenizer(load_manifest(cfg.data.path), self.teacher.tokenizer)
         self.sae = load_sae(c.sae).to(device)
@@ -72,9 +79,41 @@ class OnTheFlyLabels:
         self.cfg = c
         self.n_latents, self.k = self.sae.n_latents, self.sae.k
 
-    def labels(self, x: torch.Tensor, windows: np.ndarray) -> torch.Tensor:
+    def labels(self, x: torch.Tensor, windows: np.ndarray, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Labels of the batch ``x``; ``y`` (its next tokens) labels the last position with
+        ``concepts.last_position extra_token``."""
         c = self.cfg
-        return concept_labels(self.teacher, self.sae, x, c.layer, k_attr=c.k_attr, acts=c.acts, select=c.select)
+        targets = None
+        if c.last_position == "extra_token":
+            if y is None:
+                raise LatentLMError("concepts.last_position=extra_token needs the batch's next tokens y")
+            targets = y
+        return concept_labels(self.teacher, self.sae, x, c.layer, k_attr=c.k_attr, acts=c.acts, select=c.select,
+                              score=c.score, targets=targets)
+
+
+class TeacherHidden:
+    """The targets of the hidden-state ablation (``cocomix.concept_target hidden_*``, the paper's Fig. 6b):
+    the teacher's residual stream after block ``concepts.layer``, normalised per token like an SAE's
+    input (mean 0, std 1), read on the fly for every batch (no SAE, no cache)."""
+
+    def __init__(self, cfg: Config, device: torch.device | str, width: int, who: str):
+        """``who`` names the setting that asks for hidden-state targets, in errors."""
+        if not cfg.teacher.path:
+            raise LatentLMError(f"{who} needs --teacher.path")
+        if cfg.concepts.labels:
+            raise LatentLMError(f"{who} reads the teacher's hidden states on the fly; drop --concepts.labels (a "
+                                "cache of concept labels)")
+        self.teacher = load_teacher(cfg.teacher.path, device=device, dtype=cfg.teacher.dtype)
+        check_tokenizer(load_manifest(cfg.data.path), self.teacher.tokenizer)
+        if self.teacher.d_model != width:
+            raise LatentLMError(f"{who}: the head is {width} wide but the teacher's hidden state has width "
+                                f"{self.teacher.d_model}; drop --cocomix.n_concepts (it is taken from the teacher)")
+        self.layer = cfg.concepts.layer
+
+    def targets(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 [B, T, d_teacher]: the normalised hidden states of the batch ``x``."""
+        return TopKSAE.normalize(self.teacher.hidden(x, self.layer))[0].to(x.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,16 +146,22 @@ def _data_identity(data_dir: str | Path) -> dict[str, Any]:
 
 def build_label_cache(data_dir: str | Path, teacher: Teacher, sae: TopKSAE, out_dir: str | Path, *, seq_len: int,
                       layer: int, k_attr: int = 4, acts: Literal["post", "pre"] = "post",
-                      select: Literal["attribution", "activation"] = "attribution", batch_size: int = 8,
+                      select: Literal["attribution", "activation"] = "attribution",
+                      score: Literal["official", "eq1"] = "official",
+                      last_position: Literal["mask", "extra_token"] = "mask", batch_size: int = 8,
                       limit_windows: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Write the concept labels of every training window of ``data_dir`` to ``out_dir``; return its manifest.
 
     Window ``i`` is tokens ``[i * seq_len, i * seq_len + seq_len + 1)`` of the train split, as
     :class:`~latentlm.data.loader.WindowLoader` cuts it; its labels are those of its first
-    ``seq_len`` tokens (the student's input ``x``). ``labels.bin`` is int32 little-endian
+    ``seq_len`` tokens (the student's input ``x``; with ``last_position="extra_token"`` the window's
+    last token is the last position's target). ``labels.bin`` is int32 little-endian
     [n_windows, seq_len, k_attr] (-1 masked), written batch by batch into a temporary sibling
-    that is renamed into place only when complete. ``limit_windows`` keeps only the first N.
+    that is renamed into place only when complete. ``limit_windows`` keeps only the first N. The
+    manifest records the options and the teacher's compute dtype (``teacher_dtype``).
     """
+    if last_position not in ("mask", "extra_token"):
+        raise LatentLMError(f"last_position must be 'mask' or 'extra_token', got {last_position!r}")
     out = Path(out_dir)
     if seq_len < 1 or batch_size < 1 or (limit_windows is not None and limit_windows < 1):
         raise LatentLMError(f"seq_len, batch_size and limit_windows must be >= 1; got {seq_len}, {batch_size}, "
@@ -135,9 +180,10 @@ def build_label_cache(data_dir: str | Path, teacher: Teacher, sae: TopKSAE, out_
         bar = tqdm(total=n, disable=not progress, unit="window", desc="labels", dynamic_ncols=True)
         done = 0
         with open(tmp / LABELS_FILE, "wb") as f:
-            for x, _ in iter_eval_windows(split, seq_len, batch_size, max_batches=-(-n // batch_size)):
-                x = x[:n - done]
-                labels = concept_labels(teacher, sae, x, layer, k_attr=k_attr, acts=acts, select=select)
+            for x, y in iter_eval_windows(split, seq_len, batch_size, max_batches=-(-n // batch_size)):
+                x, y = x[:n - done], y[:n - done]
+                labels = concept_labels(teacher, sae, x, layer, k_attr=k_attr, acts=acts, select=select, score=score,
+                                        targets=y if last_position == "extra_token" else None)
                 f.write(labels.cpu().numpy().astype(LABELS_DTYPE).tobytes())
                 done += len(x)
                 bar.update(len(x))
@@ -149,7 +195,8 @@ def build_label_cache(data_dir: str | Path, teacher: Teacher, sae: TopKSAE, out_
             "data": _data_identity(data_dir), "seq_len": seq_len, "n_windows": n, "split_windows": split_windows,
             "teacher": teacher.describe(), "layer": layer,
             "sae": {"fingerprint": sae_fingerprint(sae), "n_latents": sae.n_latents, "k": sae.k, "meta": sae.meta},
-            "k_attr": k_attr, "acts": acts, "select": select,
+            "k_attr": k_attr, "acts": acts, "select": select, "score": score, "last_position": last_position,
+            "teacher_dtype": teacher.dtype_name,
             "labels": {"file": LABELS_FILE, "dtype": "int32", "byteorder": "little", "shape": [n, seq_len, k_attr],
                        "bytes": (tmp / LABELS_FILE).stat().st_size, "sha256": sha256_file(tmp / LABELS_FILE)},
         })
@@ -174,7 +221,15 @@ _FIELDS = {("data", "manifest_sha256"): str, ("seq_len",): int, ("k_attr",): int
            ("sae", "k"): int, ("labels", "file"): str, ("labels", "shape"): list, ("labels", "sha256"): str}
 
 
+# Recorded since the settings existed; a cache without them was built as these say (latentlm before them
+# knew no other), except the teacher dtype, which the loader settles (:meth:`CachedLabels._check_dtype`).
+_LEGACY = {"score": "official", "last_position": "mask"}
+
+
 def _check_fields(m: dict[str, Any], path: Path) -> None:
+    for key in (*_LEGACY, "teacher_dtype"):
+        if key in m and not isinstance(m[key], str):
+            raise LatentLMError(f"{path} is damaged: {key} is {repr(m[key])[:40]}, not a valid str; {RERUN}")
     for keys, kind in _FIELDS.items():
         value: Any = m
         for key in keys:
@@ -191,12 +246,13 @@ class CachedLabels:
     """Labels looked up by window id in a cache written by :func:`build_label_cache` (memory-mapped).
 
     Opening checks that the cache belongs to this run: the data (manifest sha256), ``seq_len``,
-    ``k_attr``, ``acts``, ``select``, ``teacher_layer`` and, when the config names them, the
-    teacher and the SAE. ``verify="sha256"`` also checksums labels.bin (slow for large caches).
+    ``k_attr``, ``acts``, ``select``, ``score``, ``last_position``, ``teacher_layer``, the teacher's
+    compute dtype (``teacher.dtype`` on ``device``) and, when the config names them, the teacher and
+    the SAE. ``verify="sha256"`` also checksums labels.bin (slow for large caches).
     """
 
     def __init__(self, cache_dir: str | Path, cfg: Config, data_dir: str | Path, seq_len: int, *,
-                 verify: Literal["size", "sha256"] = "size"):
+                 verify: Literal["size", "sha256"] = "size", device: torch.device | str = "cpu"):
         self.dir = Path(cache_dir)
         self.manifest = m = CACHE_FORMAT.read(self.dir)
         _check_fields(m, self.dir / MANIFEST_FILE)
@@ -204,11 +260,13 @@ class CachedLabels:
         data = _data_identity(data_dir)
         checks = [("data manifest sha256", m["data"]["manifest_sha256"], data["manifest_sha256"]),
                   ("seq_len", m["seq_len"], seq_len), ("k_attr", m["k_attr"], c.k_attr), ("acts", m["acts"], c.acts),
-                  ("select", m["select"], c.select), ("teacher layer", m["layer"], c.layer)]
+                  ("select", m["select"], c.select), ("teacher layer", m["layer"], c.layer),
+                  *((key, m.get(key, old), getattr(c, key)) for key, old in _LEGACY.items())]
         for name, cached, run in checks:
             if cached != run:
                 raise LatentLMError(f"label cache {self.dir} was built with {name} {str(cached)[:16]}, this run uses "
                                     f"{str(run)[:16]}; {RERUN}")
+        self._check_dtype(m, cfg.teacher.dtype, device)
         teacher = cfg.teacher.path
         if teacher and not _teacher_spec_matches(teacher, m["teacher"]):
             raise LatentLMError(f"label cache {self.dir} was built with teacher {m['teacher'].get('path')}, not "
@@ -226,8 +284,23 @@ class CachedLabels:
         self.n_latents, self.k = int(m["sae"]["n_latents"]), int(m["sae"]["k"])
         self._labels = np.memmap(file, dtype=LABELS_DTYPE, mode="r", shape=(n, t, k))
 
-    def labels(self, x: torch.Tensor, windows: np.ndarray) -> torch.Tensor:
-        """int64 [B, T, k_attr] labels of the windows ``windows`` (the loader's ids), on ``x``'s device."""
+    def _check_dtype(self, m: dict[str, Any], setting: str, device: torch.device | str) -> None:
+        """The teacher dtype the cache was built with must be the run's. A cache from before the dtype was
+        recorded is taken as float32 (what latentlm then used on the CPU, and every cache had been built
+        there); a run configured before the setting existed (``auto``) checks nothing, as then."""
+        recorded = m.get("teacher_dtype")
+        if recorded is None and setting == "auto":
+            return
+        recorded = recorded or "float32"
+        run = dtype_name(teacher_dtype(setting, device))
+        if recorded != run:
+            raise LatentLMError(f"label cache {self.dir} was built with a {recorded} teacher, this run's teacher.dtype "
+                                f"is {run}; pass --teacher.dtype {recorded}, or re-run `latentlm concepts label` with "
+                                f"--teacher-dtype {run}")
+
+    def labels(self, x: torch.Tensor, windows: np.ndarray, y: torch.Tensor | None = None) -> torch.Tensor:
+        """int64 [B, T, k_attr] labels of the windows ``windows`` (the loader's ids), on ``x``'s device
+        (``y`` is not needed: the cache was built from the windows' tokens, the extra one included)."""
         windows = np.asarray(windows, dtype=np.int64)
         if x.shape != (len(windows), self.seq_len):
             raise LatentLMError(f"batch {tuple(x.shape)} does not fit label cache {self.dir}: expected "
@@ -245,5 +318,10 @@ def label_source(cfg: Config, device: torch.device | str) -> LabelSource:
     """The run's label source, checked against the run: the cache ``concepts.labels`` if set, else
     teacher + SAE on the fly. Either has ``n_latents`` and ``k``, the sizes of the SAE its labels index."""
     if cfg.concepts.labels:
-        return CachedLabels(cfg.concepts.labels, cfg, cfg.data.path, cfg.seq_len, verify=cfg.data.verify)
+        if cfg.data.shift_windows:
+            raise LatentLMError("data.shift_windows moves every window by a random offset each epoch, but a label "
+                                "cache holds the labels of fixed windows; drop --concepts.labels (labels on the fly) "
+                                "or set --data.shift_windows false")
+        return CachedLabels(cfg.concepts.labels, cfg, cfg.data.path, cfg.seq_len, verify=cfg.data.verify,
+                            device=device)
     return OnTheFlyLabels(cfg, device)

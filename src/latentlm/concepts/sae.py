@@ -7,8 +7,10 @@ the SAE-Lens layout: W_enc [d_in, C], b_enc [C], W_dec [C, d_in], b_dec [d_in].
 
 Besides the model this module trains one on streamed teacher activations (:func:`train_sae`),
 measures it (:func:`evaluate_sae`), saves and loads it in the SAE-Lens directory layout plus a
-latentlm manifest (:func:`save_sae`, :func:`load_sae`), imports OpenAI ``sparse_autoencoder``
-state dicts (:func:`sae_from_openai_state_dict`) and checks that an SAE belongs to the teacher
+latentlm manifest (:func:`save_sae`, :func:`load_sae`), imports third-party TopK SAEs (SAE-Lens
+directories without our manifest, such as the public copies of OpenAI's GPT-2 SAEs, and OpenAI
+``sparse_autoencoder`` state dicts: :func:`sae_from_openai_state_dict`), reading k and the activation
+from the files and refusing what is not a TopK SAE, and checks that an SAE belongs to the teacher
 it is used with (:func:`check_sae_matches`). See docs/COCOMIX.md, "Sparse autoencoder".
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -369,8 +372,6 @@ def save_sae(sae: TopKSAE, directory: str | Path, metrics: dict[str, Any] | None
 
 def _load_openai_file(path: Path, k: int | None) -> TopKSAE:
     """An SAE from a .safetensors / .pt file holding an OpenAI ``sparse_autoencoder`` state dict."""
-    if k is None:
-        raise LatentLMError(f"{path} is an OpenAI-format SAE file, which does not record k; pass k")
     try:
         if path.suffix == ".safetensors":
             state = load_file(str(path))
@@ -381,20 +382,28 @@ def _load_openai_file(path: Path, k: int | None) -> TopKSAE:
                             "state dict of tensors") from None
     if not isinstance(state, Mapping):
         raise LatentLMError(f"{path} does not hold a state dict; expected OpenAI keys {', '.join(OPENAI_KEYS)}")
-    return sae_from_openai_state_dict(state, k)
+    return sae_from_openai_state_dict(state, k, source=str(path))
 
 
 def load_sae(path: str | Path, k: int | None = None) -> TopKSAE:
-    """Load an SAE (eval mode, CPU) saved by :func:`save_sae`, or an OpenAI-format .safetensors/.pt
-    state dict file (``k`` required then). A given ``k`` must match a saved directory's cfg."""
+    """Load an SAE (eval mode, CPU): a directory saved by :func:`save_sae` (checked against its
+    manifest), a SAE-Lens directory without our manifest (cfg.json + sae_weights.safetensors, e.g. the
+    public copies of OpenAI's GPT-2 SAEs), or an OpenAI-format .pt/.safetensors state dict file. k and
+    the activation are read from the files (a given ``k`` must match); an SAE that is not TopK is refused."""
     p = Path(path)
     if p.is_file():
         if p.suffix not in (".safetensors", ".pt"):
-            raise LatentLMError(f"{p} is not an SAE: pass a directory written by save_sae, or an "
+            raise LatentLMError(f"{p} is not an SAE: pass a directory written by save_sae or SAE-Lens, or an "
                                 "OpenAI-format .safetensors/.pt file")
         return _load_openai_file(p, k)
     if not p.is_dir():
-        raise LatentLMError(f"SAE {p} does not exist; pass a directory written by save_sae or an OpenAI-format file")
+        raise LatentLMError(f"SAE {p} does not exist; pass a directory written by save_sae or SAE-Lens, or an "
+                            "OpenAI-format file")
+    if not (p / SAE_FORMAT.name).is_file():
+        if (p / CFG_FILE).is_file() and (p / WEIGHTS_FILE).is_file():
+            return _load_sae_lens_dir(p, k)
+        raise LatentLMError(f"{p} is not an SAE directory: it has neither latentlm's {SAE_FORMAT.name} nor SAE-Lens' "
+                            f"{CFG_FILE} + {WEIGHTS_FILE}")
     manifest = SAE_FORMAT.read(p)
     for name in (CFG_FILE, WEIGHTS_FILE):
         if not (p / name).is_file():
@@ -430,6 +439,87 @@ def load_sae(path: str | Path, k: int | None = None) -> TopKSAE:
     return sae.eval()
 
 
+def _sae_lens_topk(cfg: Mapping[str, Any], p: Path) -> int:
+    """k of a SAE-Lens cfg.json that describes a TopK SAE (any cfg version), else a one-line refusal.
+
+    SAE-Lens >= 6 writes ``architecture: "topk"`` and ``k``; older versions (and the public copies of
+    OpenAI's GPT-2 SAEs) ``activation_fn_str: "topk"`` (later ``activation_fn``) with
+    ``activation_fn_kwargs: {"k": ...}`` and ``architecture`` "standard" or none."""
+    arch = cfg.get("architecture")
+    act = cfg.get("activation_fn", cfg.get("activation_fn_str"))
+    kwargs = cfg.get("activation_fn_kwargs") if isinstance(cfg.get("activation_fn_kwargs"), Mapping) else {}
+    if not (arch == "topk" or (arch in (None, "standard") and act == "topk")):
+        raise LatentLMError(f"SAE {p} is not a TopK SAE (architecture {arch or 'standard'!r}, activation "
+                            f"{act or 'relu'!r} in its cfg.json); CoCoMix concepts need a TopK SAE")
+    k = cfg.get("k", kwargs.get("k"))
+    d_sae = cfg.get("d_sae")
+    if not (isinstance(k, int) and not isinstance(k, bool) and isinstance(d_sae, int) and 0 < k <= d_sae):
+        raise LatentLMError(f"{p / CFG_FILE} describes a TopK SAE but gives no valid k (k={k!r}, d_sae={d_sae!r}); "
+                            "set k (activation_fn_kwargs.k) in it")
+    return k
+
+
+# SAE-Lens hook names of the residual stream around a block, as the teacher block whose output they read.
+_HOOKS = {"hook_resid_post": 0, "hook_resid_pre": -1}
+
+
+def _sae_lens_layer(cfg: Mapping[str, Any], p: Path) -> int | None:
+    """The teacher block whose output the SAE reads, from its hook name (None when not recorded)."""
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), Mapping) else {}
+    hook = cfg.get("hook_name", cfg.get("hook_point", meta.get("hook_name")))
+    if not isinstance(hook, str):
+        return None
+    m = re.fullmatch(r"blocks\.(\d+)\.(\w+)", hook)
+    if m is None or m.group(2) not in _HOOKS or int(m.group(1)) + _HOOKS[m.group(2)] < 0:
+        raise LatentLMError(f"SAE {p} reads {hook!r}; latentlm's teachers expose the residual stream after a "
+                            "block (blocks.N.hook_resid_post), so use an SAE trained there")
+    return int(m.group(1)) + _HOOKS[m.group(2)]
+
+
+def _load_sae_lens_dir(p: Path, k: int | None) -> TopKSAE:
+    """A third-party SAE-Lens directory (cfg.json + sae_weights.safetensors, no latentlm manifest)."""
+    hint = "it is not a readable SAE-Lens directory"
+    cfg = read_json_object(p / CFG_FILE, hint)
+    cfg_k = _sae_lens_topk(cfg, p)
+    if k is not None and k != cfg_k:
+        raise LatentLMError(f"SAE {p} has k={cfg_k} in its cfg.json, not k={k}; drop the k argument or use k={cfg_k}")
+    norm = cfg.get("normalize_activations")
+    if norm != "layer_norm":
+        raise LatentLMError(f"SAE {p} normalizes its inputs with {norm!r}; latentlm's SAEs and concept heads "
+                            "normalize each token by its mean and std (SAE-Lens 'layer_norm'), so use such an SAE")
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        raise LatentLMError(f"SAE {p} ranks latents by pre-activation x decoder norm "
+                            "(rescale_acts_by_decoder_norm); latentlm's TopK ranks raw pre-activations")
+    try:
+        state = load_file(str(p / WEIGHTS_FILE))
+    except SafetensorError:
+        raise LatentLMError(f"cannot read {p / WEIGHTS_FILE}; {hint}") from None
+    missing = [n for n in PARAM_NAMES if n not in state]
+    extra = [n for n in state if n not in PARAM_NAMES and not (n == "scaling_factor" and bool((state[n] == 1).all()))]
+    if missing or extra:
+        raise LatentLMError(f"{p / WEIGHTS_FILE} holds {sorted(state)}; a SAE-Lens TopK SAE has exactly "
+                            f"{', '.join(PARAM_NAMES)} (a scaling_factor of ones is ignored)")
+    d_in, d_sae = state["W_enc"].shape if state["W_enc"].dim() == 2 else (0, 0)
+    want = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    bad = [f"{n} {tuple(state[n].shape)}" for n, shape in want.items() if tuple(state[n].shape) != shape]
+    if bad or (cfg.get("d_in"), cfg.get("d_sae")) != (d_in, d_sae) or cfg_k > d_sae:
+        raise LatentLMError(f"{p / WEIGHTS_FILE} has {', '.join(bad) or 'W_enc ' + str((d_in, d_sae))}, not the "
+                            f"shapes of cfg.json's d_in={cfg.get('d_in')}, d_sae={cfg.get('d_sae')}; the files do not "
+                            "belong together")
+    state = {n: state[n].to(torch.float32) for n in PARAM_NAMES}
+    if cfg.get("apply_b_dec_to_input", True) is False:
+        # pre = x W_enc + b_enc equals ours, (x - b_dec) W_enc + b_enc', with b_enc' = b_enc + b_dec W_enc.
+        state["b_enc"] = state["b_enc"] + state["b_dec"].double() @ state["W_enc"].double()
+        state["b_enc"] = state["b_enc"].float()
+    meta: dict[str, Any] = {"imported": {"format": "sae-lens", "path": str(p.resolve())}}
+    layer = _sae_lens_layer(cfg, p)
+    if layer is not None:
+        meta["layer"] = layer
+    sae = _to_be_loaded(d_in, d_sae, cfg_k, meta)
+    sae.load_state_dict(state)
+    return sae.eval()
+
+
 def _to_be_loaded(d_in: int, n_latents: int, k: int, meta: dict[str, Any] | None = None) -> TopKSAE:
     """An SAE whose weights are about to be overwritten: its throw-away init draws from a forked RNG,
     so loading an SAE never shifts a caller's seeded stream (e.g. a student's initial weights)."""
@@ -437,10 +527,41 @@ def _to_be_loaded(d_in: int, n_latents: int, k: int, meta: dict[str, Any] | None
         return TopKSAE(d_in, n_latents, k, meta)
 
 
-def sae_from_openai_state_dict(state_dict: Mapping[str, Any], k: int) -> TopKSAE:
+def _openai_k(state_dict: Mapping[str, Any], k: int | None, source: str) -> int:
+    """k of an OpenAI state dict: recorded by ``Autoencoder.state_dict()`` as ``activation: "TopK"`` and
+    ``activation_state_dict: {"k": ..., "postact_fn": "ReLU"}``; anything else recorded is refused (OpenAI's
+    loader reads such an SAE with that activation and no input normalisation). A file of tensors alone
+    (e.g. .safetensors) records nothing: ``k`` must be given, vouching that it is TopK."""
+    activation = state_dict.get("activation")
+    if activation is None:
+        if k is None:
+            raise LatentLMError(f"{source} records no activation (only tensors); pass k if it is a TopK SAE")
+        return k
+    if activation != "TopK":
+        raise LatentLMError(f"{source} is an OpenAI SAE with activation {activation!r}, not 'TopK'; CoCoMix concepts "
+                            "need a TopK SAE")
+    act = state_dict.get("activation_state_dict")
+    act = act if isinstance(act, Mapping) else {}
+    file_k, post = act.get("k"), act.get("postact_fn", "ReLU")
+    if post != "ReLU":
+        raise LatentLMError(f"{source} applies {post!r} after its TopK; latentlm's TopK SAEs apply ReLU")
+    if not isinstance(file_k, int) or isinstance(file_k, bool):
+        if k is None:
+            raise LatentLMError(f"{source} is a TopK SAE but records no k (activation_state_dict.k); pass k")
+        return k
+    if k is not None and k != file_k:
+        raise LatentLMError(f"{source} records k={file_k}, not k={k}; drop the k argument or use k={file_k}")
+    return file_k
+
+
+def sae_from_openai_state_dict(state_dict: Mapping[str, Any], k: int | None = None, *,
+                               source: str = "the OpenAI state dict") -> TopKSAE:
     """A TopKSAE from an OpenAI ``sparse_autoencoder`` state dict (pre_bias [d], encoder.weight [C, d],
     latent_bias [C], decoder.weight [d, C]): pre_bias is b_dec, latent_bias b_enc, weights transposed.
-    Other keys (e.g. ``stats_last_nonzero``) are ignored; the result has no meta."""
+    k comes from the recorded activation (``TopK`` with its ``k``; another activation is refused) or,
+    for tensors alone, from ``k``. Other keys (e.g. ``stats_last_nonzero``) are ignored; the result
+    has no meta."""
+    k = _openai_k(state_dict, k, source)
     missing = [key for key in OPENAI_KEYS if not isinstance(state_dict.get(key), torch.Tensor)]
     if missing:
         raise LatentLMError(f"not an OpenAI sparse_autoencoder state dict: missing tensors {', '.join(missing)}")
@@ -456,7 +577,7 @@ def sae_from_openai_state_dict(state_dict: Mapping[str, Any], k: int) -> TopKSAE
     if not 0 < k <= n_latents:
         raise LatentLMError(f"k={k} must be in [1, {n_latents}] for this OpenAI SAE")
     sae = _to_be_loaded(d_in, n_latents, k)
-    with torch.no_grad():
+    with torch.no_grad():  # copy_ casts (a bf16 / fp16 file) to the SAE's float32
         sae.W_enc.copy_(enc.t())
         sae.b_enc.copy_(state_dict["latent_bias"])
         sae.W_dec.copy_(state_dict["decoder.weight"].t())

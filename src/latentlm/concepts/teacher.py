@@ -9,33 +9,40 @@ the gradient of its own next-token loss with respect to that residual stream. Tw
 
 :func:`load_teacher` picks the kind from a spec string. Teachers are always frozen (no
 parameter requires grad, eval mode), so gradients never accumulate in their weights, and
-every returned tensor is float32 whatever the compute dtype.
+every returned tensor is float32 whatever the compute dtype. A teacher computes in its own dtype
+(``teacher.dtype``: float32 by default, as the authors' teacher, which runs outside autocast) with
+autocast switched off, so a bf16 training context never lowers its precision.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
+import math
 import re
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from latentlm.checkpoint_files import load_core, resolve_checkpoint, saved_config
 from latentlm.data.prepare import tokenizer_for
-from latentlm.data.tokenizers import HFTokenizer, Tokenizer, require_hf, smollm2_gguf
+from latentlm.data.tokenizers import HFTokenizer, Tokenizer, gguf_path, require_hf, smollm2_gguf
 from latentlm.errors import LatentLMError
 from latentlm.fileio import sha256_file
+from latentlm.gguf_cache import convert_gguf
 from latentlm.model.config import ModelConfig
 from latentlm.presets import config_path
 from latentlm.model.hf import hf_model_config
 from latentlm.model.transformer import Transformer
-from latentlm.settings import Settings, build, load_yaml
+from latentlm.settings import Settings, build, load_yaml, setting
 
 
 
@@ -45,12 +52,86 @@ class TeacherSettings(Settings):
     (KD and CoCoMix among the built-ins), so methods never borrow each other's sections."""
 
     section = "teacher"
-    path: str = ""  # a latentlm run/checkpoint of a plain LM, a Hugging Face dir, a .gguf file, or "smollm2"
+    path: str = setting("", "the frozen teacher: a latentlm run/checkpoint of a plain LM, a Hugging Face dir, "
+                            "a .gguf file, or smollm2")
+    dtype: Literal["float32", "bfloat16", "auto"] = setting("float32", "the teacher's compute dtype: float32 = the "
+                                                            "authors' (outside autocast); auto = bfloat16 on CUDA, "
+                                                            "float32 elsewhere (latentlm before the setting)")
 
 
-def default_dtype(device: str | torch.device) -> torch.dtype:
-    """bf16 on CUDA (halves memory and runs on tensor cores), float32 elsewhere."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def teacher_dtype(name: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """The torch dtype of a teacher dtype setting on ``device``: ``float32`` (also for None),
+    ``bfloat16``, or ``auto`` (bfloat16 on CUDA, float32 elsewhere: what latentlm used before the
+    setting existed). A torch dtype passes through."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name is None or name in TEACHER_DTYPES:
+        return TEACHER_DTYPES[name or "float32"]
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    raise LatentLMError(f"teacher dtype {name!r} is not one of float32, bfloat16, auto")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``"float32"`` / ``"bfloat16"`` (what label caches record)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _no_autocast(device: torch.device):
+    """The teacher computes in its own dtype: an enclosing autocast (a bf16 training step) is off here."""
+    return torch.autocast(device.type, enabled=False)
+
+
+class _PerPositionGrad(TorchFunctionMode):
+    """Inside it, attention lets a position's keys and values carry gradient only to that position's own
+    query, so the backward of the summed loss gives, at every position t, d(loss_t)/d(input_t) alone.
+
+    Forward values are unchanged. Why that isolates position t: in a causal transformer only attention
+    moves information between positions, and stream t reaches other positions only through its keys and
+    values; with those detached for every other query, the gradient reaching position t's input is the
+    one of its own loss (other positions never feed back into stream t, by causality). Intercepts
+    ``F.scaled_dot_product_attention`` (our core and Hugging Face's sdpa attention); ``calls`` counts the
+    differentiable calls it rewrote, so a model whose attention bypasses SDPA is detected."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        q, k, v = args[:3]
+        if not (q.requires_grad or k.requires_grad or v.requires_grad):
+            return func(*args, **kwargs)
+        self.calls += 1
+        return _self_grad_attention(q, k, v, *args[3:], **kwargs)
+
+
+def _self_grad_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                         enable_gqa=False) -> torch.Tensor:
+    """Attention equal to SDPA's in value, whose keys / values get gradient only from their own query."""
+    T = q.shape[-2]
+    if k.shape[-2] != T or dropout_p:
+        raise LatentLMError("per-position attribution needs the teacher's plain self-attention over the whole "
+                            "window (no cache, no dropout)")
+    if k.shape[-3] != q.shape[-3]:  # grouped-query attention: one key/value head per group of queries
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+    k0, v0 = k.detach(), v.detach()
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q @ k0.transpose(-1, -2)) * scale
+    # + diag(q_t . (k_t - k0_t)): zero in value, the gradient of position t's own key
+    scores = scores + torch.diag_embed((q * (k - k0)).sum(-1) * scale)
+    if is_causal:
+        scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    p = scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(-1).to(q.dtype)
+    return p @ v0 + p.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * (v - v0)
 
 
 def _freeze(module: nn.Module) -> None:
@@ -59,17 +140,22 @@ def _freeze(module: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-def _ntp_loss_sum(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Sum over positions t < T-1 of CE(logits_t, idx[t+1]), computed in float32."""
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                           idx[:, 1:].reshape(-1), reduction="sum")
+def _ntp_loss_sum(logits: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed next-token loss in float32: over t < T-1 of CE(logits_t, idx[t+1]), or with ``targets``
+    [B, T] (the window's next tokens, e.g. the loader's ``y``) over every t of CE(logits_t, targets_t)."""
+    if targets is None:
+        logits, targets = logits[:, :-1], idx[:, 1:]
+    if targets.shape != logits.shape[:2]:
+        raise LatentLMError(f"teacher targets {tuple(targets.shape)} do not fit the window {tuple(logits.shape[:2])}")
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device),
+                           reduction="sum")
 
 
 class Teacher:
     """A frozen LM: residual stream after block ``layer`` (0-based) and its NTP-loss gradient.
 
-    Subclasses set ``d_model``, ``n_layer``, ``tokenizer``, ``kind``, ``path`` and implement
-    :meth:`hidden`, :meth:`hidden_and_grad` and :meth:`_fingerprint`.
+    Subclasses set ``d_model``, ``n_layer``, ``tokenizer``, ``kind``, ``path``, ``dtype`` and implement
+    :meth:`hidden`, :meth:`_upper_grad` and :meth:`_fingerprint`.
     """
 
     d_model: int
@@ -78,16 +164,36 @@ class Teacher:
     kind: str
     path: str
     device: torch.device
+    dtype: torch.dtype  # the compute dtype of the weights (float32 unless asked otherwise)
 
     def hidden(self, idx: torch.Tensor, layer: int) -> torch.Tensor:
         """Residual stream [B, T, d] after block ``layer`` (float32, no grad); later blocks are not run."""
         raise NotImplementedError
 
-    def hidden_and_grad(self, idx: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(h, dL/dh)``, both [B, T, d] float32, with L the teacher's summed NTP loss on ``idx``.
+    def hidden_and_grad(self, idx: torch.Tensor, layer: int, *, targets: torch.Tensor | None = None,
+                        replace=None, per_position: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h, g)``, both [B, T, d] float32: ``h`` the residual stream after block ``layer`` and ``g`` the
+        gradient of the teacher's summed NTP loss with respect to what the later blocks read there.
 
-        The backward pass stops at ``h`` (blocks up to ``layer`` are not differentiated).
+        The loss covers t < T-1 (``idx[t+1]`` is the target), or every t with ``targets`` [B, T] (the
+        window's next tokens). ``replace(h) -> u`` (run without grad) substitutes ``u`` for ``h`` as the
+        later blocks' input, and ``g`` is taken at ``u`` (e.g. the SAE reconstruction). With
+        ``per_position`` each position's gradient is that of its own loss only (``d loss_t / d u_t``, by
+        :class:`_PerPositionGrad`) instead of the summed loss's. The backward pass stops there: blocks up
+        to ``layer`` are never differentiated.
         """
+        self._check_layer(layer)
+        idx = idx.to(self.device)
+        mode = _PerPositionGrad() if per_position else None
+        with _no_autocast(self.device):
+            h, g = self._upper_grad(idx, layer, targets, replace, mode)
+        if mode is not None and mode.calls < self.n_layer - layer - 1:
+            raise LatentLMError(f"teacher {self.path}'s attention does not run through "
+                                "torch's scaled_dot_product_attention, so per-position gradients (concepts.score "
+                                "eq1) cannot be isolated; use concepts.score official")
+        return h.detach().float(), g.float()
+
+    def _upper_grad(self, idx, layer, targets, replace, mode) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def _fingerprint(self) -> str:
@@ -101,6 +207,11 @@ class Teacher:
     def model_config(self) -> ModelConfig:
         """The teacher's shape in our terms (for FLOP accounting)."""
         raise NotImplementedError
+
+    @property
+    def dtype_name(self) -> str:
+        """The compute dtype as a label cache records it (``float32``, ``bfloat16``)."""
+        return dtype_name(self.dtype)
 
     def describe(self) -> dict[str, Any]:
         """JSON-able identity for manifests (with the shape, so a label cache knows its FLOP cost)."""
@@ -137,7 +248,8 @@ class LatentLMTeacher(Teacher):
     def _setup(self, model: Transformer, tokenizer: Tokenizer, path: str, device: str | torch.device,
                dtype: torch.dtype | None, fingerprint: str | None) -> None:
         self.device = torch.device(device)
-        self.model = model.to(device=self.device, dtype=dtype or default_dtype(self.device))
+        self.dtype = teacher_dtype(dtype, self.device)
+        self.model = model.to(device=self.device, dtype=self.dtype)
         _freeze(self.model)
         self.tokenizer, self.path, self._manifest_sha = tokenizer, path, fingerprint
         self.d_model, self.n_layer = model.cfg.n_embd, model.cfg.n_layer
@@ -162,18 +274,18 @@ class LatentLMTeacher(Teacher):
     @torch.no_grad()
     def hidden(self, idx: torch.Tensor, layer: int) -> torch.Tensor:
         self._check_layer(layer)
-        return self._trunk(idx.to(self.device), layer)[0].float()
+        with _no_autocast(self.device):
+            return self._trunk(idx.to(self.device), layer)[0].float()
 
-    def hidden_and_grad(self, idx: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self._check_layer(layer)
-        idx = idx.to(self.device)
+    def _upper_grad(self, idx, layer, targets, replace, mode):
         with torch.no_grad():
             h, pos = self._trunk(idx, layer)
-        h = h.detach().requires_grad_()
-        with torch.enable_grad():
-            logits = self.model.head(self.model.run_blocks(h, pos, layer + 1, None))
-            (g,) = torch.autograd.grad(_ntp_loss_sum(logits, idx), h)
-        return h.detach().float(), g.float()
+            u = h if replace is None else replace(h).to(h.dtype)
+        u = u.detach().requires_grad_()
+        with torch.enable_grad(), (mode or contextlib.nullcontext()):
+            logits = self.model.head(self.model.run_blocks(u, pos, layer + 1, None))
+            (g,) = torch.autograd.grad(_ntp_loss_sum(logits, idx, targets), u)
+        return h, g
 
 
 class _StopForward(Exception):
@@ -206,18 +318,22 @@ class HFTeacher(Teacher):
     kind = "hf"
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 gguf_file: str | None = None):
+                 gguf_file: str | None = None, converted_from: tuple[Path, str] | None = None):
+        """``converted_from``: ``(GGUF file, its sha256)`` when ``path`` is that file's cached conversion;
+        the teacher then describes itself as the GGUF (same path, tokenizer and fingerprint)."""
         require_hf(gguf_file is not None)
         import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = torch.device(device)
-        dtype = dtype or default_dtype(self.device)
+        self.dtype = dtype = teacher_dtype(dtype, self.device)
         directory = Path(path)
         if not directory.is_dir():
             raise LatentLMError(f"teacher directory {path} does not exist")
         self.gguf_file = gguf_file
         self.path = str(directory / gguf_file) if gguf_file else str(directory)
+        if converted_from is not None:
+            self.path, self.__dict__["fingerprint"] = str(converted_from[0]), converted_from[1]
         # transformers >= 4.56 calls the argument `dtype`; older releases `torch_dtype`.
         major, minor = (int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
         dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
@@ -258,38 +374,50 @@ class HFTeacher(Teacher):
             raise _StopForward
 
         try:
-            self._run(idx, layer, hook)
+            with _no_autocast(self.device):
+                self._run(idx, layer, hook)
         except _StopForward:
             pass
         return captured[0].float()
 
-    def hidden_and_grad(self, idx: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self._check_layer(layer)
+    def _upper_grad(self, idx, layer, targets, replace, mode):
         captured: list[torch.Tensor] = []
 
         def hook(module, args, output):
-            h = (output[0] if isinstance(output, tuple) else output).detach().requires_grad_()
-            captured.append(h)
-            return (h, *output[1:]) if isinstance(output, tuple) else h
+            h = output[0] if isinstance(output, tuple) else output
+            with torch.no_grad():
+                u = h if replace is None else replace(h).to(h.dtype)
+            u = u.detach().requires_grad_()
+            captured.extend((h, u))
+            return (u, *output[1:]) if isinstance(output, tuple) else u
 
-        idx = idx.to(self.device)
-        with torch.enable_grad():
+        with torch.enable_grad(), (mode or contextlib.nullcontext()):
             logits = self._run(idx, layer, hook).logits
-            (g,) = torch.autograd.grad(_ntp_loss_sum(logits, idx), captured[0])
-        return captured[0].detach().float(), g.float()
+            (g,) = torch.autograd.grad(_ntp_loss_sum(logits, idx, targets), captured[1])
+        return captured[0], g
 
 
-def load_teacher(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Teacher:
-    """A frozen teacher from ``spec``: ``smollm2``, a ``.gguf`` file, a Hugging Face model
-    directory (has config.json), or a latentlm run / checkpoint directory."""
-    if spec == "smollm2":
-        f = smollm2_gguf()
+def _gguf_teacher(f: Path, device: str | torch.device, dtype: torch.dtype | str | None) -> HFTeacher:
+    """A GGUF teacher read from its cached conversion (converted on first use); with a cache that
+    cannot be written, dequantized in memory as transformers does on every load."""
+    require_hf(True)
+    try:
+        directory, sha = convert_gguf(f)
+    except LatentLMError as e:
+        print(f"warning: {e}; loading {f.name} without the cache (slow)", file=sys.stderr, flush=True)
         return HFTeacher(f.parent, device, dtype, gguf_file=f.name)
+    return HFTeacher(directory, device, dtype, converted_from=(f, sha))
+
+
+def load_teacher(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None) -> Teacher:
+    """A frozen teacher from ``spec``: ``smollm2``, a ``.gguf`` file (both through latentlm's cache
+    of converted GGUFs, :mod:`latentlm.gguf_cache`), a Hugging Face model directory (has
+    config.json), or a latentlm run / checkpoint directory. ``dtype``: a torch dtype or a
+    ``teacher.dtype`` setting (float32 when None; see :func:`teacher_dtype`)."""
+    f = gguf_path(spec)
+    if f is not None:
+        return _gguf_teacher(f, device, dtype)
     p = Path(spec)
-    if p.suffix == ".gguf":
-        if not p.is_file():
-            raise LatentLMError(f"GGUF file {spec} does not exist")
-        return HFTeacher(p.parent, device, dtype, gguf_file=p.name)
     if (p / "manifest.json").is_file() or (p / "checkpoints").is_dir():
         return LatentLMTeacher(p, device, dtype)
     if (p / "config.json").is_file():

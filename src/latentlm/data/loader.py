@@ -4,6 +4,10 @@ The shards of a split are memory-mapped and read as one token stream. The stream
 windows of ``block_size + 1`` tokens; window ``i`` starts at ``i * block_size`` (consecutive
 windows share one token, so every token but the first is a target exactly once) and the
 incomplete tail is dropped. ``x`` is a window without its last token, ``y`` without its first.
+Training windows can also be shifted (``shift=True``, the CoCoMix authors' loader): each epoch window
+``i`` starts at ``i * block_size + s_i`` with ``s_i`` drawn uniformly from ``[0, block_size]``
+(``[0, r]`` for the last window, where ``r`` tokens are left over), so the model sees other cuts
+of the stream every epoch.
 """
 
 from __future__ import annotations
@@ -80,11 +84,14 @@ class TokenSplit:
             "or was edited; re-run `latentlm prepare`")
 
 
-def _batch(split: TokenSplit, windows: np.ndarray, block_size: int, pin_memory: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) int64 tensors [len(windows), block_size] for the given window indices."""
+def _batch(split: TokenSplit, windows: np.ndarray, block_size: int, pin_memory: bool,
+           offsets: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) int64 tensors [len(windows), block_size] for the given window indices (each moved
+    ``offsets[row]`` tokens further into the stream when given)."""
     buf = np.empty((len(windows), block_size + 1), dtype=np.int64)
     for row, w in enumerate(windows):
-        buf[row] = split.get(int(w) * block_size, block_size + 1)
+        start = int(w) * block_size + (0 if offsets is None else int(offsets[row]))
+        buf[row] = split.get(start, block_size + 1)
     x = torch.from_numpy(buf[:, :-1].copy())
     y = torch.from_numpy(buf[:, 1:].copy())
     if pin_memory and torch.cuda.is_available():
@@ -104,7 +111,8 @@ class WindowLoader:
     ``[r * batch_size, (r + 1) * batch_size)``, so N ranks with batch B see exactly the windows
     of one rank with batch N*B. When fewer windows than a global batch remain in the epoch they
     are skipped and the next epoch starts (its permutation is independent, so skipped windows
-    are not systematically lost).
+    are not systematically lost). With ``shift`` the windows' offsets (module docstring) are drawn
+    per epoch from (seed, epoch) too, from a stream of their own: resumable and rank-independent.
     """
 
     def __init__(
@@ -117,6 +125,7 @@ class WindowLoader:
         rank: int = 0,
         world_size: int = 1,
         pin_memory: bool = False,
+        shift: bool = False,
     ) -> None:
         if block_size < 1 or batch_size < 1:
             raise LatentLMError(f"block_size and batch_size must be positive, got {block_size} and {batch_size}")
@@ -126,6 +135,7 @@ class WindowLoader:
             raise LatentLMError(f"rank {rank} is outside world size {world_size}")
         self.split, self.block_size, self.batch_size = split, block_size, batch_size
         self.seed, self.rank, self.world_size, self.pin_memory = seed, rank, world_size, pin_memory
+        self.shift = shift
         self.global_batch = batch_size * world_size
         self.num_windows = _num_windows(split, block_size)
         if self.num_windows < self.global_batch:
@@ -136,6 +146,7 @@ class WindowLoader:
             )
         self.epoch, self.cursor = 0, 0
         self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
+        self._shift_epoch, self._shifts = -1, np.empty(0, dtype=np.int64)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -148,22 +159,35 @@ class WindowLoader:
             self._order, self._order_epoch = rng.permutation(self.num_windows), epoch
         return self._order
 
+    def epoch_shifts(self, epoch: int) -> np.ndarray:
+        """Every window's offset in ``epoch`` (int64 [num_windows]; zeros without ``shift``)."""
+        if not self.shift:
+            return np.zeros(self.num_windows, dtype=np.int64)
+        if epoch != self._shift_epoch:
+            rng = np.random.Generator(np.random.PCG64([self.seed, epoch, 1]))  # not the permutation's stream
+            shifts = rng.integers(0, self.block_size + 1, size=self.num_windows)
+            spare = len(self.split) - 1 - self.num_windows * self.block_size  # tokens after the last window
+            shifts[-1] = rng.integers(0, spare + 1)
+            self._shifts, self._shift_epoch = shifts, epoch
+        return self._shifts
+
     def next_batch_windows(self) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """This rank's next (x, y, windows): x and y int64 tensors [batch_size, block_size], and the
-        batch's window ids (int64 [batch_size]; window i starts at token i * block_size), which key
-        per-window data such as a concept-label cache."""
+        batch's window ids (int64 [batch_size]; window i starts at token i * block_size, plus its
+        epoch's offset with ``shift``), which key per-window data such as a concept-label cache."""
         if self.cursor + self.global_batch > self.num_windows:
             self.epoch, self.cursor = self.epoch + 1, 0
         lo = self.cursor + self.rank * self.batch_size
         windows = self._epoch_order(self.epoch)[lo:lo + self.batch_size]
         self.cursor += self.global_batch
-        return (*_batch(self.split, windows, self.block_size, self.pin_memory), windows)
+        offsets = self.epoch_shifts(self.epoch)[windows] if self.shift else None
+        return (*_batch(self.split, windows, self.block_size, self.pin_memory, offsets), windows)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's next (x, y), each an int64 tensor [batch_size, block_size]."""
         return self.next_batch_windows()[:2]
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, int | bool]:
         """Position in the data stream; the same on every rank."""
         return {
             "epoch": self.epoch,
@@ -171,14 +195,16 @@ class WindowLoader:
             "seed": self.seed,
             "block_size": self.block_size,
             "batch_size_global": self.global_batch,
+            "shift": self.shift,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where ``state`` left off (the saved seed replaces this loader's seed)."""
-        for key, mine in (("block_size", self.block_size), ("batch_size_global", self.global_batch)):
-            if state[key] != mine:
+        for key, mine in (("block_size", self.block_size), ("batch_size_global", self.global_batch),
+                          ("shift", self.shift)):
+            if state.get(key, False) != mine:  # a state saved before "shift" existed had unshifted windows
                 raise LatentLMError(
-                    f"cannot resume the data loader: checkpoint has {key}={state[key]} but this run uses {mine}; "
+                    f"cannot resume the data loader: checkpoint has {key}={state.get(key, False)} but this run uses {mine}; "
                     "use the checkpoint's value or start a new run"
                 )
         if not 0 <= state["cursor"] <= self.num_windows:
@@ -187,7 +213,7 @@ class WindowLoader:
                 "of this data; resume with the data the run was started with"
             )
         self.seed, self.epoch, self.cursor = int(state["seed"]), int(state["epoch"]), int(state["cursor"])
-        self._order_epoch = -1
+        self._order_epoch = self._shift_epoch = -1
 
 
 def iter_eval_windows(

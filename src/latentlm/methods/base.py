@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from latentlm.errors import LatentLMError
 from latentlm.model.flops import forward_flops_per_slot
+from latentlm.model.losses import head_cross_entropy
 from latentlm.model.transformer import KVCache, Transformer
 
 if TYPE_CHECKING:  # annotations only: the run config is built above the methods (latentlm.config)
@@ -100,6 +101,17 @@ class Method(nn.Module):
     def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Next-token logits [B, T, V] of the language model as evaluation scores it (perplexity,
         zero-shot); methods with several :attr:`eval_modes` use the one set by :meth:`set_eval_mode`."""
+        raise NotImplementedError
+
+    # True when eval_hidden can run a sequence piece by piece through a KV cache, giving eval_logits'
+    # values (zero-shot scoring then runs each shared context once for all its continuations).
+    cached_eval = False
+
+    def eval_hidden(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor | None,
+                    cache: KVCache) -> torch.Tensor:
+        """The stream [B, T, d] whose ``self.model.head`` is :meth:`eval_logits`' logits at tokens ``idx``
+        (positions ``position_ids``, ``valid`` False for padding) following what ``cache`` already holds,
+        which it extends as :meth:`step` does. Implemented where :attr:`cached_eval` is true."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, nll: bool = False, **inputs: Any):
@@ -179,18 +191,36 @@ def token_nll(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 class LogitsMethod(Method):
     """A method whose loss is next-token cross-entropy on ``logits(idx, position_ids, valid, cache)``,
-    evaluated and generated through the same call. Subclasses define ``logits`` and
+    evaluated and generated through the same call. Subclasses define ``hidden`` (the stream the
+    core's head reads: ``logits`` is its head, and the loss is computed without materialising the
+    logits, :func:`~latentlm.model.losses.head_cross_entropy`) or ``logits`` itself, and
     ``forward_flops_per_token``."""
+
+    def hidden(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor | None = None,
+               cache: KVCache | None = None) -> torch.Tensor:
+        """The stream [B, T, d] before the core's final norm and head, whose head gives the logits."""
+        raise NotImplementedError
 
     def logits(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor | None = None,
                cache: KVCache | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        return self.model.head(self.hidden(idx, position_ids, valid, cache))
 
     def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits(x, token_positions(x))
 
+    @property
+    def cached_eval(self) -> bool:  # logits are the head of hidden(), which runs through a cache
+        return type(self).logits is LogitsMethod.logits
+
+    def eval_hidden(self, idx, position_ids, valid, cache):
+        return self.hidden(idx, position_ids, valid, cache)
+
     def loss(self, x: torch.Tensor, y: torch.Tensor, **inputs: Any):
-        loss = token_nll(self.eval_logits(x), y).mean()
+        if type(self).logits is LogitsMethod.logits:  # logits are the head of hidden(): train on hidden
+            loss = head_cross_entropy(self.model, self.hidden(x, token_positions(x)), y,
+                                      fused=self.cfg.train.fused_loss)
+        else:
+            loss = token_nll(self.eval_logits(x), y).mean()
         return loss, {f"{self.name}_loss": loss.detach()}
 
     def step(self, idx, position_ids, valid, cache):

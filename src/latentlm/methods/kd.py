@@ -24,8 +24,10 @@ from latentlm.errors import LatentLMError
 from latentlm.methods.base import Method, token_nll, token_positions
 from latentlm.methods.cocomix import PauseInsert
 from latentlm.model.flops import forward_flops_per_slot
+from latentlm.model import losses
+from latentlm.model.losses import head_distill
 from latentlm.model.transformer import Transformer
-from latentlm.settings import Settings
+from latentlm.settings import Settings, setting
 
 if TYPE_CHECKING:
     from latentlm.config import Config
@@ -36,8 +38,8 @@ class KDSettings(Settings):
     """The ``kd:`` section: the distillation loss (the teacher is the shared ``teacher:`` block)."""
 
     section, positive_fields, non_negative_fields = "kd", ("temperature",), ("weight",)
-    weight: float = 0.1  # lambda_KD
-    temperature: float = 1.0
+    weight: float = setting(0.1, "lambda_KD: weight of KL(teacher || student) added to the CE")
+    temperature: float = setting(1.0, "softmax temperature of both distributions (tau^2 scales the KL)")
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -112,7 +114,7 @@ class TeacherDistillation:
         spec = self.cfg.teacher.path
         if not spec:
             raise LatentLMError(f"train.method {self.cfg.train.method} needs a teacher: set --teacher.path")
-        teacher = load_teacher(spec, device=device)
+        teacher = load_teacher(spec, device=device, dtype=self.cfg.teacher.dtype)
         if teacher.tokenizer.vocab_size != self.cfg.model.vocab_size:
             raise LatentLMError(f"KD teacher {spec} has a vocabulary of {teacher.tokenizer.vocab_size} tokens, the "
                                 f"student {self.cfg.model.vocab_size}; teacher and student must share a tokenizer")
@@ -143,16 +145,33 @@ class TeacherDistillation:
         kd = kd_loss(logits, teacher_logits, c.temperature)
         return ntp + c.weight * kd, {"ntp_loss": ntp.detach(), "kd_loss": kd.detach()}
 
+    def distill_hidden(self, h: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None):
+        """:meth:`distill` of the logits ``self.model.head(h)``, computed without materialising them
+        (:func:`~latentlm.model.losses.head_distill`: one pass over each block of student and teacher
+        logits, any ``kd.temperature``)."""
+        if not (self.cfg.train.fused_loss and losses.FUSED):  # the computation before the fused one, op for op
+            return self.distill(self.model.head(h), y, teacher_logits)
+        if teacher_logits is None:
+            raise LatentLMError("KD training batches need teacher_logits (the trainer gets them from batch_inputs)")
+        c = self.cfg.kd
+        loss, ntp, kd = head_distill(self.model, h, y, teacher_logits, c.weight, c.temperature)
+        return loss, {"ntp_loss": ntp, "kd_loss": kd}
+
 
 class KD(TeacherDistillation, Method):
     name = "kd"
     plain_lm = True  # KD changes only the loss: the checkpoint is a plain next-token LM
 
+    cached_eval = True
+
     def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def eval_hidden(self, idx, position_ids, valid, cache):
+        return self.model.hidden(idx, position_ids=position_ids, cache=cache, valid=valid)
+
     def loss(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None = None):
-        return self.distill(self.model(x), y, teacher_logits)
+        return self.distill_hidden(self.model.hidden(x), y, teacher_logits)
 
     def step(self, idx, position_ids, valid, cache):
         return self.model(idx, position_ids=position_ids, cache=cache, valid=valid)
@@ -167,4 +186,4 @@ class KDPause(TeacherDistillation, PauseInsert):
     sections = {**TeacherDistillation.sections, **PauseInsert.sections}
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None = None):
-        return self.distill(self.logits(x, token_positions(x)), y, teacher_logits)
+        return self.distill_hidden(self.hidden(x, token_positions(x)), y, teacher_logits)

@@ -1,9 +1,13 @@
-"""Configs saved by latentlm 0.1 (checkpoints, run directories), read by today's sections.
+"""Configs saved by older latentlm (checkpoints, run directories), read by today's sections.
 
 0.1 kept every method's settings in two shared sections: ``ponder.thoughts`` was K for ponder,
 pause, loop and ponderlm alike, and ``cocomix`` held the teacher, the concept labels, the student
 and KD's knobs. :func:`upgrade_config` moves each key to the section that owns it now;
 :func:`renamed_keys` names them for a user's own (hand-written) config.
+
+Keys added later whose default changed what a method computes (:data:`OLD_DEFAULTS`) get, in a
+saved config that lacks them, the value that reproduces what the run computed when it was saved.
+A config a user writes gets today's defaults (make_config never applies this).
 """
 
 from __future__ import annotations
@@ -27,6 +31,17 @@ MOVED: dict[str, tuple[str, ...]] = {
 }
 
 
+# "section.key" -> the value a saved config without the key meant (the behaviour before the key existed),
+# filled in wherever the section is present. Added 2026-12 (issue 13, fidelity to the authors' code).
+OLD_DEFAULTS: dict[str, Any] = {
+    "ponderlm.update": "from_e0",  # each step added its mixture to e(0), not to the previous input
+    "ponderlm.mix_scale": "sqrt_d",  # mixtures were scaled by sqrt(d), not by model.embed_scale
+    "pause.shared": False,  # K distinct pause vectors [K, d], not one repeated token
+    "teacher.dtype": "auto",
+    "train.fused_loss": False,  # the plain head losses (same math, other float rounding)  # the teacher ran in bfloat16 on CUDA and float32 elsewhere (default now float32)
+}
+
+
 def _present(data: dict[str, Any], dotted: str) -> bool:
     section, key = dotted.split(".")
     return isinstance(data.get(section), dict) and key in data[section]
@@ -38,16 +53,19 @@ def renamed_keys(data: dict[str, Any]) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
-    """A copy of the saved config ``data`` with every 0.1 key in its section(s) now (unchanged if
-    ``data`` is not from 0.1)."""
-    if not renamed_keys(data):
-        return data
+    """A copy of the saved config ``data`` with every 0.1 key in its section(s) now and the
+    :data:`OLD_DEFAULTS` of keys it predates filled in (``data`` itself when nothing changes)."""
     out = copy.deepcopy(data)
-    for old, new in MOVED.items():
+    for old, new in MOVED.items() if renamed_keys(data) else ():  # a 0.1 layout
         if _present(data, old):
             section, key = old.split(".")
             value = out[section][key] if old in new else out[section].pop(key)
             for place in new:
                 s, k = place.split(".")
                 out.setdefault(s, {})[k] = value
-    return out
+    changed = bool(renamed_keys(data))
+    for dotted, value in OLD_DEFAULTS.items():  # in the sections the 0.1 move created too
+        section, key = dotted.split(".")
+        if isinstance(out.get(section), dict) and key not in out[section]:
+            out[section][key], changed = value, True
+    return out if changed else data  # no deep comparison: a hostile config may refer to itself

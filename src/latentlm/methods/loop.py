@@ -16,7 +16,7 @@ import torch
 from latentlm.methods.base import LogitsMethod
 from latentlm.model.flops import forward_flops_per_slot
 from latentlm.model.transformer import KVCache
-from latentlm.settings import Settings
+from latentlm.settings import Settings, setting
 
 
 @dataclass
@@ -24,7 +24,7 @@ class LoopSettings(Settings):
     """The ``loop:`` section."""
 
     section, positive_fields = "loop", ("n_loops",)
-    n_loops: int = 1  # K extra passes of the block stack (K + 1 in all; match ponder.n_thoughts)
+    n_loops: int = setting(1, "K extra passes of the block stack (K + 1 in all; match ponder.n_thoughts)")
 
 
 class Loop(LogitsMethod):
@@ -35,15 +35,15 @@ class Loop(LogitsMethod):
     def n_loops(self) -> int:
         return self.cfg.loop.n_loops
 
-    def logits(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor | None = None,
+               cache: KVCache | None = None) -> torch.Tensor:
         """K+1 passes of the block stack on ``idx`` [B, T]; pass p keeps its keys and values at
-        cache layers ``p * n_layer ...``. Returns logits [B, T, V]."""
+        cache layers ``p * n_layer ...``. Returns the last pass's output [B, T, d] (the head reads it)."""
         h = self.model.add_positions(self.model.embed(idx), position_ids)
         for p in range(self.n_loops + 1):
             h = self.model.run_blocks(h, position_ids, cache=cache, valid=valid,
                                       cache_offset=p * self.model.cfg.n_layer)
-        return self.model.head(h)
+        return h
 
     def forward_flops_per_token(self, seq_len: int) -> float:
         """K+1 passes of the blocks over a T context, the head once."""

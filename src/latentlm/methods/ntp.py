@@ -9,5 +9,5 @@ class NTP(LogitsMethod):
     name = "ntp"  # FLOPs: the base class's plain-transformer formulas
     plain_lm = True  # exportable to Hugging Face, usable as a teacher
 
-    def logits(self, idx, position_ids, valid=None, cache=None):
-        return self.model(idx, position_ids=position_ids, cache=cache, valid=valid)
+    def hidden(self, idx, position_ids, valid=None, cache=None):
+        return self.model.hidden(idx, position_ids=position_ids, cache=cache, valid=valid)

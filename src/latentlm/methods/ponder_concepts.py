@@ -39,7 +39,7 @@ from latentlm.methods.concept_head import ConceptHead, label_norm
 from latentlm.methods.ponder import PonderSettings, draw_train_iters, jacobi_thoughts, sequential_thoughts
 from latentlm.model.flops import forward_flops_per_slot
 from latentlm.model.transformer import KVCache, Transformer
-from latentlm.settings import Settings
+from latentlm.settings import Settings, setting
 
 if TYPE_CHECKING:
     from latentlm.config import Config
@@ -50,12 +50,12 @@ class PonderConceptsSettings(Settings):
     """The ``ponder_concepts:`` section: the concept head on the thought slots (the thoughts
     themselves are set in ``ponder:``, the labels in ``concepts:``, the teacher in ``teacher:``)."""
 
-    insert_layer: int = 3  # the block whose input the concept head reads (thought slots only)
-    n_concepts: int = 0  # C: taken from the SAE (0); stored so checkpoints load without the SAE
-    k_concepts: int = 0  # TopK of the predicted concepts: the SAE's k (0)
-    concept_weight: float = 0.1  # lambda of the concept loss
-    mix: bool = True  # add the compressed concept vector to the thought slot (false: concept loss only)
-    concept_chunk: int = 2048  # rows (thought slots) per chunk of the C-way concept cross-entropy
+    insert_layer: int = setting(3, "the block whose input the concept head reads (thought slots only)")
+    n_concepts: int = setting(0, "C: taken from the SAE (0); stored so checkpoints load without the SAE")
+    k_concepts: int = setting(0, "TopK of the predicted concepts: the SAE's k (0)")
+    concept_weight: float = setting(0.1, "lambda of the concept loss")
+    mix: bool = setting(True, "add the compressed concept vector to the thought slot (false: concept loss only)")
+    concept_chunk: int = setting(2048, "rows (thought slots) per chunk of the C-way concept cross-entropy")
     section, positive_fields = "ponder_concepts", ("concept_chunk",)
     non_negative_fields = ("insert_layer", "n_concepts", "k_concepts", "concept_weight")
 

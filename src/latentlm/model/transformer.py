@@ -97,6 +97,48 @@ class KVCache:
         self.lengths = [0] * n_layer
         self.capacity = capacity
         self.padded = False  # set by the caller when some slots are padding (needs masks)
+        self.static = False  # see make_static
+
+    def make_static(self) -> "KVCache":
+        """Switch an empty cache to static shapes, for a compiled decode step (``torch.compile``): each
+        layer's write position is a device tensor (``slots``) instead of a Python int, and attention
+        always reads all ``capacity`` slots through a mask (unwritten slots are invalid), so a step's
+        shapes never change with the cache's length. ``lengths`` then stays at 0. Same values as the
+        dynamic cache (tested); buffers are marked static for CUDA graphs on CUDA."""
+        if any(self.lengths):
+            raise RuntimeError("make_static needs an empty cache")
+        device = self.k[0].device
+        self.static = True
+        self.slots = [torch.zeros((), dtype=torch.long, device=device) for _ in self.k]
+        if device.type == "cuda":
+            for t in (*self.k, *self.v, *self.valid, *self.slots):
+                torch._dynamo.mark_static_address(t)
+        return self
+
+    def reset(self) -> "KVCache":
+        """Empty the cache in place (same buffers: a compiled CUDA-graph decode step keeps reading them)."""
+        for t in self.valid:
+            t.zero_()
+        for t in getattr(self, "slots", ()):
+            t.zero_()
+        self.lengths = [0] * len(self.lengths)
+        self.padded = False
+        return self
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor):
+        """Static-shape :meth:`append`: store ``k, v`` [B, H, T, hd] at ``slots[layer]`` and advance it;
+        return the whole buffers and the boolean mask [B, 1, T, capacity] of the keys each new slot
+        may see (earlier or itself, and valid; a slot always sees itself, as in :func:`attention_mask`)."""
+        t = k.shape[2]
+        start = self.slots[layer]
+        index = start + torch.arange(t, device=k.device)
+        self.k[layer].index_copy_(2, index, k)
+        self.v[layer].index_copy_(2, index, v)
+        self.valid[layer].index_copy_(1, index, valid)
+        start.add_(t)
+        key = torch.arange(self.capacity, device=k.device)[None, :]
+        visible = (key <= index[:, None]) & self.valid[layer][:, None, None, :]
+        return self.k[layer], self.v[layer], visible | (key == index[:, None])
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor):
         """Store ``k, v`` [B, H, T, hd] at the end of ``layer``; return all keys, values, validity."""
@@ -109,6 +151,18 @@ class KVCache:
         self.valid[layer][:, start:start + t] = valid
         self.lengths[layer] = end = start + t
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end], self.valid[layer][:, :end]
+
+    def select_rows(self, rows: torch.Tensor, capacity: int) -> "KVCache":
+        """A new cache of ``capacity`` slots per layer holding this cache's rows ``rows`` (int64 [R],
+        repeats allowed): e.g. one shared context's keys and values for each of its continuations."""
+        b, h, _, hd = self.k[0].shape
+        out = KVCache(len(self.k), len(rows), h, hd, capacity, self.k[0].device, self.k[0].dtype)
+        for layer, n in enumerate(self.lengths):
+            out.k[layer][:, :, :n] = self.k[layer][rows, :, :n]
+            out.v[layer][:, :, :n] = self.v[layer][rows, :, :n]
+            out.valid[layer][:, :n] = self.valid[layer][rows, :n]
+        out.lengths, out.padded = list(self.lengths), self.padded
+        return out
 
 
 def attention_mask(n_query: int, past: int, key_valid: torch.Tensor | None,
@@ -150,17 +204,26 @@ class Attention(nn.Module):
             if valid is None:
                 valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
             layer = self.layer + cache_offset
-            past = cache.lengths[layer]
-            k, v, key_valid = cache.append(layer, k, v, valid)
-            # Unpadded, a one-slot decode step needs no mask and a prefill into an empty cache is
-            # plain causal attention: both stay on the fast kernels. Several slots after a past
-            # (a token and its concept or pauses) need the explicit mask: is_causal is top-left aligned.
-            mask = attention_mask(T, past, key_valid if cache.padded else None, x.device) \
-                if cache.padded or (past and T > 1) else None
+            if cache.static:
+                k, v, mask = cache.write(layer, k, v, valid)
+            else:
+                past = cache.lengths[layer]
+                k, v, key_valid = cache.append(layer, k, v, valid)
+                # Unpadded, a one-slot decode step needs no mask and a prefill into an empty cache is
+                # plain causal attention: both stay on the fast kernels. Several slots after a past
+                # (a token and its concept or pauses) need the explicit mask: is_causal is top-left aligned.
+                mask = attention_mask(T, past, key_valid if cache.padded else None, x.device) \
+                    if cache.padded or (past and T > 1) else None
         elif mask is None and valid is not None:
             mask = attention_mask(T, 0, valid, x.device)
-        if self.n_kv_head != self.n_head:
-            rep = self.n_head // self.n_kv_head
+        rep = self.n_head // self.n_kv_head
+        if rep > 1 and T == 1 and cache is not None:
+            # A one-slot decode step with grouped-query attention: the rep query heads of a key/value
+            # head act as rep query rows against it, so the cache is read as it is, never repeated.
+            y = F.scaled_dot_product_attention(q.view(B, self.n_kv_head, rep, self.head_dim), k, v, attn_mask=mask,
+                                               dropout_p=self.dropout if self.training else 0.0)
+            return self.o_proj(y.reshape(B, 1, -1))
+        if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
@@ -222,21 +285,49 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights, zero biases; residual output projections are scaled
-        by 1/sqrt(2 n_layer) (GPT-2) so the residual stream's variance does not grow with depth."""
-        std = self.cfg.init_std
+        """The ``model.init`` scheme (one for every method, docs/METHODS.md §0), in module order:
+
+        - ``normal``: Normal(0, init_std) weights, the residual output projections (``o_proj``,
+          ``mlp.down``) at init_std / sqrt(2 n_layer) (GPT-2) so the residual stream's variance does
+          not grow with depth;
+        - ``trunc_normal`` (the PonderLM-2 authors' models): a normal of std s = sqrt(2 / (5 d))
+          truncated at +-3 s for every linear and embedding weight, the residual output projections
+          at s / sqrt(2 n_layer), truncated at 3 of their std;
+        - ``hf_normal``: Normal(0, init_std) for every linear and embedding weight (no depth scaling).
+
+        Biases are zero and norm gains one in all three.
+        """
+        scheme = self.cfg.init
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                s = std / math.sqrt(2 * self.cfg.n_layer) if getattr(m, "is_residual_out", False) else std
-                nn.init.normal_(m.weight, 0.0, s)
+                residual = getattr(m, "is_residual_out", False) and scheme != "hf_normal"
+                self._init_weight(m.weight, residual)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, 0.0, std)
+                self._init_weight(m.weight)
             elif isinstance(m, (nn.LayerNorm, RMSNorm)):
                 nn.init.ones_(m.weight)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
+
+    def _init_weight(self, weight: torch.Tensor, residual: bool = False) -> None:
+        """Draw ``weight`` in place from the scheme's distribution (``residual``: std / sqrt(2 n_layer))."""
+        trunc = self.cfg.init == "trunc_normal"
+        std = self.cfg.trunc_normal_std if trunc else self.cfg.init_std
+        if residual:
+            std = std / math.sqrt(2 * self.cfg.n_layer)
+        if trunc:
+            nn.init.trunc_normal_(weight, 0.0, std, a=-3.0 * std, b=3.0 * std)
+        else:
+            nn.init.normal_(weight, 0.0, std)
+
+    def init_embedding_(self, weight: torch.Tensor) -> torch.Tensor:
+        """Draw a method's own embedding-like parameter (e.g. pause tokens) in place as the token
+        embeddings are drawn, so it follows ``model.init`` too; returns ``weight``."""
+        with torch.no_grad():
+            self._init_weight(weight)
+        return weight
 
     # --- pieces ---------------------------------------------------------------------------
 
@@ -288,7 +379,9 @@ class Transformer(nn.Module):
         return self.drop(x)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm and logits over the real vocabulary (padded rows are never scored)."""
+        """Final norm and logits over the real vocabulary (padded rows are never scored). The matmul
+        keeps the padded width (a multiple of 64 runs on the fast GPU kernels); the slice is a view.
+        Training losses never form these logits (``model/losses.py``)."""
         return self.lm_head(self.norm_f(h))[..., : self.cfg.vocab_size]
 
     # --- plain language model ---------------------------------------------------------------
@@ -298,12 +391,20 @@ class Transformer(nn.Module):
                 valid: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] of an ordinary left-to-right pass (positions default to 0..T-1,
         continuing after the cache)."""
+        return self.head(self.hidden(idx, inputs_embeds=inputs_embeds, position_ids=position_ids, cache=cache,
+                                     valid=valid))
+
+    def hidden(self, idx: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+               valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The last block's output [B, T, d] of :meth:`forward`, before the final norm and head
+        (what ``model.losses`` trains on without materialising the logits)."""
         x = self.embed(idx) if inputs_embeds is None else inputs_embeds
         if position_ids is None:
             past = cache.lengths[0] if cache is not None else 0
             position_ids = torch.arange(past, past + x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
         x = self.add_positions(x, position_ids)
-        return self.head(self.run_blocks(x, position_ids, cache=cache, valid=valid))
+        return self.run_blocks(x, position_ids, cache=cache, valid=valid)
 
     def new_cache(self, batch: int, capacity: int, device=None, dtype=None, passes: int = 1) -> KVCache:
         """A cache for ``passes`` runs of the block stack (``passes * n_layer`` cache layers)."""

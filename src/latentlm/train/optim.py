@@ -12,12 +12,14 @@ from latentlm.config import TrainConfig
 
 def build_optimizer(module: nn.Module, cfg: TrainConfig, device: torch.device,
                     fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW; matrices (dim >= 2: linears, embeddings) decay, biases and norm gains do not.
-    Fused kernels on CUDA unless ``fused=False``."""
+    """AdamW; matrices (dim >= 2: linears, embeddings) decay, biases and norm gains do not, unless
+    ``weight_decay_params`` is ``all`` (every parameter decays). Fused kernels on CUDA unless ``fused=False``.
+    Two parameter groups either way, so optimizer states stay interchangeable."""
     params = [p for p in module.parameters() if p.requires_grad]
+    rest_decay = cfg.weight_decay if cfg.weight_decay_params == "all" else 0.0
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": rest_decay},
     ]
     if fused is None:
         fused = device.type == "cuda"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import signal
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from latentlm.config import Config, config_differences, save_yaml
+from latentlm.config import Config, config_differences, config_summary, derive_vocab_size, save_yaml
 from latentlm.data.loader import TokenSplit, WindowLoader
 from latentlm.data.prepare import check_tokenizer, load_manifest, tokenizer_for
 from latentlm.errors import Interrupted, LatentLMError
@@ -40,7 +41,7 @@ class NonFiniteLossError(LatentLMError):
 SAFE_ON_RESUME = ("train.out_dir", "train.progress", "train.log_every", "train.eval_every", "train.eval_batches",
                   "train.ckpt_every", "train.keep_last", "train.tensorboard", "train.wandb", "train.wandb_project",
                   "train.device", "train.compile", "train.dist", "train.max_bad_steps", "train.peak_flops",
-                  "train.init_from", "data.verify")
+                  "train.init_from", "data.verify", "train.fused_loss")
 
 
 def _same_data(old: str, new: str) -> bool:
@@ -92,12 +93,15 @@ def autocast_context(device: torch.device, dtype: str):
     return contextlib.nullcontext()
 
 
-def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None, quiet: bool = False) -> dict[str, Any]:
     """Train ``cfg.train.method`` on ``cfg.data.path``; return the final metrics.
 
-    ``resume`` continues from the run directory's latest checkpoint. ``stop_after`` ends the
-    run (with a checkpoint) after that many optimizer steps without changing the schedule,
-    which is how an interrupted run is simulated in tests.
+    ``resume`` continues from the run directory's latest checkpoint; on a run that is already complete
+    (its last checkpoint at ``max_steps`` and its ``final.json`` written) it says so and returns that
+    summary without touching a file. ``stop_after`` ends the run (with a checkpoint) after that many
+    optimizer steps without changing the schedule, which is how an interrupted run is simulated in
+    tests. ``quiet`` drops the start block, the progress bar and the periodic validation lines
+    (warnings, errors and the final line still print).
     """
     tc = cfg.train
     info, device = dist_.setup(tc.dist, tc.device)
@@ -105,7 +109,7 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None) -
         # A missing TensorBoard / W&B package fails here, before anything is written.
         dist_.on_rank0(lambda: check_sinks(tensorboard=tc.tensorboard, wandb=tc.wandb), info)
         with _run_lock(Path(tc.out_dir), info), _StopRequest() as stop:
-            result = _train(cfg, info, device, resume, stop_after, stop)
+            result = _train(cfg, info, device, resume, stop_after, stop, quiet)
         dist_.barrier(info)  # no rank tears its process group down while another still works with it
         return result
     finally:
@@ -150,16 +154,32 @@ class _StopRequest:
         self._restore()
 
 
+def _complete_summary(run_dir: Path, ckpt: Path, max_steps: int) -> dict[str, Any] | None:
+    """The ``final.json`` of a run whose latest checkpoint ``ckpt`` is its last step, or None when the run
+    is not complete (a run killed between its final checkpoint and ``final.json`` is finished by a
+    resume, which evaluates it and writes the file)."""
+    if ckpt_io.step_of(ckpt) < max_steps:
+        return None
+    try:
+        final = json.loads((run_dir / "final.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return final if isinstance(final, dict) else None
+
+
 def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool,
-           stop_after: int | None, stop: _StopRequest) -> dict[str, Any]:
+           stop_after: int | None, stop: _StopRequest, quiet: bool = False) -> dict[str, Any]:
     tc = cfg.train
     run_dir = Path(tc.out_dir)
+    talk = info.is_main and not quiet
     data_manifest = load_manifest(cfg.data.path, verify=cfg.data.verify)
+    derive_vocab_size(cfg, data_manifest)  # a vocabulary the config leaves to the data: this data's
     tokenizer = tokenizer_for(data_manifest, cfg.data.path)
     check_tokenizer(data_manifest, tokenizer, vocab_size=cfg.model.vocab_size)
     seq_len = cfg.seq_len
     loader = WindowLoader(TokenSplit(cfg.data.path, "train"), seq_len, tc.batch_size, seed=tc.seed,
-                          rank=info.rank, world_size=info.world_size, pin_memory=device.type == "cuda")
+                          rank=info.rank, world_size=info.world_size, pin_memory=device.type == "cuda",
+                          shift=cfg.data.shift_windows)
     val_split = TokenSplit(cfg.data.path, "val")
 
     existing = ckpt_io.latest_checkpoint(run_dir)
@@ -172,6 +192,12 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     method = build_method(cfg).to(device)  # resolves the settings the method derives (e.g. from its SAE)
     changes = check_resume_config(load_config(existing), cfg, existing) if existing is not None else []
+    final = _complete_summary(run_dir, existing, tc.max_steps) if existing is not None else None
+    if final is not None:  # nothing to train, evaluate or write: the run's files stay as they are
+        step = ckpt_io.step_of(existing)
+        if info.is_main:
+            print(f"run {run_dir} is complete (step {step} of {tc.max_steps}); nothing to do", flush=True)
+        return {**final, "step": step}
     method.validate_inputs(device)  # teacher / SAE / label cache / tokenizer mismatches fail before any output
     if tc.init_from and existing is None:  # before wrapping, so DDP/FSDP start from these weights
         init_core_from(method.model, tc.init_from, data_manifest)
@@ -228,15 +254,17 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
                  "loader": loader.state_dict(), "world_size": info.world_size}
         ckpt_io.save_checkpoint(run_dir, at, module, optimizer, cfg, state, info, ckpt_extra)
 
-    if info.is_main:
-        if existing is not None:
-            print(f"resuming {run_dir} from {existing} (step {step})"
-                  + (f"; changed: {', '.join(changes)}" if changes else ""), flush=True)
+    if talk:  # one block: where the run lives, where it resumes from, what it runs
+        where = (f"resuming {run_dir} from {existing} (step {step} of {tc.max_steps})"
+                 + (f"; changed: {', '.join(changes)}" if changes else "")) if existing is not None else \
+            f"run {run_dir} (new; config in {run_dir / 'config.yaml'}, metrics in {run_dir / 'metrics.jsonl'})"
         n = method.model.num_params()
-        print(f"latentlm train: method={tc.method} params={n / 1e6:.2f}M device={device} "
-              f"world={info.world_size} tokens/step={tokens_per_step} steps={step}->{tc.max_steps}", flush=True)
+        print(f"latentlm train: {where}\n"
+              f"  method={tc.method} params={n / 1e6:.2f}M device={device} world={info.world_size} "
+              f"tokens/step={tokens_per_step} steps={step}->{tc.max_steps}\n"
+              f"  settings: {config_summary(cfg)}", flush=True)
     end = tc.max_steps if stop_after is None else min(tc.max_steps, stop_after)
-    bar = tqdm(total=tc.max_steps, initial=step, disable=not (tc.progress and info.is_main), unit="step",
+    bar = tqdm(total=tc.max_steps, initial=step, disable=not (tc.progress and talk), unit="step",
                dynamic_ncols=True)
     module.train()
     last: dict[str, Any] = {}
@@ -307,7 +335,7 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
             ev = evaluate()
             if logger:
                 logger.log({"step": step, "tokens": tokens_seen, **ev})
-            if info.is_main:
+            if talk:
                 tqdm.write(f"step {step}: val_loss {ev['val_loss']:.4f} ppl {ev['val_ppl']:.2f} "
                            f"bpb {ev['val_bpb']:.4f}")
         # No checkpoint inside a non-finite streak: the latest one stays from before it.

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from latentlm.config import config_from_dict
 from latentlm.data.prepare import check_tokenizer
 from latentlm.errors import LatentLMError
 from latentlm.checkpoint_files import saved_config
@@ -23,6 +24,18 @@ from latentlm.checkpoint_files import load_model_state, read_manifest, resolve_c
 # Settings that change the function but not any tensor shape, so shape checks cannot catch them.
 _SAME = ("vocab_size", "pos", "norm", "mlp", "tie_embeddings", "norm_eps", "rope_theta", "embed_scale",
          "parallel_residual", "rotary_pct")
+
+
+def init_from_base(path: str | Path, with_model: bool = True) -> dict[str, Any]:
+    """The config layer ``latentlm train --init-from CKPT`` starts from: CKPT's model section (its
+    config.yaml, older layouts upgraded) when ``with_model``, else nothing; the caller sets
+    ``train.init_from``. A path that is no checkpoint is a one-line error before anything else."""
+    if not Path(path).exists():
+        raise LatentLMError(f"--init-from {path} does not exist; pass a latentlm run or checkpoint directory "
+                            "(`latentlm import --hf` turns a Hugging Face model or GGUF into one)")
+    ckpt = resolve_checkpoint(path)
+    read_manifest(ckpt, verify=False)  # a directory that is no checkpoint fails here, in one line
+    return {"model": config_from_dict(saved_config(ckpt)).to_dict()["model"]} if with_model else {}
 
 
 def init_core_from(model: Transformer, path: str | Path, data_manifest: dict[str, Any] | None = None) -> Path:
