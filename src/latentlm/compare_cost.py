@@ -241,8 +241,8 @@ def _estimate(exp: dict, path, scratch: Path, steps: int, calibration: dict | No
                 shutil.rmtree(scratch / "labels", ignore_errors=True)
                 with Clock() as lab:
                     build_label_cache(small, teacher, load_sae(sae_dir), scratch / "labels", seq_len=seq_len,
-                                      layer=cc.layer, k_attr=cc.k_attr, acts=cc.acts, select=cc.select,
-                                      batch_size=lcfg.train.batch_size, progress=False)
+                                      layer=cc.layer, k_attr=cc.k_attr, acts=cc.acts, select=cc.select, score=cc.score,
+                                      last_position=cc.last_position, batch_size=lcfg.train.batch_size, progress=False)
                 if not isinstance(exp.get("labels"), str):
                     windows = (train_tokens - 1) // seq_len
                     f = windows * seq_len / small_tokens
