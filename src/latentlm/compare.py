@@ -99,7 +99,15 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
         if "layer" not in exp["sae"]:
             raise LatentLMError("sae needs the teacher layer it reads, e.g. sae: {layer: 1}")
     if exp.get("teacher") is not None:
-        _check_keys("teacher", exp["teacher"], {"path", "overrides"})
+        t = _check_keys("teacher", exp["teacher"], {"path", "overrides", "run"})
+        if "run" in t:
+            if len(t) > 1:
+                raise LatentLMError("teacher takes either run (one of the runs), path or overrides, not several")
+            if t["run"] not in runs:
+                raise LatentLMError(f"teacher.run={short_repr(t['run'])} is not one of the runs: {', '.join(runs)}")
+            if not method_class(runs[t["run"]]["method"]).plain_lm:
+                raise LatentLMError(f"teacher.run={t['run']} must be a plain language model run (e.g. method: ntp), "
+                                    f"not {runs[t['run']]['method']}")
     return exp
 
 
@@ -176,12 +184,17 @@ class Comparison:
         return make_config(config_file, overrides, base=copy.deepcopy(self.exp.get("base") or {}))
 
     def teacher(self, data: Path) -> str | None:
-        """The teacher of the runs that need one: given, or a baseline run trained here on the base config."""
+        """The teacher of the runs that need one: given, one of the experiment's runs (``run: NAME``), or a
+        baseline run trained here on the base config."""
         t = self.exp.get("teacher")
         if t is None:
             return None
         if "path" in t:
             return t["path"]
+        if "run" in t:  # one of the experiment's own runs, trained first (it is then reused as a run)
+            cfg = self.run_config(t["run"], self.exp["runs"][t["run"]], data, {})
+            self._train(cfg, t["run"])
+            return cfg.train.out_dir
         cfg = self.config(_merge(t.get("overrides") or {}, {"data": {"path": str(data)}, "train": {
             "method": BASELINE, "out_dir": str(self.out / "teacher"), "progress": self.progress}}))
         self._train(cfg, "teacher")
