@@ -5,7 +5,7 @@ down to the SAE layer) and the SAE; (2) a CoCoMix student training step given la
 run with a label cache pays); (3) the same step computing its labels on the fly (1 + 2); and
 an NTP step of the student's shape for reference. Prints one markdown table.
 
-    python benchmarks/label_cost.py --teacher runs/demo/teacher          # after `make demo`
+    python benchmarks/label_cost.py --teacher runs/demo/runs/ntp          # after `make demo`
 """
 
 from __future__ import annotations

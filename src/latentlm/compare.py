@@ -107,7 +107,18 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
         if dead is not None and (isinstance(dead, bool) or not isinstance(dead, (int, float)) or not 0 <= dead <= 1):
             raise LatentLMError(f"sae.max_dead={short_repr(dead)} must be a fraction from 0 to 1 (e.g. 0.05)")
     if exp.get("teacher") is not None:
-        _check_keys("teacher", exp["teacher"], {"path", "overrides"})
+        t = _check_keys("teacher", exp["teacher"], {"path", "overrides", "run"})
+        if "run" in t:
+            if len(t) > 1:
+                raise LatentLMError("teacher takes either run (one of the runs), path or overrides, not several")
+            if t["run"] not in runs:
+                raise LatentLMError(f"teacher.run={short_repr(t['run'])} is not one of the runs: {', '.join(runs)}")
+            if not method_class(runs[t["run"]]["method"]).plain_lm:
+                raise LatentLMError(f"teacher.run={t['run']} must be a plain language model run (e.g. method: ntp), "
+                                    f"not {runs[t['run']]['method']}")
+            if run_seeds(exp, runs[t["run"]]) is not None:
+                raise LatentLMError(f"teacher.run={t['run']} is a seeded run; a teacher is one model: name an "
+                                    "unseeded run (no seeds for it) or give teacher.path")
     labels = exp.get("labels", True)
     if not isinstance(labels, (bool, str)) or labels == "":
         raise LatentLMError(f"labels={short_repr(labels)} must be true (build a label cache), false (labels on the "
@@ -252,12 +263,17 @@ class Comparison:
         return make_config(config_file, overrides, base=copy.deepcopy(self.exp.get("base") or {}))
 
     def teacher(self, data: Path) -> str | None:
-        """The teacher of the runs that need one: given, or a baseline run trained here on the base config."""
+        """The teacher of the runs that need one: given, one of the experiment's runs (``run: NAME``), or a
+        baseline run trained here on the base config."""
         t = self.exp.get("teacher")
         if t is None:
             return None
         if "path" in t:
             return t["path"]
+        if "run" in t:  # one of the experiment's own runs, trained first (it is then reused as a run)
+            cfg = self.run_config(t["run"], self.exp["runs"][t["run"]], data, {})
+            self._train(cfg, t["run"])
+            return cfg.train.out_dir
         cfg = self.config(_merge(t.get("overrides") or {}, {"data": {"path": str(data)}, "train": {
             "method": BASELINE, "out_dir": str(self.out / "teacher"), "progress": self.progress}}))
         self._train(cfg, "teacher")
