@@ -127,7 +127,8 @@ def test_readme_tour_runs_as_written(tmp_path):
     assert "| ntp |" in report and "| ponder |" in report and "piqa" in report
 
     def val_loss(ckpt: str) -> float:
-        r = subprocess.run([sys.executable, "-m", "latentlm", "eval", ckpt, "--json"], cwd=work, env=env,
+        r = subprocess.run([sys.executable, "-m", "latentlm", "eval", ckpt, "--data", "data/wiki-8k", "--json"],
+                           cwd=work, env=env,
                            capture_output=True, text=True, check=True)
         return json.loads(r.stdout)["loss"]
 
