@@ -30,7 +30,7 @@ from latentlm.fileio import write_json_atomic, write_text_atomic
 from latentlm.generate import generate
 from latentlm.loading import checkpoint_tokenizer, load_method
 
-# Sized to finish within 12 minutes on 2 CPU cores, setup included (measured: docs/RESULTS.md). The
+# Sized to finish within 12 minutes on 2 CPU cores, setup included (measured 7 min 19 s: docs/RESULTS.md). The
 # students share one core: llama-style (RoPE, RMSNorm, SwiGLU, untied) with PonderLM-2's embedding scale
 # sqrt(2.5 d), which ponder needs (its thoughts are final-normed states, far larger than raw token
 # embeddings) and which its paper gives every baseline too.
