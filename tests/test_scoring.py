@@ -11,11 +11,12 @@ from latentlm.config import make_config
 from latentlm.errors import LatentLMError
 from latentlm.eval.zeroshot import score_requests, score_tokens
 from latentlm.methods import build_method
+from latentlm.methods.registry import methods
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 V = 300
-METHODS = ["ntp", "kd", "pause", "loop", "ponderlm", "cocomix", "pause_insert", "kd_pause", "ponder"]
+METHODS = sorted(methods())  # every built-in method: each can evaluate through a KV cache
 
 
 def build(name: str, arch: str, **ponder):
@@ -23,7 +24,8 @@ def build(name: str, arch: str, **ponder):
                             "model": {"arch": arch, "n_layer": 2, "n_embd": 32, "n_head": 2, "vocab_size": V,
                                       "block_size": 48},
                             "cocomix": {"insert_layer": 1, "n_concepts": 64, "k_concepts": 4},
-                            "pause_insert": {"insert_layer": 1}, "ponder": ponder})
+                            "pause_insert": {"insert_layer": 1}, "ponder": ponder,
+                            "ponder_concepts": {"insert_layer": 1, "n_concepts": 64, "k_concepts": 4}})
     torch.manual_seed(0)
     return build_method(cfg)
 

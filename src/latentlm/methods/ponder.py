@@ -149,10 +149,50 @@ def draw_train_iters(seed: int, step: int, lo: int, hi: int) -> int:
     return int(torch.randint(lo, hi + 1, (1,), generator=g))
 
 
-class Ponder(Method):
+class JacobiEvaluation:
+    """Evaluation of a method whose thoughts are trained by Jacobi iteration (the ``ponder:``
+    section's ``eval_mode``, ``eval_iters``): ``jacobi`` scores ``jacobi_logits`` after
+    ``eval_iters`` iterations (its residual reported), ``exact`` the sequential model, which also runs
+    through a KV cache (:attr:`cached_eval`). A subclass provides ``jacobi_logits``, ``exact_logits``
+    and ``_advance_hidden`` (the sequential model's last-thought stream through a cache)."""
+
+    eval_modes = ("jacobi", "exact")
+    _eval_residuals: list[torch.Tensor]  # per nll batch, popped by evaluation
+
+    def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.cfg.ponder
+        if p.eval_mode == "exact":
+            return self.exact_logits(x)
+        logits, residual = self.jacobi_logits(x, p.eval_iters)
+        self._eval_residuals.append(residual)
+        return logits
+
+    def set_eval_mode(self, mode: str) -> None:
+        super().set_eval_mode(mode)
+        self.cfg.ponder.eval_mode = mode
+
+    @property
+    def cached_eval(self) -> bool:  # Jacobi evaluation iterates over the whole sequence at once
+        return self.cfg.ponder.eval_mode == "exact"
+
+    def eval_hidden(self, idx, position_ids, valid, cache):
+        """The exact (sequential) model's last-thought outputs, what ``exact`` evaluation's head reads."""
+        return self._advance_hidden(idx, position_ids, valid, cache)
+
+    def pop_eval_metrics(self) -> dict[str, float]:
+        p = self.cfg.ponder
+        out: dict[str, float] = {"eval_mode": p.eval_mode}
+        if p.eval_mode == "jacobi":
+            out["jacobi_iters"] = p.eval_iters
+        if self._eval_residuals:
+            out["jacobi_residual"] = float(torch.stack(self._eval_residuals).mean())
+        self._eval_residuals = []
+        return out
+
+
+class Ponder(JacobiEvaluation, Method):
     name = "ponder"
     sections = {"ponder": PonderSettings}
-    eval_modes = ("jacobi", "exact")
 
     def __init__(self, model: Transformer, cfg: Config):
         super().__init__(model, cfg)
@@ -216,9 +256,13 @@ class Ponder(Method):
         return self._advance(x, token_positions(x), None, self.new_cache(b, t))
 
     def _advance(self, idx, position_ids, valid, cache) -> torch.Tensor:
-        h = sequential_thoughts(self._run, self.to_thought, self.model.embed(idx), self.n_thoughts,
-                                position_ids, valid, cache)
-        return self.model.head(h)
+        return self.model.head(self._advance_hidden(idx, position_ids, valid, cache))
+
+    def _advance_hidden(self, idx, position_ids, valid, cache) -> torch.Tensor:
+        """Each token of ``idx`` and then its K thoughts through ``cache``, one slot at a time: the
+        last thoughts' outputs [B, T, d]."""
+        return sequential_thoughts(self._run, self.to_thought, self.model.embed(idx), self.n_thoughts,
+                                   position_ids, valid, cache)
 
     # --- the Method seam ------------------------------------------------------------------------
 
@@ -237,37 +281,6 @@ class Ponder(Method):
         h, residual = self.jacobi_hidden(x, n)
         loss = head_cross_entropy(self.model, h, y, fused=self.cfg.train.fused_loss)
         return loss, {"ponder_loss": loss.detach(), "jacobi_residual": residual, "jacobi_iters": float(n)}
-
-    def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.cfg.ponder
-        if p.eval_mode == "exact":
-            return self.exact_logits(x)
-        logits, residual = self.jacobi_logits(x, p.eval_iters)
-        self._eval_residuals.append(residual)
-        return logits
-
-    def set_eval_mode(self, mode: str) -> None:
-        super().set_eval_mode(mode)
-        self.cfg.ponder.eval_mode = mode
-
-    @property
-    def cached_eval(self) -> bool:  # Jacobi evaluation iterates over the whole sequence at once
-        return self.cfg.ponder.eval_mode == "exact"
-
-    def eval_hidden(self, idx, position_ids, valid, cache):
-        """The exact (sequential) model's last-thought outputs, what ``exact`` evaluation's head reads."""
-        return sequential_thoughts(self._run, self.to_thought, self.model.embed(idx), self.n_thoughts,
-                                   position_ids, valid, cache)
-
-    def pop_eval_metrics(self) -> dict[str, float]:
-        p = self.cfg.ponder
-        out: dict[str, float] = {"eval_mode": p.eval_mode}
-        if p.eval_mode == "jacobi":
-            out["jacobi_iters"] = p.eval_iters
-        if self._eval_residuals:
-            out["jacobi_residual"] = float(torch.stack(self._eval_residuals).mean())
-        self._eval_residuals = []
-        return out
 
     def thought_flops(self) -> float:
         """FLOPs of turning one hidden state into a thought: 0 for a hidden-state thought (a norm);

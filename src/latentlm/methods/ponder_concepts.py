@@ -36,7 +36,8 @@ from latentlm.concepts.teacher import TeacherSettings, run_teacher_config
 from latentlm.errors import LatentLMError
 from latentlm.methods.base import Method, token_nll, token_positions
 from latentlm.methods.concept_head import ConceptHead, label_norm
-from latentlm.methods.ponder import PonderSettings, draw_train_iters, jacobi_thoughts, sequential_thoughts
+from latentlm.methods.ponder import (JacobiEvaluation, PonderSettings, draw_train_iters, jacobi_thoughts,
+                                     sequential_thoughts)
 from latentlm.model.flops import forward_flops_per_slot
 from latentlm.model.transformer import KVCache, Transformer
 from latentlm.settings import Settings, setting
@@ -71,14 +72,13 @@ class PonderConceptsSettings(Settings):
 Layout = tuple[int, int, int]
 
 
-class PonderConcepts(Method):
+class PonderConcepts(JacobiEvaluation, Method):
     name = "ponder_concepts"
     sections = {"teacher": TeacherSettings, "concepts": ConceptSettings, "ponder": PonderSettings,
                 "ponder_concepts": PonderConceptsSettings}
     needs_teacher = True
     needs_concept_labels = True
     has_concepts = True
-    eval_modes = ("jacobi", "exact")
 
     @classmethod
     def resolve_config(cls, cfg: Config) -> None:
@@ -216,12 +216,16 @@ class PonderConcepts(Method):
 
     def _advance(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor | None, cache: KVCache,
                  steer: slice | None = None, captured: list | None = None) -> torch.Tensor:
-        """The exact model through ``cache``: each token of ``idx`` and then its K thoughts, one slot
-        at a time; logits [B, T, V] from each token's last thought."""
+        """The exact model through ``cache``: logits [B, T, V] from each token's last thought."""
+        return self.model.head(self._advance_hidden(idx, position_ids, valid, cache, steer, captured))
+
+    def _advance_hidden(self, idx: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor | None,
+                        cache: KVCache, steer: slice | None = None, captured: list | None = None) -> torch.Tensor:
+        """Each token of ``idx`` and then its K thoughts through ``cache``, one slot at a time: the last
+        thoughts' outputs [B, T, d]."""
         run = self._runner(idx.shape[1], True, steer, captured)
-        h = sequential_thoughts(run, self.model.norm_f, self.model.embed(idx), self.n_thoughts, position_ids,
-                                valid, cache)
-        return self.model.head(h)
+        return sequential_thoughts(run, self.model.norm_f, self.model.embed(idx), self.n_thoughts, position_ids,
+                                   valid, cache)
 
     def exact_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, V] of the sequential model (docs/METHODS.md §5.2)."""
@@ -258,28 +262,6 @@ class PonderConcepts(Method):
         return ntp + c.concept_weight * concept, {"ntp_loss": ntp.detach(), "concept_loss": concept.detach(),
                                                   "concept_acc": acc, "jacobi_residual": residual,
                                                   "jacobi_iters": float(n)}
-
-    def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.cfg.ponder
-        if p.eval_mode == "exact":
-            return self.exact_logits(x)
-        logits, residual = self.jacobi_logits(x, p.eval_iters)
-        self._eval_residuals.append(residual)
-        return logits
-
-    def set_eval_mode(self, mode: str) -> None:
-        super().set_eval_mode(mode)
-        self.cfg.ponder.eval_mode = mode
-
-    def pop_eval_metrics(self) -> dict[str, float]:
-        p = self.cfg.ponder
-        out: dict[str, float] = {"eval_mode": p.eval_mode}
-        if p.eval_mode == "jacobi":
-            out["jacobi_iters"] = p.eval_iters
-        if self._eval_residuals:
-            out["jacobi_residual"] = float(torch.stack(self._eval_residuals).mean())
-        self._eval_residuals = []
-        return out
 
     # --- cost -------------------------------------------------------------------------------------
 
