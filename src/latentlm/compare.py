@@ -31,6 +31,7 @@ from latentlm.data.loader import TokenSplit
 from latentlm.data.prepare import load_manifest, prepare
 from latentlm.data.sources import iter_documents
 from latentlm.data.tokenizers import load_tokenizer, train_bpe
+from latentlm.devices import resolve_device
 from latentlm.errors import LatentLMError
 from latentlm.eval.perplexity import evaluate_text, evaluate_tokens
 from latentlm.eval.zeroshot import PREFIXES, evaluate_tasks, resolve_prefix
@@ -223,6 +224,16 @@ class Comparison:
         self.out = Path(exp["out_dir"])
         self.eval = {"tokens": None, "points": 4, "tasks": [], "limit": None, "batch_size": 16, "prefix": "auto",
                      "texts": {}, "text_tokens": None, **(exp.get("eval") or {})}
+        self._device = None
+
+    @property
+    def device(self):
+        """Where the shared stages (SAE, labels) and the evaluations run: the runs' ``train.device``
+        (``base.train.device``, default ``auto``: the GPU when there is one), resolved once."""
+        if self._device is None:
+            name = ((self.exp.get("base") or {}).get("train") or {}).get("device", "auto")
+            self._device = resolve_device(name, option="base.train.device")
+        return self._device
 
     def log(self, msg: str) -> None:
         print(msg, flush=True)
@@ -301,7 +312,8 @@ class Comparison:
                 self.check_sae_health(out, json.loads(metrics.read_text())["val"])
             return str(out)
         self.log(f"training an SAE on {teacher} block {s['layer']} -> {out}")
-        path, m = train_sae_on_teacher(load_teacher(teacher), data, out, layer=s["layer"], latents=s.get("latents", 4096),
+        path, m = train_sae_on_teacher(load_teacher(teacher, device=self.device), data, out, layer=s["layer"],
+                                       latents=s.get("latents", 4096), device=self.device,
                                        k=s.get("k", 32), steps=s.get("steps", 1000), lr=s.get("lr", 4e-4),
                                        batch_tokens=s.get("batch_tokens", 4096), seq_len=seq_len,
                                        eval_tokens=s.get("eval_tokens", 50_000), progress=self.progress,
@@ -324,7 +336,8 @@ class Comparison:
             return str(out)
         c = cfg.concepts
         self.log(f"labelling every training window with {teacher} + its SAE -> {out}")
-        build_label_cache(data, load_teacher(teacher, dtype=cfg.teacher.dtype), load_sae(sae), out, seq_len=cfg.seq_len,
+        build_label_cache(data, load_teacher(teacher, device=self.device, dtype=cfg.teacher.dtype), load_sae(sae), out,
+                          seq_len=cfg.seq_len,
                           layer=c.layer, k_attr=c.k_attr, acts=c.acts, select=c.select, score=c.score,
                           last_position=c.last_position, batch_size=cfg.train.batch_size, progress=self.progress)
         return str(out)
@@ -443,7 +456,7 @@ class Comparison:
                 if not missing:
                     return done
                 self.log(f"[{name}] evaluating on {', '.join(missing)}")  # eval.texts grew after this run was scored
-                method, cfg, manifest = load_method(cfg.train.out_dir)
+                method, cfg, manifest = load_method(cfg.train.out_dir, device=self.device)
                 done.setdefault("texts", {}).update(self.score_texts(
                     method, checkpoint_tokenizer(cfg.train.out_dir, manifest), cfg, missing))
                 write_json_atomic(path, done)
@@ -451,7 +464,7 @@ class Comparison:
             self.log(f"[{name}] its zero-shot scores used another prefix; evaluating again")
         self.log(f"[{name}] evaluating")
         t0 = time.perf_counter()
-        method, cfg, manifest = load_method(cfg.train.out_dir)
+        method, cfg, manifest = load_method(cfg.train.out_dir, device=self.device)
         tokenizer = checkpoint_tokenizer(cfg.train.out_dir, manifest)
         r = evaluate_tokens(method, TokenSplit(cfg.data.path, "val"), seq_len=cfg.seq_len, batch_size=self.eval["batch_size"],
                             byte_lengths=tokenizer.token_byte_lengths(), max_tokens=self.eval["tokens"],
