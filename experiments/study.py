@@ -108,6 +108,8 @@ def run(files: list[Path]) -> None:
         print(f"=== {f.name}", flush=True)
         try:
             reports[f.name] = str(run_compare(f))
+        except Interrupted:  # Ctrl-C / SIGTERM stops the study, not just this experiment
+            raise
         except LatentLMError as e:  # e.g. an unhealthy SAE: the experiments that do not need it still run
             print(f"error in {f.name}: {e}", file=sys.stderr, flush=True)
             failed[f.name] = str(e)
@@ -118,6 +120,7 @@ def run(files: list[Path]) -> None:
         steer = str(steering_stage(contexts_stage(load_experiment(smol))))
     summary = {"reports": reports, "failed": failed, "sae": health, "steering": steer,
                "seconds_this_invocation": time.perf_counter() - t0}
+    STUDY.mkdir(parents=True, exist_ok=True)  # absent when every experiment failed before writing anything
     write_json_atomic(STUDY / "summary.json", summary)
     for h in health:
         flag = "" if h["healthy"] else "  <- more than 5% dead: raise sae.steps or lower sae.dead_tokens"

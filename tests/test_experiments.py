@@ -131,3 +131,34 @@ def test_driver_end_to_end_on_a_tiny_study(tmp_path, byte_wiki, monkeypatch):
     before = (out / "steering.json").stat().st_mtime_ns
     assert study.main(["--only", "cocomix_smollm2.yaml"]) == 0
     assert (out / "steering.json").stat().st_mtime_ns == before
+
+
+def test_a_signal_stops_the_whole_study_not_just_one_experiment(tmp_path, monkeypatch, capsys):
+    """SIGTERM during one experiment (compare raises Interrupted after saving its checkpoint) ends the
+    study with 143; the later experiments do not start. Other errors are recorded and the study goes on."""
+    import signal
+
+    from latentlm.errors import Interrupted, LatentLMError
+
+    study = _driver()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(study, "check_environment", lambda files: None)
+    started = []
+
+    def stopped(f):
+        started.append(Path(f).name)
+        raise Interrupted("SIGTERM at step 3: saved a checkpoint", signal.SIGTERM)
+
+    monkeypatch.setattr(study, "run_compare", stopped)
+    assert study.main(["--only", "ponder.yaml,cocomix.yaml"]) == 143
+    assert started == ["ponder.yaml"] and "run the same command to continue" in capsys.readouterr().err
+
+    def failing(f):
+        started.append(Path(f).name)
+        raise LatentLMError("an unhealthy SAE")
+
+    started.clear()
+    monkeypatch.setattr(study, "run_compare", failing)
+    monkeypatch.setattr(study, "STUDY", tmp_path / "runs/study")
+    assert study.main(["--only", "ponder.yaml,cocomix.yaml"]) == 2
+    assert started == ["ponder.yaml", "cocomix.yaml"]
