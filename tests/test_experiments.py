@@ -162,3 +162,54 @@ def test_a_signal_stops_the_whole_study_not_just_one_experiment(tmp_path, monkey
     monkeypatch.setattr(study, "STUDY", tmp_path / "runs/study")
     assert study.main(["--only", "ponder.yaml,cocomix.yaml"]) == 2
     assert started == ["ponder.yaml", "cocomix.yaml"]
+
+
+GPU_FILES = sorted((ROOT / "experiments" / "gpu").glob("*.yaml"))
+
+
+def test_the_gpu_files_are_the_papers_smallest_shapes_and_consistent():
+    assert sorted(_driver().GPU_EXPERIMENTS) == [f"gpu/{f.name}" for f in GPU_FILES]
+    exps = {f.stem: load_experiment(f) for f in GPU_FILES}
+    ponder, cocomix = exps["ponder"], exps["cocomix"]
+    pm = ponder["base"]["model"]
+    assert (pm["arch"], pm["n_layer"], pm["n_embd"], pm["n_head"], pm["ffn_hidden"]) == ("neox", 6, 512, 8, 2048)
+    assert ponder["runs"]["ntp_2x"]["overrides"]["model"]["n_layer"] == 2 * pm["n_layer"]
+    cm, teacher = cocomix["base"]["model"], cocomix["teacher"]["overrides"]["model"]
+    assert (cm["n_layer"], cm["n_embd"]) == (8, 512) and (teacher["n_layer"], teacher["n_embd"]) == (12, 768)
+    assert cocomix["sae"]["layer"] == cocomix["base"]["concepts"]["layer"] < teacher["n_layer"]
+    assert cocomix["base"]["cocomix"]["insert_layer"] < cm["n_layer"]
+    assert (cocomix["sae"]["latents"], cocomix["sae"]["k"]) == (32768, 32)
+    for exp in exps.values():
+        assert exp["seeds"] == [0, 1, 2] and exp["base"]["train"]["device"] == "auto"
+        steps = exp["budget"]["tokens"] / (exp["base"]["train"]["batch_size"] * exp["base"]["model"]["block_size"])
+        assert steps == int(steps) and steps >= 50
+
+
+def test_the_gpu_version_runs_at_tiny_shapes_on_the_cpu(tmp_path, byte_wiki, monkeypatch, capsys):
+    """`study.py --gpu --dry-run DIR`: both GPU experiments, shrunk, end to end on the CPU, with seeds;
+    their reports and summary.json are written and a second invocation reuses every stage."""
+    study = _driver()
+    monkeypatch.chdir(tmp_path)
+    dry = tmp_path / "dry"
+    assert study.main(["--gpu", "--dry-run", str(dry), "--data", str(byte_wiki)]) == 0
+    summary = json.loads((dry / "summary.json").read_text())
+    assert summary["device"] == "cpu (dry run)" and set(summary["experiments"]) == {"ponder.yaml", "cocomix.yaml"}
+    for name, entry in summary["experiments"].items():
+        report = Path(entry["report"]).read_text()
+        assert "seed" in report, name
+    assert 0 <= summary["experiments"]["cocomix.yaml"]["sae"]["dead_fraction"] <= 1
+    for run in ("ntp", "ntp_2x", "ponder_k1"):
+        assert (dry / "ponder" / "runs" / run / "seed-1" / "compare_eval.json").is_file(), run
+    capsys.readouterr()
+    assert study.main(["--gpu", "--dry-run", str(dry), "--data", str(byte_wiki)]) == 0
+    assert "training" not in capsys.readouterr().out
+
+
+def test_the_gpu_version_says_when_there_is_no_gpu(tmp_path, monkeypatch, capsys):
+    import torch
+
+    study = _driver()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert study.main(["--gpu"]) == 2
+    assert "--gpu needs a CUDA GPU" in capsys.readouterr().err and not (tmp_path / "runs").exists()
