@@ -115,7 +115,7 @@ def test_targets_and_selection():
 def test_a_method_without_concepts_is_refused(artifacts):
     method, _, manifest = load_method(artifacts["ntp"])
     split = TokenSplit(artifacts["data"], "val")
-    with pytest.raises(LatentLMError, match="needs a method with concepts"):
+    with pytest.raises(LatentLMError, match=r"needs a method with concepts \(cocomix, .*ponder_concepts\), not 'ntp'"):
         measure_steering(method, checkpoint_tokenizer(artifacts["ntp"], manifest), load_contexts(artifacts["sae"]),
                          val=split, scanned=split, alphas=[1.0])
 

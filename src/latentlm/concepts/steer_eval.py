@@ -1,6 +1,6 @@
 """Does steering a concept move the text toward that concept? (CoCoMix's interpretability claim.)
 
-For a student that predicts concepts (``has_concepts``: cocomix, ponder_concepts) and the top
+For a student that predicts concepts (a method with ``has_concepts``) and the top
 contexts of its SAE's latents (``latentlm concepts contexts``):
 
 1. Topic concepts: for every latent with at least ``min_contexts`` top contexts, its target tokens
@@ -127,7 +127,10 @@ def measure_steering(method: Method, tokenizer: Tokenizer, contexts: dict[str, A
     (snippets, target tokens), per alpha the steered and control shifts (mean +- s.e. over prompts,
     and the per-prompt values), and a few generations without and with steering."""
     if not getattr(method, "has_concepts", False):
-        raise LatentLMError(f"steering needs a method with concepts (cocomix, ponder_concepts), not "
+        from latentlm.methods.registry import methods
+
+        with_concepts = ", ".join(n for n, c in methods().items() if c.has_concepts)
+        raise LatentLMError(f"steering needs a method with concepts ({with_concepts}), not "
                             f"{getattr(method, 'name', type(method).__name__)!r}")
     if contexts["meta"]["sae"]["n_latents"] != method.n_concepts:
         raise LatentLMError(f"the contexts describe {contexts['meta']['sae']['n_latents']} concepts, the student "
