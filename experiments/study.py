@@ -42,7 +42,7 @@ from latentlm.loading import checkpoint_tokenizer, load_method
 
 HERE = Path(__file__).resolve().parent
 # In priority order: a study stopped early has the first claims complete.
-EXPERIMENTS = ["ponder.yaml", "cocomix.yaml", "cocomix_smollm2.yaml", "ponder_concepts.yaml",
+EXPERIMENTS = ["ponder.yaml", "cocomix.yaml", "ponder_concepts.yaml", "cocomix_smollm2.yaml",
                "ponder_concepts_flops.yaml"]
 STUDY = Path("runs/study")
 # The GPU version (issue 16): the papers' smallest shapes on the CPU study's data, one GPU, about 10 minutes.
