@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run(files)
     except Interrupted as e:  # Ctrl-C / SIGTERM: the running stage saved what it had; rerun to continue
-        print(f"stopped: {e}; run the same command to continue", file=sys.stderr)
+        print(f"stopped: {e.message}; run the same command to continue", file=sys.stderr)
         return e.exit_code
     except LatentLMError as e:
         print(f"error: {e}", file=sys.stderr)

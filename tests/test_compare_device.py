@@ -63,3 +63,22 @@ def test_a_device_this_machine_lacks_is_one_line(tmp_path, byte_wiki):
         pytest.skip("this machine has a GPU")
     with pytest.raises(LatentLMError, match="no CUDA device is available"):
         compare.run_compare(write(tmp_path, byte_wiki, device="cuda"), progress=False)
+
+
+def test_a_stopped_run_says_how_compare_continues(tmp_path, byte_wiki, monkeypatch):
+    """SIGTERM inside one of compare's runs: the trainer's advice (`--resume`) is for `latentlm train`;
+    compare resumes by itself, so its stop says to run the same command again."""
+    import signal
+
+    from latentlm.errors import Interrupted
+
+    def stopped(cfg, resume=False):
+        raise Interrupted("SIGTERM at step 3: saved runs/x/checkpoints/step_00000003", signal.SIGTERM,
+                          resume="run the same command with --resume to continue")
+
+    monkeypatch.setattr(compare, "train", stopped)
+    with pytest.raises(Interrupted) as e:
+        compare.run_compare(write(tmp_path, byte_wiki), progress=False)
+    assert e.value.exit_code == 143 and "--resume" not in str(e.value)
+    assert str(e.value) == ("SIGTERM at step 3: saved runs/x/checkpoints/step_00000003; run the same command to "
+                            "continue (compare resumes the run)")

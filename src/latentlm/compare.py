@@ -32,7 +32,7 @@ from latentlm.data.prepare import load_manifest, prepare
 from latentlm.data.sources import iter_documents
 from latentlm.data.tokenizers import load_tokenizer, train_bpe
 from latentlm.devices import resolve_device
-from latentlm.errors import LatentLMError
+from latentlm.errors import Interrupted, LatentLMError
 from latentlm.eval.perplexity import evaluate_text, evaluate_tokens
 from latentlm.eval.zeroshot import PREFIXES, evaluate_tasks, resolve_prefix
 from latentlm.fileio import write_json_atomic, write_text_atomic
@@ -369,7 +369,10 @@ class Comparison:
             return json.loads((run / "final.json").read_text())
         resume = latest_checkpoint(run) is not None
         self.log(f"[{name}] {'resuming' if resume else 'training'} {cfg.train.method} -> {run}")
-        return train(cfg, resume=resume)
+        try:
+            return train(cfg, resume=resume)
+        except Interrupted as e:  # compare resumes an unfinished run by itself: no --resume to add
+            raise (e.with_resume("run the same command to continue (compare resumes the run)") if e.resume else e) from None
 
     def run_dir(self, name: str, seed: int | None) -> Path:
         """``out_dir/runs/NAME`` (unseeded, as before seeds existed) or ``out_dir/runs/NAME/seed-S``."""

@@ -17,6 +17,11 @@ class Interrupted(LatentLMError):
     convention for "ended by this signal", so schedulers and scripts can tell an orderly stop
     from a finished run (0) and from an error (2)."""
 
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
+    def __init__(self, message: str, signum: int, resume: str = ""):
+        super().__init__(f"{message}; {resume}" if resume else message)
+        self.message, self.signum, self.resume = message, signum, resume
         self.exit_code = 128 + signum
+
+    def with_resume(self, resume: str) -> "Interrupted":
+        """The same stop with another way to continue (a driver that resumes by itself says its own)."""
+        return Interrupted(self.message, self.signum, resume)

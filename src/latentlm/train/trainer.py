@@ -354,8 +354,8 @@ def _train(cfg: Config, info: dist_.DistInfo, device: torch.device, resume: bool
                               f"non-finite step(s), which are never saved. "
                               f"{_last_good(run_dir, ': run the same command with --resume to continue from it')}",
                               signum)
-        raise Interrupted(f"{signal.Signals(signum).name} at step {step}: saved {ckpt_io.latest_checkpoint(run_dir)}; "
-                          "run the same command with --resume to continue", signum)
+        raise Interrupted(f"{signal.Signals(signum).name} at step {step}: saved {ckpt_io.latest_checkpoint(run_dir)}",
+                          signum, resume="run the same command with --resume to continue")
     if bad_in_row:
         # Policy: a run never ends on weights it cannot save. Skipped steps leave the weights of the
         # last good step, but no checkpoint is written inside a streak (a resume must not land in it),
