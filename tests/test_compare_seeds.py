@@ -351,3 +351,14 @@ def test_text_prefix_keeps_the_scored_tokens(bpe_path):
         cut = text_prefix(tok, text, cap)
         assert len(cut) < len(text) and tok.encode(cut)[:cap + 1] == full[:cap + 1]
     assert text_prefix(tok, text, None) == text and text_prefix(tok, "short", 100) == "short"
+
+
+def test_the_curves_note_names_each_run_once_whatever_its_seeds():
+    from latentlm.report import curves_note
+
+    rows = [{"name": n, "seed": s, "curve_tokens": 51_200, "val": {"tokens": 50_000}}
+            for s in (0, 1, 2) for n in ("ntp", "ponder")]
+    note = curves_note(rows)
+    assert "(ntp 51,200, ponder 51,200) differ from the table's" in note
+    same = [dict(r, curve_tokens=50_000) for r in rows]
+    assert "each curve ends at its run's val loss" in curves_note(same)

@@ -216,6 +216,19 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+# What compare trained its SAE with (next to the SAE it wrote), so a changed sae: section is not silently
+# answered by the old SAE.
+SAE_RECORD = "compare_sae.json"
+SAE_DEFAULTS = {"latents": 4096, "k": 32, "steps": 1000, "lr": 4e-4, "batch_tokens": 4096, "eval_tokens": 50_000,
+                "aux_k": None, "aux_coef": None, "dead_tokens": None}
+
+
+def sae_settings(s: dict[str, Any]) -> dict[str, Any]:
+    """The training settings of an experiment's ``sae:`` section, defaults filled in (``max_dead`` is
+    a check on the result, not a setting of it)."""
+    return {k: s.get(k, default) for k, default in {**SAE_DEFAULTS, "layer": s["layer"]}.items()}
+
+
 class Comparison:
     """The stages of one experiment; each is a no-op when its output is already complete."""
 
@@ -302,11 +315,19 @@ class Comparison:
             sae = load_sae(out)
         except LatentLMError:
             pass
-        else:  # reused only if it has the asked size and layer
+        else:  # reused only if it has the asked size and layer, and was trained with the asked settings
             asked = (s.get("latents", 4096), s.get("k", 32), s["layer"])
             if (sae.n_latents, sae.k, sae.meta.get("layer")) != asked:
                 raise LatentLMError(f"{out} has latents, k, layer {(sae.n_latents, sae.k, sae.meta.get('layer'))}, the "
                                     f"experiment asks for {asked}; delete {out} or use another out_dir")
+            record = out / SAE_RECORD
+            if record.is_file():  # SAEs trained before the record existed are checked by size and layer only
+                was = json.loads(record.read_text())["settings"]
+                changed = [k for k in sorted(set(was) | set(sae_settings(s))) if was.get(k) != sae_settings(s).get(k)]
+                if changed:
+                    diff = ", ".join(f"sae.{k}: {was.get(k)} -> {sae_settings(s).get(k)}" for k in changed)
+                    raise LatentLMError(f"{out} was trained with other SAE settings than the experiment asks for "
+                                        f"({diff}); delete {out} to train it again, or use another out_dir")
             metrics = out / "metrics.json"
             if metrics.is_file():
                 self.check_sae_health(out, json.loads(metrics.read_text())["val"])
@@ -318,6 +339,7 @@ class Comparison:
                                        batch_tokens=s.get("batch_tokens", 4096), seq_len=seq_len,
                                        eval_tokens=s.get("eval_tokens", 50_000), progress=self.progress,
                                        **{k: s[k] for k in ("aux_k", "aux_coef", "dead_tokens") if k in s})
+        write_json_atomic(Path(path) / SAE_RECORD, {"settings": sae_settings(s)})
         self.log(f"  SAE val fvu {m['val']['fvu']:.3f}, dead {m['val']['dead_fraction']:.3f}")
         self.check_sae_health(path, m["val"])
         return str(path)

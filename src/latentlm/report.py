@@ -189,8 +189,9 @@ def curves_note(rows: list[dict]) -> str:
             "is at the end of training. ")
     if len(same) == len(rows):
         return note + "Every point scores the table's validation tokens, so each curve ends at its run's val loss."
-    other = ", ".join(f"{r['name']} {r['curve_tokens']:,}" if r.get("curve_tokens") else f"{r['name']} unknown"
-                      for r in rows if r["name"] not in same)
+    other = ", ".join(dict.fromkeys(  # once per run, however many seeds it has
+        f"{r['name']} {r['curve_tokens']:,}" if r.get("curve_tokens") else f"{r['name']} unknown"
+        for r in rows if r["name"] not in same))
     return note + (f"Validation tokens per point ({other}) differ from the table's, so these curves do not end at "
                    "the table's val loss: make eval.tokens a multiple of batch_size x seq_len (docs/COMPARE.md), or "
                    "retrain runs trained before compare matched the two.")

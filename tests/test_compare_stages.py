@@ -1,6 +1,7 @@
-"""`latentlm compare` runs its shared stages (SAE training, the label cache) and every evaluation on the
-runs' device (`base.train.device`, `auto` = the GPU when there is one), not on the CPU by default. CI has
-no GPU: the device the stages receive is recorded here, with the real work done on the CPU."""
+"""`latentlm compare`'s shared stages: they run on the runs' device (`base.train.device`, `auto` = the GPU
+when there is one), not on the CPU by default (CI has no GPU: the device the stages receive is recorded,
+with the real work done on the CPU); an SAE is reused only when the experiment asks for the settings it
+was trained with; a stop inside a run says how compare continues."""
 
 from __future__ import annotations
 
@@ -82,3 +83,19 @@ def test_a_stopped_run_says_how_compare_continues(tmp_path, byte_wiki, monkeypat
     assert e.value.exit_code == 143 and "--resume" not in str(e.value)
     assert str(e.value) == ("SIGTERM at step 3: saved runs/x/checkpoints/step_00000003; run the same command to "
                             "continue (compare resumes the run)")
+
+
+def test_an_sae_trained_with_other_settings_is_not_reused(tmp_path, byte_wiki):
+    path = write(tmp_path, byte_wiki)
+    exp = yaml.safe_load(path.read_text())
+    exp["labels"] = False  # cocomix labels on the fly: no label cache to build
+    path.write_text(yaml.safe_dump(exp))
+    compare.run_compare(path, progress=False)
+    record = tmp_path / "cmp" / "sae" / compare.SAE_RECORD
+    assert record.is_file()
+    compare.run_compare(path, progress=False)  # the same settings: reused
+    exp["sae"]["aux_k"] = 16
+    path.write_text(yaml.safe_dump(exp))
+    with pytest.raises(LatentLMError, match=r"trained with other SAE settings than the experiment asks for "
+                                            r"\(sae\.aux_k: None -> 16\); delete .*sae to train it again"):
+        compare.run_compare(path, progress=False)
