@@ -167,3 +167,20 @@ def test_gpu_check_dry_run(tmp_path):
         <= set(checks)
     assert any(c.startswith("KV cache: ") for c in checks)
     assert all(r[1] == "ok" for r in rows if r[0] != "environment"), [r for r in rows if r[1] != "ok"]
+
+
+def test_doc_timings_times_each_command_of_a_block(tmp_path):
+    """benchmarks/doc_timings.py's per-command clock: a multi-line command and a here-document count as
+    one command each, the times add up to the block's, and a failing block stops with its output."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("doc_timings", ROOT / "benchmarks" / "doc_timings.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    body = "echo one\nsleep 0.3\npython3 - <<'END'\nprint(2)\nEND\nls \\\n  . > /dev/null\n"
+    commands, wall, cpu = mod.time_block(body, tmp_path, {"PATH": "/usr/bin:/bin"})
+    assert [c.split()[0] for c, _ in commands] == ["echo", "sleep", "python3", "ls"]
+    assert dict((c.split()[0], s) for c, s in commands)["sleep"] >= 0.3
+    assert sum(s for _, s in commands) <= wall + 0.05 and cpu >= 0
+    with pytest.raises(SystemExit, match="block failed"):
+        mod.time_block("echo before\nfalse\necho after\n", tmp_path, {"PATH": "/usr/bin:/bin"})
