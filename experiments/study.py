@@ -132,7 +132,7 @@ def run(files: list[Path]) -> None:
     STUDY.mkdir(parents=True, exist_ok=True)  # absent when every experiment failed before writing anything
     write_json_atomic(STUDY / "summary.json", summary)
     for h in health:
-        flag = "" if h["healthy"] else "  <- more than 5% dead: raise sae.steps or lower sae.dead_tokens"
+        flag = "" if h["healthy"] else "  <- more than 5% dead: try fewer sae.latents, more sae.steps or a lower sae.dead_tokens"
         print(f"SAE {h['sae']}: val FVU {h['fvu']:.3f}, dead {100 * h['dead_fraction']:.1f}%{flag}")
     print(json.dumps(summary, indent=1))
     if failed:

@@ -349,8 +349,9 @@ class Comparison:
         limit = self.exp["sae"].get("max_dead")
         if limit is not None and val["dead_fraction"] > limit:
             raise LatentLMError(f"SAE {path} has {100 * val['dead_fraction']:.1f}% dead latents (val FVU "
-                                f"{val['fvu']:.3f}), more than sae.max_dead {100 * limit:g}%; raise sae.steps or lower "
-                                f"sae.dead_tokens, delete {path} and rerun")
+                                f"{val['fvu']:.3f}), more than sae.max_dead {100 * limit:g}%; try fewer sae.latents (a "
+                                f"small teacher's stream may not use them all), more sae.steps or a lower sae.dead_tokens, "
+                                f"delete {path} and rerun")
 
     def labels(self, teacher: str, sae: str, data: Path, cfg) -> str:
         out = self.out / "labels"
