@@ -8,35 +8,24 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
 from latentlm.compare import load_experiment, run_compare
 from latentlm.errors import LatentLMError
 from latentlm.loading import load_config
 from latentlm.train.checkpoint import resolve_checkpoint
 
-from conftest import TINY_MODEL
+from test_compare import experiment as compare_experiment
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def experiment(tmp_path: Path, data_dir: Path, **over) -> Path:
-    exp = {"name": "teacher from a run", "out_dir": str(tmp_path / "cmp"), "data": {"path": str(data_dir)},
-           "base": {"model": dict(TINY_MODEL, n_layer=3),
-                    "train": {"batch_size": 4, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "eval_batches": 2,
-                              "log_every": 1},
-                    "data": {"seq_len": 32}, "cocomix": {"insert_layer": 1}},
-           "budget": {"tokens": 4 * 32 * 4},
-           "teacher": {"run": "ntp"},
-           "sae": {"layer": 1, "latents": 64, "k": 4, "steps": 10, "batch_tokens": 256, "eval_tokens": 512},
-           "labels": False,
-           "eval": {"tokens": 512, "points": 2},
-           "runs": {"ntp": {"method": "ntp"}, "cocomix": {"method": "cocomix"}}}
-    exp.update(over)
-    path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(exp))
-    return path
+    """test_compare's tiny experiment with an NTP run as CoCoMix's teacher."""
+    return compare_experiment(tmp_path, data_dir, **{
+        "name": "teacher from a run", "budget": {"tokens": 4 * 32 * 4}, "teacher": {"run": "ntp"},
+        "sae": {"layer": 1, "latents": 64, "k": 4, "steps": 10, "batch_tokens": 256, "eval_tokens": 512},
+        "labels": False, "runs": {"ntp": {"method": "ntp"}, "cocomix": {"method": "cocomix"}}, **over})
 
 
 def test_the_teacher_is_the_ntp_run_trained_once(tmp_path, byte_wiki, capsys):

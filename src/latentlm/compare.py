@@ -322,10 +322,10 @@ class Comparison:
                                     f"experiment asks for {asked}; delete {out} or use another out_dir")
             record = out / SAE_RECORD
             if record.is_file():  # SAEs trained before the record existed are checked by size and layer only
-                was = json.loads(record.read_text())["settings"]
-                changed = [k for k in sorted(set(was) | set(sae_settings(s))) if was.get(k) != sae_settings(s).get(k)]
+                was, now = json.loads(record.read_text())["settings"], sae_settings(s)
+                changed = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
                 if changed:
-                    diff = ", ".join(f"sae.{k}: {was.get(k)} -> {sae_settings(s).get(k)}" for k in changed)
+                    diff = ", ".join(f"sae.{k}: {was.get(k)} -> {now.get(k)}" for k in changed)
                     raise LatentLMError(f"{out} was trained with other SAE settings than the experiment asks for "
                                         f"({diff}); delete {out} to train it again, or use another out_dir")
             metrics = out / "metrics.json"
