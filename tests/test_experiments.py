@@ -57,8 +57,8 @@ def test_experiments_sharing_an_out_dir_share_their_settings_and_runs(tmp_path):
             shared_artifacts = {"teacher": {"path": str(tmp_path / "teacher.yaml")},
                                 "concepts": {"sae": "", "layer": 1}}
             for name, run in e["runs"].items():
-                over = {"cocomix": {"n_concepts": 2048, "k_concepts": 16},
-                        "ponder_concepts": {"n_concepts": 2048, "k_concepts": 16}}
+                over = {"cocomix": {"n_concepts": 512, "k_concepts": 16},
+                        "ponder_concepts": {"n_concepts": 512, "k_concepts": 16}}
                 run = dict(run, overrides={**over, **(run.get("overrides") or {})})
                 cfg = c.run_config(name, run, tmp_path / "data", shared_artifacts, 0)
                 if name in configs:

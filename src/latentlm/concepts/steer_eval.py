@@ -38,6 +38,7 @@ from latentlm.data.tokenizers import Tokenizer
 from latentlm.errors import LatentLMError
 from latentlm.generate import generate, sample_next
 from latentlm.methods.base import Method
+from latentlm.methods.registry import methods
 
 
 def token_frequencies(split: TokenSplit, n_tokens: int, vocab: int) -> np.ndarray:
@@ -127,8 +128,6 @@ def measure_steering(method: Method, tokenizer: Tokenizer, contexts: dict[str, A
     (snippets, target tokens), per alpha the steered and control shifts (mean +- s.e. over prompts,
     and the per-prompt values), and a few generations without and with steering."""
     if not getattr(method, "has_concepts", False):
-        from latentlm.methods.registry import methods
-
         with_concepts = ", ".join(n for n, c in methods().items() if c.has_concepts)
         raise LatentLMError(f"steering needs a method with concepts ({with_concepts}), not "
                             f"{getattr(method, 'name', type(method).__name__)!r}")
