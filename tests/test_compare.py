@@ -211,3 +211,12 @@ def test_plots_have_a_title_and_labelled_flops_ticks():
         fig = loss_figure(rows, 0, "tiny comparison")
         assert len(labelled(fig)) >= 2
         plt.close(fig)
+    # A long name (the study's) wraps inside the figure instead of running off both edges.
+    name = "Evidence: ponder_concepts vs PonderLM-2, CoCoMix and NTP, equal training FLOPs"
+    fig = loss_figure(rows, 0, name)
+    fig.canvas.draw()
+    title = fig.axes[0].title
+    box = title.get_window_extent(fig.canvas.get_renderer())
+    assert title.get_text().replace("\n", " ") == name
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width, (box, fig.bbox.width)
+    plt.close(fig)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +148,7 @@ def loss_figure(rows: list[dict], axis: int, title: str):
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     draw_runs(ax, rows, axis)
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 64), fontsize=10)  # a long experiment name wraps instead of being cut
     ax.set_xlabel("training tokens" if axis == 0 else "training FLOPs (teacher included)")
     ax.set_ylabel("validation loss (nats/token)")
     xs = [p[axis] for r in rows for p in r["curve"] if p[axis] > 0]
