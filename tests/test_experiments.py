@@ -12,6 +12,7 @@ import yaml
 
 from latentlm.compare import Comparison, load_experiment
 from latentlm.config import config_differences
+from latentlm.settings import merge
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = sorted((ROOT / "experiments").glob("*.yaml"))
@@ -33,6 +34,9 @@ def test_every_file_loads_and_the_driver_runs_them_all():
         assert "shakespeare" in exp["eval"]["texts"]
     assert sorted(_driver().EXPERIMENTS) == [f.name for f in FILES]
 
+
+# The study's SAE size, given as for counting (no SAE is trained here).
+SAE_SIZES = {"cocomix": {"n_concepts": 512, "k_concepts": 16}, "ponder_concepts": {"n_concepts": 512, "k_concepts": 16}}
 
 def test_experiments_sharing_an_out_dir_share_their_settings_and_runs(tmp_path):
     by_dir: dict[str, list[dict]] = {}
@@ -57,9 +61,7 @@ def test_experiments_sharing_an_out_dir_share_their_settings_and_runs(tmp_path):
             shared_artifacts = {"teacher": {"path": str(tmp_path / "teacher.yaml")},
                                 "concepts": {"sae": "", "layer": 1}}
             for name, run in e["runs"].items():
-                over = {"cocomix": {"n_concepts": 512, "k_concepts": 16},
-                        "ponder_concepts": {"n_concepts": 512, "k_concepts": 16}}
-                run = dict(run, overrides={**over, **(run.get("overrides") or {})})
+                run = dict(run, overrides=merge(SAE_SIZES, run.get("overrides") or {}))  # deep: keeps a run's own cocomix keys
                 cfg = c.run_config(name, run, tmp_path / "data", shared_artifacts, 0)
                 if name in configs:
                     assert list(config_differences(configs[name], cfg)) == [], name
