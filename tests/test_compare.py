@@ -7,12 +7,14 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from latentlm import compare as compare_mod
 from latentlm.cli import main
 from latentlm.compare import load_experiment, run_compare
+from latentlm.data.loader import TokenSplit, WindowLoader
 from latentlm.errors import LatentLMError
 from latentlm.loading import load_config
 from latentlm.methods import build_method, flops_report
@@ -149,7 +151,43 @@ def test_cocomix_and_kd_share_one_teacher_sae_and_label_cache(tmp_path, byte_wik
     assert "| cocomix | cocomix |" in report.read_text()
 
 
+def test_labels_of_only_the_windows_the_seeds_read(tmp_path, byte_wiki):
+    """``labels: {windows: read}`` labels the windows every seed of the labelled runs takes in its budget,
+    no others; the students train exactly as on the whole-split cache. An experiment sharing the out_dir
+    whose runs read other windows is refused before training, naming the fix."""
+    common = dict(budget={"tokens": 4 * 32 * 4}, teacher={"overrides": {"train": {"max_steps": 4}}},
+                  sae={"layer": 1, "latents": 64, "k": 4, "steps": 10, "batch_tokens": 256, "eval_tokens": 512},
+                  seeds=[0, 1], runs={"ntp": {"method": "ntp"}, "cocomix": {"method": "cocomix"}})
+    for d in ("read", "full"):
+        (tmp_path / d).mkdir()
+    read = experiment(tmp_path / "read", byte_wiki, labels={"windows": "read"}, **common)
+    run_compare(read, progress=False)
+    out = tmp_path / "read" / "cmp"
+    windows = np.fromfile(out / "labels" / "windows.bin", dtype="<i8")
+    split = TokenSplit(byte_wiki, "train")
+    want = set()
+    for seed in (0, 1):
+        loader = WindowLoader(split, 32, 4, seed=seed)
+        want |= {int(w) for _ in range(4) for w in loader.next_batch_windows()[2]}
+    assert sorted(want) == windows.tolist() and len(windows) < (len(split) - 1) // 32
+    full = experiment(tmp_path / "full", byte_wiki, **common)  # labels: true, the whole split
+    run_compare(full, progress=False)
+    for seed in (0, 1):
+        a, b = (read_metrics(d / "cmp" / "runs" / "cocomix" / f"seed-{seed}" / "metrics.jsonl")
+                for d in (tmp_path / "read", tmp_path / "full"))
+        assert [r["loss"] for r in a if "loss" in r] == [r["loss"] for r in b if "loss" in r]
+    longer = yaml.safe_load(read.read_text())
+    longer.update(budget={"tokens": 4 * 32 * 12}, report="longer")
+    read.write_text(yaml.safe_dump(longer))
+    with pytest.raises(LatentLMError, match="lacks .* of the .* windows this experiment's runs read"):
+        run_compare(read, progress=False)
+    assert not (out / "runs" / "cocomix" / "seed-0" / "checkpoints" / "step_00000012").exists()
+
+
 @pytest.mark.parametrize("change,message", [
+    ({"labels": {"windows": "some"}}, "labels.windows='some' must be all"),
+    ({"labels": {}}, "labels.windows=None must be all"),
+    ({"labels": {"window": "read"}}, "unknown key labels.window"),
     ({"budget": {"tokens": 0}}, "budget needs exactly one positive number"),
     ({"budget": {"tokens": 5, "flops": 5}}, "budget needs exactly one positive number"),
     ({"runs": {}}, "runs is empty"),

@@ -119,6 +119,69 @@ def test_cache_refuses_another_sae_and_out_of_range_windows(teacher_run, sae_dir
         cached.labels(torch.zeros(1, SEQ, dtype=torch.long), np.array([cached.n_windows]))
 
 
+@pytest.mark.parametrize("batch, world, batches", [(4, 1, 3), (2, 2, 5), (3, 1, 200)])
+def test_upcoming_windows_are_the_windows_the_loader_hands_out(small_data, batch, world, batches):
+    """Every rank's windows of the next N batches, across epoch boundaries too (200 x 3 > the split's
+    windows), from a loader's current position, without moving it."""
+    split = TokenSplit(small_data, "train")
+    loaders = [WindowLoader(split, SEQ, batch, seed=5, rank=r, world_size=world) for r in range(world)]
+    for loader in loaders:
+        loader.next_batch_windows()  # from a position that is not the start
+    ahead = loaders[0].upcoming_windows(batches)
+    assert loaders[0].state_dict() == loaders[1 % world].state_dict()
+    got = [w for _ in range(batches) for loader in loaders for w in loader.next_batch_windows()[2]]
+    assert ahead.tolist() == got and len(got) == batches * batch * world
+    assert loaders[0].epoch >= 1 or batches < 200  # the long case crossed epochs
+    assert loaders[0].upcoming_windows(0).tolist() == []
+
+
+def test_a_cache_of_some_windows_holds_their_labels_and_refuses_the_others(teacher_run, sae_dir, small_data, cache,
+                                                                           tmp_path):
+    """``windows=``: only those windows are labelled (format version 2, ``windows.bin``), each with the
+    labels the whole-split cache has; a window outside is a one-line error naming the fix."""
+    full = CachedLabels(cache, run_cfg(teacher_run, sae_dir, small_data), small_data, SEQ)
+    some = np.array([7, 2, 5, 2, 11])
+    out = tmp_path / "some"
+    m = build_label_cache(small_data, load_teacher(str(teacher_run)), load_sae(sae_dir), out, seq_len=SEQ,
+                          layer=LAYER, batch_size=2, windows=some, progress=False)
+    assert m["format_version"] == 2 and m["n_windows"] == 4 and m["windows"]["count"] == 4
+    assert np.fromfile(out / "windows.bin", dtype="<i8").tolist() == [2, 5, 7, 11]
+    sub = label_source(run_cfg(teacher_run, sae_dir, small_data, out), "cpu")
+    assert sub.covers(np.array([2, 3, 11])).tolist() == [True, False, True]
+    assert full.covers(np.array([0, full.n_windows])).tolist() == [True, False]
+    x = torch.zeros(3, SEQ, dtype=torch.long)
+    assert torch.equal(sub.labels(x, np.array([11, 2, 7])), full.labels(x, np.array([11, 2, 7])))
+    for missing in (3, 0, 12, -1):
+        with pytest.raises(LatentLMError, match=f"window {missing} is not in label cache") as e:
+            sub.labels(x, np.array([2, missing, 7]))
+        assert "\n" not in str(e.value)
+    with pytest.raises(LatentLMError, match="not both"):
+        build_label_cache(small_data, load_teacher(str(teacher_run)), load_sae(sae_dir), tmp_path / "x", seq_len=SEQ,
+                          layer=LAYER, windows=some, limit_windows=3, progress=False)
+    for bad in ([], [full.n_windows], [-1]):
+        with pytest.raises(LatentLMError, match="non-empty set of ids"):
+            build_label_cache(small_data, load_teacher(str(teacher_run)), load_sae(sae_dir), tmp_path / "x",
+                              seq_len=SEQ, layer=LAYER, windows=np.array(bad, dtype=np.int64), progress=False)
+    (out / "windows.bin").write_bytes(np.array([5, 2, 7, 11], dtype="<i8").tobytes())  # damaged: not sorted
+    with pytest.raises(LatentLMError, match="not sorted"):
+        CachedLabels(out, run_cfg(teacher_run, sae_dir, small_data), small_data, SEQ)
+    (out / "windows.bin").unlink()
+    with pytest.raises(LatentLMError, match="missing"):
+        CachedLabels(out, run_cfg(teacher_run, sae_dir, small_data), small_data, SEQ)
+
+
+def test_a_format_1_cache_still_loads(teacher_run, sae_dir, small_data, cache, tmp_path):
+    """Caches written before windows.bin existed (format version 1) label windows 0..n-1 and still load."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(cache, old)
+    m = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**m, "format_version": 1}))
+    cached = CachedLabels(old, run_cfg(teacher_run, sae_dir, small_data), small_data, SEQ)
+    assert cached.windows is None and cached.covers(np.array([0])).all()
+
+
 def test_build_is_atomic(teacher_run, sae_dir, small_data, cache, monkeypatch):
     before = (cache / "labels.bin").read_bytes()
     calls = []

@@ -21,13 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
-from latentlm.concepts.labels import build_label_cache
+from latentlm.concepts.labels import CachedLabels, build_label_cache
 from latentlm.concepts.sae import load_sae, train_sae_on_teacher
 from latentlm.concepts.teacher import load_teacher
 from latentlm.config import config_differences, config_from_dict, make_config
-from latentlm.data.loader import TokenSplit
+from latentlm.data.loader import TokenSplit, WindowLoader
 from latentlm.data.prepare import load_manifest, prepare
 from latentlm.data.sources import iter_documents
 from latentlm.data.tokenizers import load_tokenizer, train_bpe
@@ -121,9 +122,14 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
                 raise LatentLMError(f"teacher.run={t['run']} is a seeded run; a teacher is one model: name an "
                                     "unseeded run (no seeds for it) or give teacher.path")
     labels = exp.get("labels", True)
-    if not isinstance(labels, (bool, str)) or labels == "":
+    if isinstance(labels, dict):
+        _check_keys("labels", labels, {"windows"})
+        if labels.get("windows") not in ("all", "read"):
+            raise LatentLMError(f"labels.windows={short_repr(labels.get('windows'))} must be all (every training "
+                                "window) or read (only the windows the labelled runs' seeds read)")
+    elif not isinstance(labels, (bool, str)) or labels == "":
         raise LatentLMError(f"labels={short_repr(labels)} must be true (build a label cache), false (labels on the "
-                            "fly) or the path of a label cache")
+                            "fly), {windows: read} (a cache of the windows the runs read) or the path of a label cache")
     texts = (exp.get("eval") or {}).get("texts") or {}
     if not isinstance(texts, dict) or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in texts.items()):
         raise LatentLMError("eval.texts must map a name to a data source, e.g. texts: {shakespeare: shakespeare}")
@@ -353,17 +359,42 @@ class Comparison:
                                 f"small teacher's stream may not use them all), more sae.steps or a lower sae.dead_tokens, "
                                 f"delete {path} and rerun")
 
-    def labels(self, teacher: str, sae: str, data: Path, cfg) -> str:
+    def labels(self, teacher: str, sae: str, data: Path, cfg, need: np.ndarray, only: bool) -> str:
+        """The shared label cache ``out_dir/labels``, built unless there: of every training window, or
+        with ``only`` of just the windows ``need`` (ids) the runs read. An existing cache (shared with
+        another experiment in this out_dir) must hold every window in ``need``."""
         out = self.out / "labels"
         if (out / "manifest.json").is_file():
+            have = CachedLabels(out, cfg, data, cfg.seq_len).covers(need)
+            if not have.all():
+                raise LatentLMError(f"label cache {out} lacks {int((~have).sum()):,} of the {len(need):,} windows this "
+                                    "experiment's runs read (it was built for another budget or other seeds); delete "
+                                    f"{out} and rerun, which labels the windows every run needs")
             return str(out)
         c = cfg.concepts
-        self.log(f"labelling every training window with {teacher} + its SAE -> {out}")
+        what = f"the {len(need):,} training windows the runs read" if only else "every training window"
+        self.log(f"labelling {what} with {teacher} + its SAE -> {out}")
         build_label_cache(data, load_teacher(teacher, device=self.device, dtype=cfg.teacher.dtype), load_sae(sae), out,
                           seq_len=cfg.seq_len,
                           layer=c.layer, k_attr=c.k_attr, acts=c.acts, select=c.select, score=c.score,
-                          last_position=c.last_position, batch_size=cfg.train.batch_size, progress=self.progress)
+                          last_position=c.last_position, batch_size=cfg.train.batch_size,
+                          windows=need if only else None, progress=self.progress)
         return str(out)
+
+    def windows_read(self, data: Path, shared: dict[str, Any]) -> np.ndarray:
+        """The training windows (sorted ids) every seed of every run that reads concept labels takes in
+        its budget: its loader's first ``max_steps x grad_accum`` batches (:meth:`WindowLoader.upcoming_windows`)."""
+        split = TokenSplit(data, "train")
+        parts = []
+        for name, seed in plan(self.exp):
+            run = self.exp["runs"][name]
+            if not method_class(run["method"]).needs_concept_labels:
+                continue
+            cfg = self.run_config(name, run, data, shared, seed)
+            tc = cfg.train
+            loader = WindowLoader(split, cfg.seq_len, tc.batch_size, seed=tc.seed)
+            parts.append(loader.upcoming_windows(tc.max_steps * tc.grad_accum))
+        return np.unique(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
 
     # --- runs ----------------------------------------------------------------------------------
 
@@ -467,7 +498,9 @@ class Comparison:
             shared["concepts"]["labels"] = self.exp["labels"]
         elif self.exp.get("labels", True) and labelled:
             # The cache must match the labelled runs' windows and label settings: take them from one.
-            shared["concepts"]["labels"] = self.labels(teacher, sae, data, self.run_config(*labelled, data, shared))
+            only = isinstance(self.exp.get("labels"), dict) and self.exp["labels"].get("windows") == "read"
+            shared["concepts"]["labels"] = self.labels(teacher, sae, data, self.run_config(*labelled, data, shared),
+                                                       self.windows_read(data, shared), only)
         return shared
 
     def evaluate(self, name: str, cfg) -> dict[str, Any]:

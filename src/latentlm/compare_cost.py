@@ -244,10 +244,12 @@ def _estimate(exp: dict, path, scratch: Path, steps: int, calibration: dict | No
                                       layer=cc.layer, k_attr=cc.k_attr, acts=cc.acts, select=cc.select, score=cc.score,
                                       last_position=cc.last_position, batch_size=lcfg.train.batch_size, progress=False)
                 if not isinstance(exp.get("labels"), str):
-                    windows = (train_tokens - 1) // seq_len
+                    only = isinstance(exp.get("labels"), dict) and exp["labels"].get("windows") == "read"
+                    windows = len(c.windows_read(prepared, shared)) if only else (train_tokens - 1) // seq_len
                     f = windows * seq_len / small_tokens
+                    what = "the windows the runs read" if only else "the train split"
                     stages.append(_stage(str(c.out / "labels"), "labels", f"{windows:,} windows ({windows * seq_len:,} "
-                                         "tokens: the train split)", f * lab.wall, f * lab.cpu,
+                                         f"tokens: {what})", f * lab.wall, f * lab.cpu,
                                          cpu_tok_per_s=small_tokens / lab.cpu))
                 shared["concepts"]["labels"] = str(scratch / "labels")
 

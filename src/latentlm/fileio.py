@@ -200,7 +200,7 @@ class ManifestFormat:
     ``name`` is the manifest's file in that directory: ``manifest.json``, or a single-file artifact's
     own file (``contexts.json``). Manifests of older writers are read through
     ``legacy_version_key`` (their name for ``format_version``) and ``legacy_kindless`` (they wrote
-    no ``kind``)."""
+    no ``kind``); ``also_reads`` lists older format versions still read (the reader tells them apart)."""
 
     kind: str
     version: int
@@ -209,6 +209,7 @@ class ManifestFormat:
     name: str = MANIFEST_FILE
     legacy_version_key: str | None = None
     legacy_kindless: bool = False
+    also_reads: tuple[int, ...] = ()  # older format versions this latentlm still reads
 
     def stamp(self, body: dict[str, Any]) -> dict[str, Any]:
         """``body`` under this format's header (``kind``, ``format_version``, ``latentlm_version``),
@@ -256,7 +257,7 @@ class ManifestFormat:
             raise LatentLMError(f"{path} is not {self.what}: its kind is {manifest.get('kind')!r}, not "
                                 f"{self.kind!r}; {rebuild}")
         version = manifest.get("format_version")
-        if type(version) is not int or version != self.version:
+        if type(version) is not int or (version != self.version and version not in self.also_reads):
             writer = manifest.get("latentlm_version")
             by = f" (written by latentlm {writer})" if isinstance(writer, str) else ""
             raise LatentLMError(f"{path} has format version {version}{by}, but this latentlm reads {self.what} "

@@ -23,7 +23,7 @@ from latentlm.checkpoint_files import resolve_checkpoint
 from latentlm.concepts.attribution import concept_labels
 from latentlm.concepts.sae import PARAM_NAMES, TopKSAE, check_sae_matches, load_sae
 from latentlm.concepts.teacher import Teacher, dtype_name, load_teacher, teacher_dtype
-from latentlm.data.loader import TokenSplit, iter_eval_windows
+from latentlm.data.loader import TokenSplit, iter_windows
 from latentlm.data.prepare import check_tokenizer, load_manifest
 from latentlm.data.tokenizers import smollm2_gguf
 from latentlm.errors import LatentLMError
@@ -120,12 +120,15 @@ class TeacherHidden:
 # The on-disk label cache
 
 CACHE_KIND = "latentlm-concept-labels"
-CACHE_FORMAT_VERSION = 1
+# Version 2 may label only some windows (``windows.bin``); version 1 labelled windows 0..n-1.
+CACHE_FORMAT_VERSION = 2
 LABELS_FILE = "labels.bin"
+WINDOWS_FILE = "windows.bin"
+WINDOWS_DTYPE = np.dtype("<i8")
 MANIFEST_FILE = "manifest.json"
 LABELS_DTYPE = np.dtype("<i4")
 RERUN = "re-run `latentlm concepts label` for this run"
-CACHE_FORMAT = ManifestFormat(CACHE_KIND, CACHE_FORMAT_VERSION, "a label cache", RERUN)
+CACHE_FORMAT = ManifestFormat(CACHE_KIND, CACHE_FORMAT_VERSION, "a label cache", RERUN, also_reads=(1,))
 
 
 def sae_fingerprint(sae: TopKSAE) -> str:
@@ -149,7 +152,8 @@ def build_label_cache(data_dir: str | Path, teacher: Teacher, sae: TopKSAE, out_
                       select: Literal["attribution", "activation"] = "attribution",
                       score: Literal["official", "eq1"] = "official",
                       last_position: Literal["mask", "extra_token"] = "mask", batch_size: int = 8,
-                      limit_windows: int | None = None, progress: bool = True) -> dict[str, Any]:
+                      limit_windows: int | None = None, windows: np.ndarray | None = None,
+                      progress: bool = True) -> dict[str, Any]:
     """Write the concept labels of every training window of ``data_dir`` to ``out_dir``; return its manifest.
 
     Window ``i`` is tokens ``[i * seq_len, i * seq_len + seq_len + 1)`` of the train split, as
@@ -157,8 +161,11 @@ def build_label_cache(data_dir: str | Path, teacher: Teacher, sae: TopKSAE, out_
     ``seq_len`` tokens (the student's input ``x``; with ``last_position="extra_token"`` the window's
     last token is the last position's target). ``labels.bin`` is int32 little-endian
     [n_windows, seq_len, k_attr] (-1 masked), written batch by batch into a temporary sibling
-    that is renamed into place only when complete. ``limit_windows`` keeps only the first N. The
-    manifest records the options and the teacher's compute dtype (``teacher_dtype``).
+    that is renamed into place only when complete. ``limit_windows`` keeps only the first N;
+    ``windows`` (window ids, e.g. :meth:`~latentlm.data.loader.WindowLoader.upcoming_windows` of the
+    runs that will read the cache) only those: row ``r`` of ``labels.bin`` is then window
+    ``windows.bin[r]`` (int64, sorted). Each window's labels are the same either way. The manifest
+    records the options and the teacher's compute dtype (``teacher_dtype``).
     """
     if last_position not in ("mask", "extra_token"):
         raise LatentLMError(f"last_position must be 'mask' or 'extra_token', got {last_position!r}")
@@ -174,24 +181,36 @@ def build_label_cache(data_dir: str | Path, teacher: Teacher, sae: TopKSAE, out_
     if n == 0:
         raise LatentLMError(f"the train split of {data_dir} has {len(split)} tokens, fewer than one window of "
                             f"{seq_len + 1}; lower --seq-len or prepare more data")
+    if windows is not None:
+        if limit_windows is not None:
+            raise LatentLMError("give limit_windows or windows, not both")
+        ids = np.unique(np.asarray(windows, dtype=np.int64))
+        if not len(ids) or ids[0] < 0 or ids[-1] >= split_windows:
+            raise LatentLMError(f"windows must be a non-empty set of ids in [0, {split_windows}), the train split's "
+                                f"windows of {seq_len} + 1 tokens")
+        n = len(ids)
+    else:
+        ids = np.arange(n, dtype=np.int64)
     sae = sae.to(teacher.device)
     with publishing(out, replace=CACHE_FORMAT,
                     refusal="exists and is not a label cache; choose a new directory or remove it") as tmp:
         bar = tqdm(total=n, disable=not progress, unit="window", desc="labels", dynamic_ncols=True)
-        done = 0
         with open(tmp / LABELS_FILE, "wb") as f:
-            for x, y in iter_eval_windows(split, seq_len, batch_size, max_batches=-(-n // batch_size)):
-                x, y = x[:n - done], y[:n - done]
+            for x, y in iter_windows(split, seq_len, batch_size, ids):
                 labels = concept_labels(teacher, sae, x, layer, k_attr=k_attr, acts=acts, select=select, score=score,
                                         targets=y if last_position == "extra_token" else None)
                 f.write(labels.cpu().numpy().astype(LABELS_DTYPE).tobytes())
-                done += len(x)
                 bar.update(len(x))
             f.flush()
             os.fsync(f.fileno())
         bar.close()
+        subset = {}
+        if windows is not None:
+            (tmp / WINDOWS_FILE).write_bytes(ids.astype(WINDOWS_DTYPE).tobytes())
+            subset = {"windows": {"file": WINDOWS_FILE, "dtype": "int64", "byteorder": "little", "count": n,
+                                  "sha256": sha256_file(tmp / WINDOWS_FILE)}}
         write_delay()
-        manifest = CACHE_FORMAT.write(tmp, {
+        manifest = CACHE_FORMAT.write(tmp, {**subset,
             "data": _data_identity(data_dir), "seq_len": seq_len, "n_windows": n, "split_windows": split_windows,
             "teacher": teacher.describe(), "layer": layer,
             "sae": {"fingerprint": sae_fingerprint(sae), "n_latents": sae.n_latents, "k": sae.k, "meta": sae.meta},
@@ -283,6 +302,27 @@ class CachedLabels:
         self.n_windows, self.seq_len, self.k_attr = n, t, k
         self.n_latents, self.k = int(m["sae"]["n_latents"]), int(m["sae"]["k"])
         self._labels = np.memmap(file, dtype=LABELS_DTYPE, mode="r", shape=(n, t, k))
+        self.windows = self._read_windows(m, n, verify) if "windows" in m else None
+
+    def _read_windows(self, m: dict[str, Any], n: int, verify: str) -> np.ndarray:
+        """The window id of each row (a cache of only some windows), checked: n sorted distinct ids."""
+        info = m["windows"]
+        file = self.dir / str(info.get("file", "")) if isinstance(info, dict) else self.dir / WINDOWS_FILE
+        if not isinstance(info, dict) or not file.is_file() or file.stat().st_size != n * WINDOWS_DTYPE.itemsize:
+            raise LatentLMError(f"{file} is missing or does not hold the {n} window ids of the labels; {RERUN}")
+        if verify == "sha256" and sha256_file(file) != info.get("sha256"):
+            raise LatentLMError(f"{file} does not match its sha256 in the manifest (corrupted); {RERUN}")
+        ids = np.fromfile(file, dtype=WINDOWS_DTYPE).astype(np.int64)
+        if n and (ids[0] < 0 or (np.diff(ids) <= 0).any()):
+            raise LatentLMError(f"{file} is damaged: its window ids are not sorted and distinct; {RERUN}")
+        return ids
+
+    def covers(self, windows: np.ndarray) -> np.ndarray:
+        """Which of ``windows`` (ids) this cache labels (bool, same shape)."""
+        windows = np.asarray(windows, dtype=np.int64)
+        if self.windows is None:
+            return (windows >= 0) & (windows < self.n_windows)
+        return np.isin(windows, self.windows)
 
     def _check_dtype(self, m: dict[str, Any], setting: str, device: torch.device | str) -> None:
         """The teacher dtype the cache was built with must be the run's. A cache from before the dtype was
@@ -305,10 +345,18 @@ class CachedLabels:
         if x.shape != (len(windows), self.seq_len):
             raise LatentLMError(f"batch {tuple(x.shape)} does not fit label cache {self.dir}: expected "
                                 f"[{len(windows)}, {self.seq_len}]")
-        if len(windows) and (windows.min() < 0 or windows.max() >= self.n_windows):
+        rows = windows
+        if self.windows is not None:  # a cache of some windows: find each one's row
+            rows = np.minimum(np.searchsorted(self.windows, windows), max(self.n_windows - 1, 0))
+            missing = windows[self.windows[rows] != windows] if len(windows) else windows
+            if len(missing):
+                raise LatentLMError(f"window {int(missing[0])} is not in label cache {self.dir}, which labels only the "
+                                    f"{self.n_windows} windows its runs were to read (a longer budget or other seeds "
+                                    f"read others); {RERUN} on the whole split")
+        elif len(windows) and (windows.min() < 0 or windows.max() >= self.n_windows):
             raise LatentLMError(f"window {int(windows.max())} is outside the {self.n_windows} windows of label cache "
                                 f"{self.dir} (built with --limit-windows?); {RERUN} on the whole split")
-        labels = torch.from_numpy(self._labels[windows])
+        labels = torch.from_numpy(self._labels[rows])
         if x.device.type == "cuda":  # pinned: an asynchronous copy, no stall of the training step
             labels = labels.pin_memory()
         return labels.to(x.device, non_blocking=True).long()

@@ -183,6 +183,23 @@ class WindowLoader:
         offsets = self.epoch_shifts(self.epoch)[windows] if self.shift else None
         return (*_batch(self.split, windows, self.block_size, self.pin_memory, offsets), windows)
 
+    def upcoming_windows(self, n_batches: int) -> np.ndarray:
+        """The window ids of the next ``n_batches`` global batches, every rank's (int64, in the order
+        they come), from the current position; reads no tokens and moves nothing: what a label cache
+        must hold for a run that takes that many batches (``concepts label`` over only those windows)."""
+        if n_batches < 0:
+            raise LatentLMError(f"n_batches={n_batches} must be >= 0")
+        epoch, cursor, parts = self.epoch, self.cursor, []
+        left = n_batches
+        while left:
+            if cursor + self.global_batch > self.num_windows:
+                epoch, cursor = epoch + 1, 0
+            take = min(left, (self.num_windows - cursor) // self.global_batch)
+            end = cursor + take * self.global_batch
+            parts.append(self._epoch_order(epoch)[cursor:end].copy())  # the order's cache only: no state
+            cursor, left = end, left - take
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's next (x, y), each an int64 tensor [batch_size, block_size]."""
         return self.next_batch_windows()[:2]
@@ -231,5 +248,12 @@ def iter_eval_windows(
         )
     if max_batches is not None:
         n = min(n, max_batches * batch_size)
-    for lo in range(0, n, batch_size):
-        yield _batch(split, np.arange(lo, min(lo + batch_size, n)), block_size, pin_memory=False)
+    yield from iter_windows(split, block_size, batch_size, np.arange(n))
+
+
+def iter_windows(split: TokenSplit, block_size: int, batch_size: int,
+                 windows: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) of the windows ``windows`` (ids as :class:`WindowLoader` numbers them), in that order,
+    ``batch_size`` at a time (the last batch may be smaller)."""
+    for lo in range(0, len(windows), batch_size):
+        yield _batch(split, windows[lo:lo + batch_size], block_size, pin_memory=False)
