@@ -51,7 +51,27 @@ def requests(method, seed: int = 0):
             cont = greedy_tokens(method, ctx, k) if c == 0 else [rnd.randrange(V) for _ in range(k)]
             seqs.append(ctx + cont)
             n.append(k)
+    for item in range(3):  # WinoGrande-like: fillings of one sentence (a shared prefix), one continuation
+        before = [rnd.randrange(V) for _ in range(rnd.randint(6, 14))]
+        after = [rnd.randrange(V) for _ in range(rnd.randint(1, 6))]
+        for _ in range(2):
+            seqs.append(before + [rnd.randrange(V) for _ in range(rnd.randint(1, 3))] + after)
+            n.append(len(after))
     return seqs, n
+
+
+def test_prefix_groups_share_identical_contexts_and_a_long_common_prefix():
+    from latentlm.eval.zeroshot import _prefix_groups
+
+    a, b = list(range(1, 11)), [50, 51]
+    seqs = [a + [20] + b, a + [21, 22] + b,  # two fillings after a 10-token prefix: one group, P = 10
+            [7, 8, 9, 1], [7, 8, 9, 2], [7, 8, 9, 3], [7, 8, 9, 4],  # one context, four answers: P = 3
+            [7, 8, 5, 3],                    # shares 2 of its 3 tokens: 2 + 4 x 1 + 1 run together > 3 + 3 apart
+            [7, 8, 6, 3]]                    # with the one before: 2 + 1 + 1 < 3 + 3, so shared
+    n = [2, 2, 1, 1, 1, 1, 1, 1]
+    assert _prefix_groups(seqs, n, batch_size=8) == [(10, [0, 1]), (3, [2, 3, 4, 5]), (2, [6, 7])]
+    # Merged groups stay within a batch; one context's requests stay together (a batch of their own).
+    assert _prefix_groups(seqs, n, batch_size=1) == [(11, [0]), (12, [1]), (3, [2, 3, 4, 5]), (3, [6]), (3, [7])]
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -149,7 +149,8 @@ def score_tokens(method: Method, seqs: Sequence[Sequence[int]], n_scored: Sequen
     """``(log-likelihood, is_greedy)`` of the last ``n_scored[i]`` tokens of each token sequence
     ``seqs[i]`` given the tokens before them (at least one), in order. ``shared_context`` (default:
     where the method can, :attr:`Method.cached_eval`) runs each distinct context once, its
-    continuations through a copy of its KV cache; otherwise every sequence runs whole."""
+    continuations through a copy of its KV cache (and the prefix neighbouring contexts share once,
+    where that runs fewer tokens); otherwise every sequence runs whole."""
     if batch_size < 1:
         raise LatentLMError(f"batch_size={batch_size} must be at least 1")
     m = unwrap(method)
@@ -165,9 +166,13 @@ def score_tokens(method: Method, seqs: Sequence[Sequence[int]], n_scored: Sequen
     m.pop_eval_metrics()  # statistics of these calls (e.g. Jacobi residuals) are not kept
     try:
         with tqdm(total=len(seqs), disable=not progress, desc=desc, unit="req") as bar:
-            batches = _shared_batches(seqs, n_scored, batch_size) if shared else _whole_batches(seqs, batch_size)
-            for rows in batches:
-                scores = (_score_shared if shared else _score_whole)(m, seqs, n_scored, rows, greedy)
+            if shared:
+                batches = [([i for _, members in groups for i in members], groups)
+                           for groups in _shared_batches(seqs, n_scored, batch_size)]
+            else:
+                batches = [(rows, rows) for rows in _whole_batches(seqs, batch_size)]
+            for rows, batch in batches:
+                scores = (_score_shared if shared else _score_whole)(m, seqs, n_scored, batch, greedy)
                 for i, score in zip(rows, scores):
                     results[i] = score
                 bar.update(len(rows))
@@ -202,26 +207,59 @@ def _score_whole(m: Method, seqs, n_scored, rows: list[int], greedy: bool) -> li
     return list(zip(logprob.tolist(), is_greedy.tolist()))
 
 
-def _shared_batches(seqs: Sequence[Sequence[int]], n_scored: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Requests grouped by their context (the tokens before the scored ones) and packed into batches of
-    at most ``batch_size`` continuations (a larger group is a batch of its own), each batch listing its
-    requests group by group. Groups are ordered by context length, by continuation length or by both
-    summed, whichever pads least (tokens run: each batch's contexts padded to its longest, its
-    continuations to theirs): long contexts (HellaSwag) favour the first, long answers (PIQA) the second."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, (s, n) in enumerate(zip(seqs, n_scored)):
-        groups.setdefault(tuple(s[:len(s) - n]), []).append(i)
-    items = [(len(ctx), max(n_scored[i] for i in members), members) for ctx, members in groups.items()]
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
-    def pack(order) -> tuple[int, list[list[int]]]:
-        batches: list[list[tuple[int, int, list[int]]]] = []
+
+def _prefix_groups(seqs: Sequence[Sequence[int]], n_scored: Sequence[int],
+                   batch_size: int) -> list[tuple[int, list[int]]]:
+    """Requests grouped by a shared prefix, as ``(prefix length P, members)``, in input order: first
+    the requests with the same context (the tokens before the scored ones, P = its length), then
+    neighbouring groups whose contexts share a prefix when running it once costs fewer tokens than
+    running each context (e.g. WinoGrande's two fillings of one sentence: the words before the
+    blank). P never reaches into a member's scored tokens; a group has at most ``batch_size`` members."""
+    by_context: dict[tuple[int, ...], list[int]] = {}
+    for i, (s, n) in enumerate(zip(seqs, n_scored)):
+        by_context.setdefault(tuple(s[:len(s) - n]), []).append(i)
+    groups: list[tuple[int, list[int]]] = []
+    for ctx, members in by_context.items():
+        if groups:
+            p, last = groups[-1]
+            shared = min(p, _common_prefix(seqs[last[0]][:p], ctx))
+            # Tokens run: each group's prefix once, each member its own tokens after the prefix.
+            apart = p + len(ctx)
+            together = shared + len(last) * (p - shared) + len(members) * (len(ctx) - shared)
+            if shared >= 1 and together < apart and len(last) + len(members) <= batch_size:
+                groups[-1] = (shared, last + members)
+                continue
+        groups.append((len(ctx), members))
+    return groups
+
+
+def _shared_batches(seqs: Sequence[Sequence[int]], n_scored: Sequence[int],
+                    batch_size: int) -> list[list[tuple[int, list[int]]]]:
+    """Prefix groups (:func:`_prefix_groups`) packed into batches of at most ``batch_size`` requests (a
+    larger group is a batch of its own). Groups are ordered by prefix length, by the longest member's
+    tokens after it or by both summed, whichever pads least (tokens run: each batch's prefixes padded to
+    its longest, its remainders to theirs): long contexts (HellaSwag) favour the first, long answers
+    (PIQA) the second."""
+    items = [(p, max(len(seqs[i]) - p for i in members), (p, members))
+             for p, members in _prefix_groups(seqs, n_scored, batch_size)]
+
+    def pack(order) -> tuple[int, list[list[tuple[int, list[int]]]]]:
+        batches: list[list[tuple[int, int, tuple[int, list[int]]]]] = []
         for item in order:
-            if batches and sum(len(g[2]) for g in batches[-1]) + len(item[2]) <= batch_size:
+            if batches and sum(len(g[2][1]) for g in batches[-1]) + len(item[2][1]) <= batch_size:
                 batches[-1].append(item)
             else:
                 batches.append([item])
-        cost = sum(len(b) * max(g[0] for g in b) + sum(len(g[2]) for g in b) * max(g[1] for g in b) for b in batches)
-        return cost, [[i for g in b for i in g[2]] for b in batches]
+        cost = sum(len(b) * max(g[0] for g in b) + sum(len(g[2][1]) for g in b) * max(g[1] for g in b)
+                   for b in batches)
+        return cost, [[g[2] for g in b] for b in batches]
 
     orders = (sorted(items, key=lambda g: (-g[0], -g[1])), sorted(items, key=lambda g: (-g[1], -g[0])),
               sorted(items, key=lambda g: (-g[0] - g[1], -g[0])))
@@ -230,51 +268,50 @@ def _shared_batches(seqs: Sequence[Sequence[int]], n_scored: Sequence[int], batc
 
 # Scored positions whose logits are formed at once: bounds the [n, V] float32 block of a batch.
 SCORE_CHUNK = 1024
-
-
-def _score_shared(m: Method, seqs, n_scored, rows: list[int], greedy: bool) -> list[tuple[float, bool]]:
-    """One batch through the cache: the batch's distinct contexts in one right-padded pass, then every
-    continuation (but its last token) in one pass over copies of its context's cache rows; logits only
-    at the scored positions (each continuation token is predicted by the slot before it)."""
+def _score_shared(m: Method, seqs, n_scored, groups: list[tuple[int, list[int]]],
+                  greedy: bool) -> list[tuple[float, bool]]:
+    """One batch through the cache: the batch's distinct prefixes (a group's first P tokens) in one
+    right-padded pass, then every request's tokens after its prefix (but its last token) in one pass
+    over copies of its prefix's cache rows; logits only at the scored positions (each token is
+    predicted by the slot before it: the prefix's last slot, then the request's own)."""
     device = next(m.parameters()).device
     model = m.model
-    contexts: list[tuple[int, ...]] = []
-    group_of: list[int] = []
-    for i in rows:
-        ctx = tuple(seqs[i][:len(seqs[i]) - n_scored[i]])
-        if not contexts or contexts[-1] != ctx:
-            contexts.append(ctx)
-        group_of.append(len(contexts) - 1)
-    n_ctx = [len(c) for c in contexts]
-    width = max(n_ctx)
-    conts = [list(seqs[i][len(seqs[i]) - n_scored[i]:]) for i in rows]
-    feed = max(len(c) for c in conts) - 1  # the last continuation token is predicted, never fed
+    rows = [i for _, members in groups for i in members]
+    n_pre = [p for p, _ in groups]
+    group_of = [g for g, (_, members) in enumerate(groups) for _ in members]
+    width = max(n_pre)
+    tails = [list(seqs[i][n_pre[g]:]) for i, g in zip(rows, group_of)]  # the tokens each slot after P-1 predicts
+    feed = max(len(t) for t in tails) - 1  # the last token is predicted, never fed
 
-    ids = torch.tensor([list(c) + [PAD_ID] * (width - len(c)) for c in contexts], device=device)
+    ids = torch.tensor([list(seqs[members[0]][:p]) + [PAD_ID] * (width - p) for p, members in groups], device=device)
     col = torch.arange(width, device=device)[None]
-    valid = col < torch.tensor(n_ctx, device=device)[:, None]
-    cache = m.new_cache(len(contexts), width)
-    cache.padded = len(set(n_ctx)) > 1
-    h_ctx = m.eval_hidden(ids, col.expand(len(contexts), -1), valid, cache)
+    valid = col < torch.tensor(n_pre, device=device)[:, None]
+    cache = m.new_cache(len(groups), width)
+    cache.padded = len(set(n_pre)) > 1
+    h_pre = m.eval_hidden(ids, col.expand(len(groups), -1), valid, cache)
     group = torch.tensor(group_of, device=device)
-    last = torch.tensor(n_ctx, device=device)[group] - 1
-    firsts = h_ctx[group, last]  # [R, d]: predicts each continuation's first token
-    hidden = [firsts]
+    last = torch.tensor(n_pre, device=device)[group] - 1
+    # Slot k of a row (0: its prefix's last slot, k >= 1: its k-th token after the prefix) predicts tails[row][k].
+    hidden = [h_pre[group, last]]
     owner = [torch.arange(len(rows), device=device)]
+    slot = [torch.zeros(len(rows), dtype=torch.long, device=device)]
     if feed > 0:
-        cont_cache = cache.select_rows(group, m.cache_slots(width + feed))
+        tail_cache = cache.select_rows(group, m.cache_slots(width + feed))
         del cache
-        cont_ids = torch.tensor([c[:-1] + [PAD_ID] * (feed + 1 - len(c)) for c in conts], device=device)
+        tail_ids = torch.tensor([t[:-1] + [PAD_ID] * (feed + 1 - len(t)) for t in tails], device=device)
         j = torch.arange(feed, device=device)[None]
-        cont_valid = j < torch.tensor([len(c) - 1 for c in conts], device=device)[:, None]
-        pos = torch.where(cont_valid, last[:, None] + 1 + j, last[:, None] + 1)  # padding: any position in range
-        h_cont = m.eval_hidden(cont_ids, pos, cont_valid, cont_cache)
-        hidden.append(h_cont[cont_valid])  # row-major: each row's fed tokens in order
-        owner.append(torch.arange(len(rows), device=device)[:, None].expand(-1, feed)[cont_valid])
-    # Scored positions in row order: the first token of every row, then the later tokens row by row.
-    h = torch.cat(hidden)
-    who = torch.cat(owner)
-    target = torch.tensor([c[0] for c in conts] + [t for c in conts for t in c[1:]], device=device)
+        tail_valid = j < torch.tensor([len(t) - 1 for t in tails], device=device)[:, None]
+        pos = torch.where(tail_valid, last[:, None] + 1 + j, last[:, None] + 1)  # padding: any position in range
+        h_tail = m.eval_hidden(tail_ids, pos, tail_valid, tail_cache)
+        hidden.append(h_tail[tail_valid])  # row-major: each row's fed tokens in order
+        owner.append(torch.arange(len(rows), device=device)[:, None].expand(-1, feed)[tail_valid])
+        slot.append((j + 1).expand(len(rows), -1)[tail_valid])
+    h, who, k = torch.cat(hidden), torch.cat(owner), torch.cat(slot)
+    padded = torch.tensor([t + [PAD_ID] * (feed + 1 - len(t)) for t in tails], device=device)
+    # Each row scores only its last n_scored slots (the ones before predict the rest of its context).
+    firsts = torch.tensor([len(t) - n_scored[i] for t, i in zip(tails, rows)], device=device)
+    keep = k >= firsts[who]
+    h, who, target = h[keep], who[keep], padded[who[keep], k[keep]]
     logprob = torch.zeros(len(rows), dtype=torch.float64, device=device)
     hits = torch.ones(len(rows), dtype=torch.bool, device=device)
     for start in range(0, h.shape[0], SCORE_CHUNK):
