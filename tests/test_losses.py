@@ -167,7 +167,7 @@ def loss_and_grads(method, x, y, kw):
 @pytest.mark.parametrize("name", METHODS)
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_every_method_fused_loss_equals_plain(name, arch, monkeypatch):
-    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 7 * V)  # several chunks, the last one partial
+    monkeypatch.setattr(losses, "CPU_CHUNK_ELEMENTS", 7 * V)  # several chunks, the last one partial
     method = build(name, arch)
     x, y, kw = batch(name)
     loss, metrics, g = loss_and_grads(method, x, y, kw)

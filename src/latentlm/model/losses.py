@@ -31,8 +31,14 @@ import torch.nn.functional as F
 from latentlm.errors import LatentLMError
 
 # Logits per row chunk (rows = this // vocab): 2^27 float32 logits are 512 MiB, e.g. 2,600 rows of
-# GPT-2's vocabulary; a CPU step of 8 x 256 tokens fits in one chunk, a GPU step of 16 x 1024 in seven.
+# GPT-2's vocabulary: a GPU step of 16 x 1024 in seven chunks.
 CHUNK_ELEMENTS = 2 ** 27
+# On the CPU, 2^22 (16 MiB of float32: 83 rows of GPT-2's vocabulary): a block that large is a fresh
+# allocation the kernel must zero-fill page by page on first touch, every step; blocks under glibc's
+# mmap threshold (32 MiB at most) are reused from the heap. Measured on 2 cores (tiny preset, 16 x 128
+# tokens, vocab 50,257): NTP's step 20% and KD's 48% faster than with one 2^27 block; 2^20, 2^21, 2^23
+# and 2^24 were slower (docs/BENCHMARKS.md, "KD and CoCoMix per FLOP").
+CPU_CHUNK_ELEMENTS = 2 ** 22
 FUSED = True  # False: head losses (and the concept cross-entropy) are computed the plain way, full logits
 
 
@@ -47,9 +53,11 @@ def fused_head(enabled: bool) -> Iterator[None]:
         FUSED = before
 
 
-def chunk_rows(n_rows: int, vocab: int, chunk: int | None = None) -> int:
-    """Rows per chunk: ``chunk`` if given, else as many as fit :data:`CHUNK_ELEMENTS` logits."""
-    rows = chunk if chunk is not None else max(1, CHUNK_ELEMENTS // max(vocab, 1))
+def chunk_rows(n_rows: int, vocab: int, chunk: int | None = None, device_type: str = "cuda") -> int:
+    """Rows per chunk: ``chunk`` if given, else as many as fit :data:`CHUNK_ELEMENTS` logits
+    (:data:`CPU_CHUNK_ELEMENTS` on the CPU)."""
+    limit = CPU_CHUNK_ELEMENTS if device_type == "cpu" else CHUNK_ELEMENTS
+    rows = chunk if chunk is not None else max(1, limit // max(vocab, 1))
     return max(1, min(rows, n_rows))
 
 
@@ -88,7 +96,8 @@ class _HeadLoss(torch.autograd.Function):
             logp = torch.log_softmax(logits, dim=-1)
             ce = ce - logp.gather(1, yr).sum()
             if teacher is not None:
-                lt = torch.log_softmax(teacher[start:start + rows].float() / tau, dim=-1)
+                t = teacher[start:start + rows].float()
+                lt = torch.log_softmax(t if tau == 1.0 else t / tau, dim=-1)
                 pt = lt.exp()
                 logp_tau = logp[:, :vocab] if tau == 1.0 else torch.log_softmax(logits[:, :vocab] / tau, dim=-1)
                 # sum p_t (log p_t - log p_s): a flat dot product and a batched one (no [rows, V] products)
@@ -172,7 +181,7 @@ def _head_loss(model, h: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor | 
     if teacher is not None and not FUSED:
         return _plain(x, weight, y, teacher, vocab, kd_weight, tau)
     grad = torch.is_grad_enabled()
-    rows = chunk_rows(x.shape[0], vocab, chunk)
+    rows = chunk_rows(x.shape[0], vocab, chunk, x.device.type)
     total, ce, kd = _HeadLoss.apply(x, weight, y, teacher, vocab, rows, 1.0 / x.shape[0], float(kd_weight),
                                     float(tau), _compute_dtype(x), grad and x.requires_grad,
                                     grad and weight.requires_grad)
