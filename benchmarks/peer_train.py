@@ -118,7 +118,13 @@ def litgpt_model(arch: str, a, vocab: int, ffn: int, device):
         conf = Config(**common, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", bias=False,
                       rotary_percentage=1.0)
     torch.manual_seed(0)
-    model = GPT(conf).to(device).train()
+    model = GPT(conf)
+    # GPT() keeps torch's default inits (embeddings N(0, 1)); litgpt's pretraining re-initialises every
+    # model. Its own N(0, 0.02) here, the other columns' distribution. Without it, the tied N(0, 1) head
+    # saturates the softmax within two AdamW steps and the steps crawl on denormal gradients (0.2 s ->
+    # 45 s per step on CPU).
+    model.apply(model._init_weights)
+    model = model.to(device).train()
     if arch == "gpt2":
         model.lm_head.weight = model.transformer.wte.weight  # GPT-2 ties them; litgpt's configs do not
     return model

@@ -1,5 +1,7 @@
 """A run interrupted under latentlm 0.1 resumes under this version and ends exactly where the old
-code's uninterrupted run ended (tests/fixtures/make_legacy_resume.py, from commit b2a0ef8).
+code's uninterrupted run ended (tests/fixtures/make_legacy_resume.py, from commit b2a0ef8): the same
+Jacobi draws, and the same weights (bit for bit on the CPU that recorded them, to float rounding on
+another).
 
 0.1's ponder drew its Jacobi iteration count from a ``calls`` buffer in the checkpoint and kept every
 method setting in the ``ponder:`` section; today the trainer passes the optimizer step and the
@@ -55,8 +57,12 @@ def test_an_old_ponder_run_resumes_exactly(interrupted):
     method, _, _ = load_method(run)
     got = method.state_dict()
     assert set(got) == set(expected)
+    # Bit-identical on the CPU that recorded the fixture (and on CI's, where an exact check passed). Another
+    # CPU's float kernels round differently: on an Intel Xeon machine 2,056 of the 13,424 weights differ, by
+    # at most 1.9e-7 relative (2026-12-02; the same with the code before that day's changes). A resume that
+    # lost state (AdamW moments, the schedule, the draws) moves weights by the learning rate, ~1e-3.
     for key, value in expected.items():
-        torch.testing.assert_close(got[key], value, atol=0, rtol=0, msg=key)
+        torch.testing.assert_close(got[key], value, atol=1e-7, rtol=1e-5, msg=key)
 
 
 def test_an_old_run_refuses_a_changed_setting_by_name(interrupted):
