@@ -277,11 +277,12 @@ def test_band_is_mean_and_std_over_seeds():
     assert seed_band(curves[:1]) == [(4.0, 0.0), (3.0, 0.0)]
 
 
-def test_cost_estimate_times_every_stage_and_counts_shared_ones_once(tmp_path, byte_wiki):
+@pytest.mark.parametrize("labels", [True, {"windows": "read"}])
+def test_cost_estimate_times_every_stage_and_counts_shared_ones_once(tmp_path, byte_wiki, labels):
     from latentlm.compare_cost import estimate_cost, format_estimate, total_seconds
 
     path = experiment(tmp_path, byte_wiki, budget={"tokens": 4 * 32 * 6}, seeds=[0, 1],
-                      teacher={"overrides": {"train": {"max_steps": 7}}},
+                      teacher={"overrides": {"train": {"max_steps": 7}}}, labels=labels,
                       sae={"layer": 0, "latents": 32, "k": 4, "steps": 9, "batch_tokens": 128, "eval_tokens": 256},
                       runs={"ntp": {"method": "ntp"}, "cocomix": {"method": "cocomix", "seeds": [3]}})
     exp = yaml.safe_load(path.read_text())
@@ -294,7 +295,10 @@ def test_cost_estimate_times_every_stage_and_counts_shared_ones_once(tmp_path, b
     assert stages["teacher"]["what"] == "7 steps, 896 tokens"  # 7 x 4 x 32
     assert stages["sae"]["what"].startswith("9 steps x 128 tokens")
     train_windows = (len(TokenSplit(byte_wiki, "train")) - 1) // 32
-    assert stages["labels"]["what"].startswith(f"{train_windows:,} windows")
+    if labels is True:
+        assert stages["labels"]["what"].startswith(f"{train_windows:,} windows")
+    else:  # the cocomix run's one seed reads 6 batches of 4 distinct windows
+        assert stages["labels"]["what"].startswith("24 windows (768 tokens: the windows the runs read)")
     assert stages["run ntp"]["seeds"] == 2 and stages["run cocomix"]["seeds"] == 1
     assert stages["run ntp"]["what"].startswith("2 x (6 steps, 768 tokens")
     for s in e["stages"][1:]:
