@@ -105,11 +105,13 @@ def main() -> None:
               f"prompt {a.prompt} tokens, {a.new_tokens} new, greedy; median of {a.reps} round-robin reps; "
               f"load {os.getloadavg()[0]:.2f}" + (f"; peer: {peer_note}" if peer_note else "") + "\n")
         names = list(runners)
+        both = "transformers" in runners and "latentlm compiled" in runners
         print("| batch | " + " | ".join(f"{n} decode tok/s" for n in names)
               + (" | latentlm / transformers (decode) | latentlm / transformers (end to end) | same tokens"
-                 if "transformers" in runners else "") + " | " + " | ".join(f"{n} end-to-end tok/s" for n in names)
-              + " |")
-        print("|---" * (1 + 2 * len(names) + (3 if "transformers" in runners else 0)) + "|")
+                 if "transformers" in runners else "")
+              + (" | latentlm compiled / transformers (decode)" if both else "")
+              + " | " + " | ".join(f"{n} end-to-end tok/s" for n in names) + " |")
+        print("|---" * (1 + 2 * len(names) + (3 if "transformers" in runners else 0) + both) + "|")
         rows = []
         g = torch.Generator().manual_seed(0)
         for batch in (int(b) for b in a.batch_sizes.split(",")):
@@ -140,6 +142,9 @@ def main() -> None:
                 cells += [f"{row['decode_ratio']:.2f}", f"{row['end_to_end_ratio']:.2f}", f"{same:.0%} of rows"]
             if "latentlm compiled" in runners:
                 row["compiled_same_tokens"] = outs["latentlm compiled"] == outs["latentlm"]
+            if both:
+                row["compiled_decode_ratio"] = decode["latentlm compiled"] / decode["transformers"]
+                cells.append(f"{row['compiled_decode_ratio']:.2f}")
             cells += [f"{e2e[n]:,.1f}" for n in names]
             print(f"| {batch} | " + " | ".join(cells) + " |", flush=True)
             rows.append(row)
