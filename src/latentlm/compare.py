@@ -167,6 +167,12 @@ def _check_seeds(exp: dict[str, Any], runs: dict[str, Any]) -> None:
         raise LatentLMError(f"baseline={short_repr(baseline)} is not a run; name one of: {', '.join(runs)}")
 
 
+def labels_windows_read(exp: dict[str, Any]) -> bool:
+    """Whether the experiment's label cache holds only the windows its runs read (``labels: {windows: read}``)."""
+    labels = exp.get("labels")
+    return isinstance(labels, dict) and labels.get("windows") == "read"
+
+
 def run_seeds(exp: dict[str, Any], run: dict[str, Any]) -> list[int] | None:
     """The seeds a run is trained with (its own ``seeds``, else the experiment's), None for one
     unseeded run (its config's train.seed, the directory runs/NAME: today's layout)."""
@@ -359,12 +365,14 @@ class Comparison:
                                 f"small teacher's stream may not use them all), more sae.steps or a lower sae.dead_tokens, "
                                 f"delete {path} and rerun")
 
-    def labels(self, teacher: str, sae: str, data: Path, cfg, need: np.ndarray, only: bool) -> str:
+    def labels(self, teacher: str, sae: str, data: Path, cfg, shared: dict[str, Any]) -> str:
         """The shared label cache ``out_dir/labels``, built unless there: of every training window, or
-        with ``only`` of just the windows ``need`` (ids) the runs read. An existing cache (shared with
-        another experiment in this out_dir) must hold every window in ``need``."""
+        with ``labels: {windows: read}`` of just the windows the runs read (:meth:`windows_read`). An
+        existing cache (shared with another experiment in this out_dir) must hold all of those."""
         out = self.out / "labels"
+        only = labels_windows_read(self.exp)
         if (out / "manifest.json").is_file():
+            need = self.windows_read(data, shared)
             have = CachedLabels(out, cfg, data, cfg.seq_len).covers(need)
             if not have.all():
                 raise LatentLMError(f"label cache {out} lacks {int((~have).sum()):,} of the {len(need):,} windows this "
@@ -372,13 +380,14 @@ class Comparison:
                                     f"{out} and rerun, which labels the windows every run needs")
             return str(out)
         c = cfg.concepts
+        need = self.windows_read(data, shared) if only else None
         what = f"the {len(need):,} training windows the runs read" if only else "every training window"
         self.log(f"labelling {what} with {teacher} + its SAE -> {out}")
         build_label_cache(data, load_teacher(teacher, device=self.device, dtype=cfg.teacher.dtype), load_sae(sae), out,
                           seq_len=cfg.seq_len,
                           layer=c.layer, k_attr=c.k_attr, acts=c.acts, select=c.select, score=c.score,
                           last_position=c.last_position, batch_size=cfg.train.batch_size,
-                          windows=need if only else None, progress=self.progress)
+                          windows=need, progress=self.progress)
         return str(out)
 
     def windows_read(self, data: Path, shared: dict[str, Any]) -> np.ndarray:
@@ -498,9 +507,8 @@ class Comparison:
             shared["concepts"]["labels"] = self.exp["labels"]
         elif self.exp.get("labels", True) and labelled:
             # The cache must match the labelled runs' windows and label settings: take them from one.
-            only = isinstance(self.exp.get("labels"), dict) and self.exp["labels"].get("windows") == "read"
             shared["concepts"]["labels"] = self.labels(teacher, sae, data, self.run_config(*labelled, data, shared),
-                                                       self.windows_read(data, shared), only)
+                                                       shared)
         return shared
 
     def evaluate(self, name: str, cfg) -> dict[str, Any]:

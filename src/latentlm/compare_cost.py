@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from latentlm.compare import Comparison, _merge, load_experiment, plan, run_seeds
+from latentlm.compare import Comparison, _merge, labels_windows_read, load_experiment, plan, run_seeds
 from latentlm.concepts.labels import build_label_cache
 from latentlm.concepts.sae import load_sae, train_sae_on_teacher
 from latentlm.concepts.teacher import load_teacher
@@ -244,7 +244,7 @@ def _estimate(exp: dict, path, scratch: Path, steps: int, calibration: dict | No
                                       layer=cc.layer, k_attr=cc.k_attr, acts=cc.acts, select=cc.select, score=cc.score,
                                       last_position=cc.last_position, batch_size=lcfg.train.batch_size, progress=False)
                 if not isinstance(exp.get("labels"), str):
-                    only = isinstance(exp.get("labels"), dict) and exp["labels"].get("windows") == "read"
+                    only = labels_windows_read(exp)
                     windows = len(c.windows_read(prepared, shared)) if only else (train_tokens - 1) // seq_len
                     f = windows * seq_len / small_tokens
                     what = "the windows the runs read" if only else "the train split"

@@ -268,6 +268,8 @@ def _shared_batches(seqs: Sequence[Sequence[int]], n_scored: Sequence[int],
 
 # Scored positions whose logits are formed at once: bounds the [n, V] float32 block of a batch.
 SCORE_CHUNK = 1024
+
+
 def _score_shared(m: Method, seqs, n_scored, groups: list[tuple[int, list[int]]],
                   greedy: bool) -> list[tuple[float, bool]]:
     """One batch through the cache: the batch's distinct prefixes (a group's first P tokens) in one
