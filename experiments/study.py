@@ -42,7 +42,7 @@ from latentlm.fileio import write_json_atomic, write_text_atomic
 from latentlm.loading import checkpoint_tokenizer, load_method
 
 HERE = Path(__file__).resolve().parent
-# In priority order: a study stopped early has the first claims complete. About 2.4-2.7 h on 2 quiet CPU cores
+# In priority order: a study stopped early has the first claims complete. 2.0 h measured on 2 quiet CPU cores
 # (the measured stage times in docs/RESULTS.md); --extended adds about 1 h.
 EXPERIMENTS = ["ponder.yaml", "cocomix.yaml", "ponder_concepts.yaml", "cocomix_smollm2.yaml"]
 # The extended part: more thoughts (K = 2) and ponder_concepts at equal training FLOPs.
@@ -115,9 +115,10 @@ def steering_stage(sae_dir: Path) -> Path:
 def run(files: list[Path]) -> None:
     check_environment(files)
     t0 = time.perf_counter()
-    reports, failed = {}, {}
+    reports, failed, seconds = {}, {}, {}  # seconds: each stage's wall time in this invocation (0 when reused)
     for f in files:
         print(f"=== {f.name}", flush=True)
+        t = time.perf_counter()
         try:
             reports[f.name] = str(run_compare(f))
         except Interrupted:  # Ctrl-C / SIGTERM stops the study, not just this experiment
@@ -125,12 +126,15 @@ def run(files: list[Path]) -> None:
         except LatentLMError as e:  # e.g. an unhealthy SAE: the experiments that do not need it still run
             print(f"error in {f.name}: {e}", file=sys.stderr, flush=True)
             failed[f.name] = str(e)
+        seconds[f.name] = round(time.perf_counter() - t, 1)
     health = [h for h in (sae_health(STUDY / d / "sae") for d in ("prose", "smollm2")) if h]
     steer = None
     smol = HERE / "cocomix_smollm2.yaml"
     if smol.name in reports:
+        t = time.perf_counter()
         steer = str(steering_stage(contexts_stage(load_experiment(smol))))
-    summary = {"reports": reports, "failed": failed, "sae": health, "steering": steer,
+        seconds["steering"] = round(time.perf_counter() - t, 1)
+    summary = {"reports": reports, "failed": failed, "sae": health, "steering": steer, "seconds": seconds,
                "seconds_this_invocation": time.perf_counter() - t0}
     STUDY.mkdir(parents=True, exist_ok=True)  # absent when every experiment failed before writing anything
     write_json_atomic(STUDY / "summary.json", summary)

@@ -135,6 +135,9 @@ def test_driver_end_to_end_on_a_tiny_study(tmp_path, byte_wiki, monkeypatch):
     before = (out / "steering.json").stat().st_mtime_ns
     assert study.main(["--only", "cocomix_smollm2.yaml"]) == 0
     assert (out / "steering.json").stat().st_mtime_ns == before
+    again = json.loads((out / "summary.json").read_text())["seconds"]  # each stage's time in this invocation
+    assert set(again) == set(summary["seconds"]) == {"cocomix_smollm2.yaml", "steering"}
+    assert all(isinstance(v, float) and v >= 0 for v in (*again.values(), *summary["seconds"].values()))
 
 
 def test_a_signal_stops_the_whole_study_not_just_one_experiment(tmp_path, monkeypatch, capsys):
