@@ -115,7 +115,7 @@ def steering_stage(sae_dir: Path) -> Path:
 def run(files: list[Path]) -> None:
     check_environment(files)
     t0 = time.perf_counter()
-    reports, failed, seconds = {}, {}, {}  # seconds: each stage's wall time in this invocation (0 when reused)
+    reports, failed, seconds = {}, {}, {}  # seconds: each stage's wall time in this invocation (short when reused)
     for f in files:
         print(f"=== {f.name}", flush=True)
         t = time.perf_counter()
